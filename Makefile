@@ -1,0 +1,51 @@
+# Label-free scene understanding (CNS). `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CLI := $(BIN)/cns-cli
+
+# make labels variables (passed through to `cns-cli labels`)
+DATASET ?= nuscenes
+DATA_ROOT ?=
+SPLIT ?=
+CACHE ?= data_cache/stores
+STAGES ?= correspond,maskclip,sam,refine
+WORKERS ?= 1
+SCHEDULER ?=
+SHARD_SIZE ?=
+CLIP_CKPT ?=
+SAM_CKPT ?=
+SAM_MODEL ?=
+SAM_POINTS ?=
+LABELS_ARGS ?=
+
+opt = $(if $(strip $(2)),$(1) $(2),)
+
+.PHONY: help install test test-all labels clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  labels variables: DATASET=nuscenes|scannet|synthetic DATA_ROOT=... SPLIT=... CACHE=$(CACHE) STAGES=$(STAGES)"
+	@echo "                    WORKERS=N SCHEDULER=tcp://host:port SHARD_SIZE=N CLIP_CKPT=... SAM_CKPT=... SAM_MODEL=vit_h|vit_l|vit_b SAM_POINTS=32"
+
+install:  ## create .venv and install the project with every dependency
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
+
+test:  ## run the test suite (CPU, a few minutes)
+	$(BIN)/python -m pytest -q -ra
+
+test-all:  ## the test suite including tests marked slow
+	$(BIN)/python -m pytest -q -ra --run-slow
+
+labels:  ## run the pseudo-label stages into CACHE (see variables above)
+	$(CLI) labels --dataset $(DATASET) --cache $(CACHE) --stages $(STAGES) --workers $(WORKERS) \
+	  $(call opt,--data-root,$(DATA_ROOT)) $(call opt,--split,$(SPLIT)) $(call opt,--scheduler,$(SCHEDULER)) \
+	  $(call opt,--shard-size,$(SHARD_SIZE)) $(call opt,--clip-checkpoint,$(CLIP_CKPT)) \
+	  $(call opt,--sam-checkpoint,$(SAM_CKPT)) $(call opt,--sam-model,$(SAM_MODEL)) \
+	  $(call opt,--sam-points-per-side,$(SAM_POINTS)) $(LABELS_ARGS)
+
+clean:  ## remove caches of Python and pytest
+	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache

@@ -1,0 +1,256 @@
+"""Opening, creating and writing CNS stores.
+
+Writers follow three rules (``SCHEMA.md`` explains why):
+
+1. A shard of frames is the unit of work and has exactly one writer task. Its rows of a ragged array
+   may share a zarr shard with the neighbouring work shard; :func:`write_rows` serialises the writes to
+   such boundary zarr shards with a file lock (released by the OS when a process dies, so a SIGKILL never
+   leaves a stale lock) and writes whole zarr shards without a lock.
+2. A stage writes ``_done/<stage>/<shard>.json`` only after the shard's data are written; readers and
+   resume trust only those markers.
+3. A frame that fails is recorded in ``_failed/<stage>/<shard>.json``; its shard is not marked done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import zarr
+from filelock import FileLock
+
+from . import schema
+from .schema import ArraySpec, RootAttrs
+
+
+class CacheError(RuntimeError):
+    """A store is missing, malformed or incompatible with what is asked of it."""
+
+
+def store_path(cache_dir: str | os.PathLike, dataset: str, split: str) -> Path:
+    return Path(cache_dir) / f"{dataset}-{split}{schema.STORE_SUFFIX}"
+
+
+def _atomic_write_json(path: Path, payload: Mapping) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class Store:
+    """A CNS cache store on a local (or shared, POSIX-locking) file system."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+        self.path = Path(path)
+        if mode == "r" and not (self.path / "zarr.json").exists():
+            raise CacheError(f"{self.path} is not a CNS store (no zarr.json); write one with `cns-cli labels`")
+        # writers never trust consolidated metadata: a later stage may have added arrays since
+        self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a", zarr_format=3,
+                                     use_consolidated=False if mode != "r" else None)
+        self.mode = mode
+        if schema.ROOT_ATTR not in self.group.attrs and mode == "r":
+            raise CacheError(f"{self.path} is a Zarr group but has no '{schema.ROOT_ATTR}' attributes")
+
+    # -- creation ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, attrs: RootAttrs) -> "Store":
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={schema.ROOT_ATTR: attrs.to_json()})
+        return cls(path, mode="a")
+
+    @property
+    def attrs(self) -> RootAttrs:
+        return RootAttrs.from_json(self.group.attrs[schema.ROOT_ATTR])
+
+    @property
+    def raw_attrs(self) -> dict:
+        return dict(self.group.attrs[schema.ROOT_ATTR])
+
+    def update_attrs(self, **changes) -> None:
+        cur = self.raw_attrs
+        cur.update(changes)
+        self.group.attrs[schema.ROOT_ATTR] = cur
+
+    def dims(self) -> dict:
+        return dict(self.raw_attrs.get("dims", {}))
+
+    def set_dims(self, **dims) -> None:
+        cur = self.dims()
+        cur.update({k: int(v) for k, v in dims.items()})
+        self.update_attrs(dims=cur)
+
+    def create_array(self, name: str, dims: Mapping[str, int] | None = None, overwrite: bool = False):
+        """Create the schema array ``name`` with dimensions resolved from the store's ``dims``."""
+        sp = schema.spec(name)
+        all_dims = {**self.dims(), **(dims or {})}
+        missing = [d for d in list(sp.shape) + list(sp.chunks) + list(sp.shards or ())
+                   if isinstance(d, str) and d not in all_dims]
+        if missing:
+            raise CacheError(f"cannot create {name}: dimension(s) {missing} unknown in {self.path}")
+        res = sp.resolve(all_dims)
+        kwargs = dict(shape=res["shape"], chunks=res["chunks"], dimension_names=sp.dimension_names,
+                      fill_value=sp.fill_value, overwrite=overwrite)
+        if sp.dtype == "str":
+            kwargs["dtype"] = str
+        else:
+            kwargs["dtype"] = sp.dtype
+            if res["shards"] is not None:
+                kwargs["shards"] = res["shards"]
+        return self.group.create_array(name, **kwargs)
+
+    # -- access -----------------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.group[name]
+            return True
+        except KeyError:
+            return False
+
+    def array(self, name: str):
+        try:
+            return self.group[name]
+        except KeyError:
+            raise CacheError(f"{self.path} has no array '{name}' (written by the "
+                             f"'{schema.spec(name).stage}' stage)") from None
+
+    def offsets(self, axis: str) -> np.ndarray:
+        """``points``/``images``/``pairs`` offsets [F+1]."""
+        return np.asarray(self.array(f"{axis}/offsets")[:], dtype=np.int64)
+
+    # -- writing ----------------------------------------------------------------------------------
+    def write_rows(self, name: str, start: int, values: np.ndarray) -> None:
+        """Write ``values`` into rows ``start:start+len(values)`` of array ``name``.
+
+        Zarr shards that the range covers only partly may also be written by the neighbouring work
+        shard; those writes take a per-(array, zarr shard) file lock. Fully covered shards need none.
+        """
+        arr = self.array(name)
+        n = len(values)
+        if n == 0:
+            return
+        stop = start + n
+        if start < 0 or stop > arr.shape[0]:
+            raise CacheError(f"{name}: rows {start}:{stop} outside the array's {arr.shape[0]} rows")
+        block = (arr.shards or arr.chunks)[0]
+        first_full = -(-start // block) * block
+        last_full = stop // block * block
+        pieces = []
+        if first_full >= last_full:  # the range never covers a whole zarr shard
+            pieces.append((start, stop, True))
+        else:
+            if start < first_full:
+                pieces.append((start, first_full, True))
+            pieces.append((first_full, last_full, False))
+            if last_full < stop:
+                pieces.append((last_full, stop, True))
+        for a, b, shared in pieces:
+            chunk = values[a - start:b - start]
+            if not shared:
+                arr[a:b] = chunk
+                continue
+            # one lock per zarr shard the piece touches (a piece spans at most two when it is the whole range)
+            locks = [self._lock(name, s) for s in range(a // block, (b - 1) // block + 1)]
+            for lock in locks:
+                lock.acquire()
+            try:
+                arr[a:b] = chunk
+            finally:
+                for lock in reversed(locks):
+                    lock.release()
+
+    def _lock(self, name: str, zshard: int) -> FileLock:
+        p = self.path / schema.LOCKS_DIR / name.replace("/", "__") / f"{zshard}.lock"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(p))
+
+    # -- done markers, failures, parts -----------------------------------------------------------
+    def _marker(self, kind: str, stage: str, shard: int | str) -> Path:
+        name = f"{shard:05d}.json" if isinstance(shard, int) else f"{shard}.json"
+        return self.path / kind / stage / name
+
+    def mark_done(self, stage: str, shard: int | str, stats: Mapping) -> None:
+        _atomic_write_json(self._marker(schema.DONE_DIR, stage, shard), stats)
+        failed = self._marker(schema.FAILED_DIR, stage, shard)
+        if failed.exists():
+            failed.unlink()
+
+    def is_done(self, stage: str, shard: int | str) -> bool:
+        return self._marker(schema.DONE_DIR, stage, shard).exists()
+
+    def done_info(self, stage: str, shard: int | str) -> dict | None:
+        p = self._marker(schema.DONE_DIR, stage, shard)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def done_shards(self, stage: str) -> list[int]:
+        d = self.path / schema.DONE_DIR / stage
+        if not d.exists():
+            return []
+        return sorted(int(p.stem) for p in d.glob("[0-9]*.json"))
+
+    def stage_complete(self, stage: str) -> bool:
+        return self.is_done(stage, "_complete")
+
+    def clear_stage(self, stage: str) -> None:
+        import shutil
+        for kind in (schema.DONE_DIR, schema.FAILED_DIR, schema.PARTS_DIR):
+            shutil.rmtree(self.path / kind / stage, ignore_errors=True)
+
+    def record_failure(self, stage: str, shard: int, failures: list[dict]) -> None:
+        _atomic_write_json(self._marker(schema.FAILED_DIR, stage, shard), {"failures": failures})
+
+    def failures(self, stage: str | None = None) -> dict:
+        root = self.path / schema.FAILED_DIR
+        out = {}
+        for p in sorted(root.glob(f"{stage or '*'}/*.json")):
+            out[(p.parent.name, p.stem)] = json.loads(p.read_text())["failures"]
+        return out
+
+    def part_path(self, stage: str, shard: int) -> Path:
+        return self.path / schema.PARTS_DIR / stage / f"{shard:05d}.npz"
+
+    def write_part(self, stage: str, shard: int, **arrays: np.ndarray) -> None:
+        """Save a shard's intermediate arrays atomically (used where a total size is unknown beforehand)."""
+        p = self.part_path(stage, shard)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    def read_part(self, stage: str, shard: int) -> dict:
+        with np.load(self.part_path(stage, shard)) as z:
+            return {k: z[k] for k in z.files}
+
+    def consolidate(self) -> None:
+        zarr.consolidate_metadata(str(self.path), zarr_format=3)
+
+
+def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
+    return Store(path, mode=mode)
+
+
+def iter_frame_ranges(offsets: np.ndarray, frames: Iterable[int]):
+    for f in frames:
+        yield f, int(offsets[f]), int(offsets[f + 1])

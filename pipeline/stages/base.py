@@ -1,0 +1,122 @@
+"""The stage interface every label stage implements (reader -> model -> writer per shard).
+
+Lifecycle, driven by :mod:`pipeline.runner`:
+
+1. ``Stage(**config)`` — cheap; anywhere (driver and workers).
+2. ``fingerprint()`` — version, configuration and checkpoint sha256; stored in the store's ``cns.stages``
+   and compared on every rerun (a difference is refused, naming the field).
+3. ``prepare(store, adapter)`` — once, on the driver, before any shard runs: create the stage's arrays,
+   write global arrays (text embeddings, a fitted projection).
+4. ``build_model(device)`` — once per worker process (the runner caches the result), never per task.
+5. ``process_shard(ctx)`` — one work shard (a contiguous frame range); reads its inputs from the store and
+   writes its outputs with ``store.write_rows``; wraps each frame in ``ctx.frame(i)`` so that a failing
+   frame is recorded and the shard is not marked done; returns per-shard statistics.
+6. ``finalize(store)`` — once, on the driver, after every shard is done (e.g. the pairs commit).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_cache.schema import STAGE_REQUIRES
+
+from ..registry import Registry
+
+STAGES = Registry("stage")
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    frame_start: int
+    frame_stop: int
+
+    @property
+    def frames(self) -> range:
+        return range(self.frame_start, self.frame_stop)
+
+
+@dataclass
+class ShardContext:
+    store: object
+    shard: Shard
+    adapter: object
+    model: object
+    device: str = "cpu"
+    progress: object = None  # callable(n_frames) or None
+    failures: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def frame(self, index: int, token: str | None = None):
+        """Run one frame's work; an exception is recorded (frame, file, error) and does not propagate."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 — every frame error is reported, none stops the shard's others
+            self.failures.append({
+                "frame": int(index), "token": token, "error": f"{type(e).__name__}: {e}",
+                "file": getattr(e, "file", None), "traceback": traceback.format_exc(limit=6),
+            })
+        finally:
+            if self.progress is not None:
+                self.progress(1)
+
+    @contextlib.contextmanager
+    def timed(self, key: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Stage:
+    name: str = ""
+    version: int = 1
+
+    def __init__(self, **config):
+        self.config = config
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return STAGE_REQUIRES[self.name]
+
+    def checkpoint_sha256(self) -> str | None:
+        return None
+
+    def fingerprint(self) -> dict:
+        return {"version": self.version, "config": self.fingerprint_config(),
+                "checkpoint_sha256": self.checkpoint_sha256()}
+
+    def fingerprint_config(self) -> dict:
+        """The configuration that determines the stage's output (excludes devices, workers, paths of caches)."""
+        return dict(self.config)
+
+    def prepare(self, store, adapter) -> None:
+        pass
+
+    def build_model(self, device: str):
+        return None
+
+    def process_shard(self, ctx: ShardContext) -> dict:
+        raise NotImplementedError
+
+    def finalize(self, store) -> None:
+        pass
+
+
+def build_stage(name: str, **config) -> Stage:
+    from . import load_builtin  # noqa: F401  (registers the built-in stages)
+    return STAGES.get(name)(**config)
