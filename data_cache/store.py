@@ -44,6 +44,16 @@ def _atomic_write_json(path: Path, payload: Mapping) -> None:
     os.replace(tmp, path)
 
 
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """The sha256 of a file (checkpoint fingerprints)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -80,24 +90,34 @@ class Store:
 
     @property
     def attrs(self) -> RootAttrs:
-        return RootAttrs.from_json(self.group.attrs[schema.ROOT_ATTR])
+        return RootAttrs.from_json(self.raw_attrs)
 
     @property
     def raw_attrs(self) -> dict:
-        return dict(self.group.attrs[schema.ROOT_ATTR])
+        """The root ``cns`` attributes as on disk now (another process may have changed them)."""
+        if self.mode == "r":
+            return dict(self.group.attrs[schema.ROOT_ATTR])
+        return self._reread_attrs()
 
     def update_attrs(self, **changes) -> None:
-        cur = self.raw_attrs
-        cur.update(changes)
-        self.group.attrs[schema.ROOT_ATTR] = cur
+        """Merge ``changes`` into the root ``cns`` attributes (several stages' workers may do this at once)."""
+        with self._lock("root", 0):
+            cur = self._reread_attrs()
+            cur.update(changes)
+            self.group.attrs[schema.ROOT_ATTR] = cur
+
+    def _reread_attrs(self) -> dict:
+        meta = json.loads((self.path / "zarr.json").read_text())
+        return dict(meta.get("attributes", {}).get(schema.ROOT_ATTR, {}))
 
     def dims(self) -> dict:
         return dict(self.raw_attrs.get("dims", {}))
 
     def set_dims(self, **dims) -> None:
-        cur = self.dims()
-        cur.update({k: int(v) for k, v in dims.items()})
-        self.update_attrs(dims=cur)
+        with self._lock("root-dims", 0):
+            cur = dict(self._reread_attrs().get("dims", {}))
+            cur.update({k: int(v) for k, v in dims.items()})
+            self.update_attrs(dims=cur)
 
     def create_array(self, name: str, dims: Mapping[str, int] | None = None, overwrite: bool = False):
         """Create the schema array ``name`` with dimensions resolved from the store's ``dims``."""
@@ -244,7 +264,13 @@ class Store:
             return {k: z[k] for k in z.files}
 
     def consolidate(self) -> None:
-        zarr.consolidate_metadata(str(self.path), zarr_format=3)
+        """Consolidate the metadata so readers open the store with one read."""
+        import warnings
+        with warnings.catch_warnings():
+            # the bookkeeping folders (_done, _parts, _locks) are not zarr nodes, and zarr says so
+            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            zarr.consolidate_metadata(str(self.path), zarr_format=3)
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> Store:

@@ -16,17 +16,22 @@ Lifecycle, driven by :mod:`pipeline.runner`:
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from data_cache.schema import STAGE_REQUIRES
+from data_cache.store import sha256_file  # noqa: F401  (re-exported for the stages)
 
 from ..registry import Registry
 
 STAGES = Registry("stage")
+
+# Models live once per worker process, keyed by stage fingerprint and device (built on first use).
+_MODELS: dict = {}
+_MODELS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -74,14 +79,6 @@ class ShardContext:
             self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
 
-def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Stage:
     name: str = ""
     version: int = 1
@@ -109,6 +106,14 @@ class Stage:
 
     def build_model(self, device: str):
         return None
+
+    def get_model(self, device: str):
+        """This process's model for the stage (``build_model`` runs once per process and fingerprint)."""
+        key = (self.name, json.dumps(self.fingerprint(), sort_keys=True, default=str), device)
+        with _MODELS_LOCK:
+            if key not in _MODELS:
+                _MODELS[key] = self.build_model(device)
+            return _MODELS[key]
 
     def process_shard(self, ctx: ShardContext) -> dict:
         raise NotImplementedError

@@ -1,0 +1,188 @@
+"""Store validation (``cns-cli cache validate``) and status (``cns-cli cache status``).
+
+Validation checks, in order, and stops at the first problem of each kind with the frame it concerns:
+the root attributes and schema version; that every array of every complete stage exists with the schema's
+dtype, shape and dimension names; the offsets (start at 0, non-decreasing, end at the array length);
+per frame, the values: finite coordinates, labels in ``0..L-1`` or 255, pairs pointing inside their frame's
+points and images and inside the image, mask ids >= -1; and the fingerprints (every complete stage has one;
+a recorded checkpoint that still exists at its path must hash to the recorded sha256).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import schema
+from .store import CacheError, Store, sha256_file
+
+
+@dataclass
+class ValidationReport:
+    path: Path
+    errors: list = field(default_factory=list)
+    checked: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def error(self, message: str, frame: int | None = None, token: str | None = None) -> None:
+        where = f"frame {frame} ({token}): " if frame is not None else ""
+        self.errors.append(where + message)
+
+
+def stage_status(store: Store) -> list[dict]:
+    num_shards = len(store.raw_attrs.get("shards", []))
+    rows = []
+    for stage in schema.STAGE_ORDER:
+        failures = store.failures(stage)
+        rows.append({"stage": stage, "done": len(store.done_shards(stage)), "total": num_shards,
+                     "complete": store.stage_complete(stage),
+                     "failed_frames": sum(len(v) for v in failures.values())})
+    return rows
+
+
+def validate_store(path, check_checkpoints: bool = True) -> ValidationReport:
+    report = ValidationReport(Path(path))
+    try:
+        store = Store(path, mode="r")
+        attrs = store.attrs
+    except (CacheError, KeyError, TypeError) as e:
+        report.error(f"cannot open: {e}")
+        return report
+    if attrs.schema_version != schema.SCHEMA_VERSION:
+        report.error(f"schema_version {attrs.schema_version}, this code reads {schema.SCHEMA_VERSION}")
+        return report
+    if attrs.ignore_index != schema.IGNORE_INDEX:
+        report.error(f"ignore_index {attrs.ignore_index}, expected {schema.IGNORE_INDEX}")
+    complete = [s for s in schema.STAGE_ORDER if store.stage_complete(s)]
+    if not complete:
+        report.error("no stage is complete (run `cns-cli labels ... --stages correspond`)")
+        return report
+    dims = store.dims()
+    _check_arrays(store, complete, dims, report)
+    if report.errors:
+        return report
+    _check_offsets(store, complete, dims, report)
+    if report.errors:
+        return report
+    _check_frames(store, complete, report)
+    _check_fingerprints(store, complete, report, check_checkpoints)
+    return report
+
+
+def _expected_arrays(store: Store, complete) -> list[schema.ArraySpec]:
+    caps = set(store.attrs.capabilities)
+    out = [a for a in schema.ARRAYS if a.stage == "plan"]
+    for stage in complete:
+        out += [a for a in schema.arrays_of_stage(stage) if a.when is None or a.when in caps]
+    return out
+
+
+def _check_arrays(store: Store, complete, dims, report) -> None:
+    for sp in _expected_arrays(store, complete):
+        if sp.name not in store:
+            report.error(f"array '{sp.name}' of complete stage '{sp.stage}' is missing")
+            continue
+        arr = store.array(sp.name)
+        try:
+            want_shape = sp.resolve(dims)["shape"]
+        except KeyError as e:
+            report.error(f"array '{sp.name}': dimension {e} not recorded in the store")
+            continue
+        if tuple(arr.shape) != want_shape:
+            report.error(f"array '{sp.name}' has shape {tuple(arr.shape)}, schema says {want_shape}")
+        if sp.dtype != "str" and np.dtype(arr.dtype) != np.dtype(sp.dtype):
+            report.error(f"array '{sp.name}' has dtype {arr.dtype}, schema says {sp.dtype}")
+        names = tuple(arr.metadata.dimension_names or ())
+        if names != sp.dimension_names:
+            report.error(f"array '{sp.name}' has dimension names {names}, schema says {sp.dimension_names}")
+        report.checked.append(sp.name)
+
+
+def _check_offsets(store: Store, complete, dims, report) -> None:
+    axes = {"points": "points/xyz", "images": "images/rgb"} if "correspond" in complete else {}
+    if "correspond" in complete:
+        axes["pairs"] = "pairs/point"
+    for axis, values in axes.items():
+        off = store.offsets(axis)
+        if len(off) != dims["F"] + 1:
+            report.error(f"{axis}/offsets has {len(off)} entries for {dims['F']} frames")
+        elif off[0] != 0:
+            report.error(f"{axis}/offsets starts at {off[0]}, not 0")
+        elif (np.diff(off) < 0).any():
+            f = int(np.flatnonzero(np.diff(off) < 0)[0])
+            report.error(f"{axis}/offsets decrease", frame=f)
+        elif off[-1] != store.array(values).shape[0]:
+            report.error(f"{axis}/offsets end at {off[-1]} but {values} has {store.array(values).shape[0]} rows")
+    frame_of_image = store.array("images/frame")[:]
+    image_off = store.offsets("images")
+    expected = np.repeat(np.arange(len(image_off) - 1), np.diff(image_off))
+    if len(frame_of_image) != len(expected) or (frame_of_image != expected).any():
+        report.error("images/frame disagrees with images/offsets")
+
+
+def _labels_ok(values: np.ndarray, num_classes: int) -> bool:
+    return bool(((values < num_classes) | (values == schema.IGNORE_INDEX)).all())
+
+
+def _check_frames(store: Store, complete, report) -> None:
+    attrs = store.attrs
+    num_classes = len(attrs.class_names)
+    h, w = attrs.image_size
+    tokens = store.array("frames/token")[:]
+    point_off, image_off = store.offsets("points"), store.offsets("images")
+    pair_off = store.offsets("pairs") if "correspond" in complete else None
+    image_label_arrays = [n for n in ("images/gt", "clip/label", "clip/label_refined") if n in store
+                          and (schema.spec(n).stage in complete or n == "images/gt")]
+    for f in range(attrs.num_frames):
+        token = str(tokens[f])
+        p0, p1 = int(point_off[f]), int(point_off[f + 1])
+        i0, i1 = int(image_off[f]), int(image_off[f + 1])
+        if "correspond" in complete:
+            xyz = store.array("points/xyz")[p0:p1]
+            if not np.isfinite(xyz).all():
+                return report.error("points/xyz has NaN/inf values", f, token)
+            if "points/gt" in store and not _labels_ok(store.array("points/gt")[p0:p1], num_classes):
+                return report.error(f"points/gt has values outside 0..{num_classes - 1} and 255", f, token)
+            k0, k1 = int(pair_off[f]), int(pair_off[f + 1])
+            if k1 == k0:
+                return report.error("frame has no pairs (no point visible in any image)", f, token)
+            pt = store.array("pairs/point")[k0:k1]
+            im = store.array("pairs/image")[k0:k1]
+            uv = store.array("pairs/uv")[k0:k1]
+            if pt.min() < 0 or pt.max() >= p1 - p0:
+                return report.error(f"pairs/point outside the frame's {p1 - p0} points", f, token)
+            if im.min() < i0 or im.max() >= i1:
+                return report.error(f"pairs/image outside the frame's images {i0}..{i1 - 1}", f, token)
+            if uv[:, 0].max() >= w or uv[:, 1].max() >= h:
+                return report.error(f"pairs/uv outside the {w}x{h} image", f, token)
+        for name in image_label_arrays:
+            if not _labels_ok(store.array(name)[i0:i1], num_classes):
+                return report.error(f"{name} has values outside 0..{num_classes - 1} and 255", f, token)
+        if "sam" in complete:
+            ids = store.array("sam/mask_id")[i0:i1]
+            if ids.min() < schema.NO_MASK:
+                return report.error(f"sam/mask_id below {schema.NO_MASK}", f, token)
+            feat = store.array("sam/feat")[i0:i1]
+            if not np.isfinite(feat.astype(np.float32)).all():
+                return report.error("sam/feat has NaN/inf values", f, token)
+
+
+def _check_fingerprints(store: Store, complete, report, check_checkpoints: bool) -> None:
+    recorded = store.raw_attrs.get("stages", {})
+    for stage in complete:
+        fp = recorded.get(stage)
+        if fp is None:
+            report.error(f"complete stage '{stage}' has no fingerprint in the root attributes")
+            continue
+        for key in ("version", "config", "checkpoint_sha256"):
+            if key not in fp:
+                report.error(f"fingerprint of '{stage}' lacks '{key}'")
+        ckpt = (fp.get("config") or {}).get("checkpoint")
+        if ckpt and not fp.get("checkpoint_sha256"):
+            report.error(f"stage '{stage}' used checkpoint {ckpt} but recorded no sha256")
+        elif check_checkpoints and ckpt and Path(ckpt).exists() and sha256_file(ckpt) != fp["checkpoint_sha256"]:
+            report.error(f"checkpoint {ckpt} of stage '{stage}' no longer matches its recorded sha256")

@@ -1,0 +1,205 @@
+"""Registry of the pretrained checkpoints the label stages use, with their preprocessing constants.
+
+Each entry names the official download, its checksum and the image normalisation the network was trained
+with, so that nothing about a model's input is guessed at run time::
+
+    python -m pipeline.models.weights                       # CLIP ViT-B/16 (OpenAI) + SAM ViT-H into checkpoints/
+    python -m pipeline.models.weights --sam vit_b --dest /data/ckpt
+    python -m pipeline.models.weights --list
+
+Downloads go to ``<dest>/<filename>`` (``dest`` defaults to ``$CNS_CHECKPOINTS`` or ``checkpoints``), are
+checked against the registry's sha256 (or md5 where only that is published) and are renamed into place only
+when the check passes. :func:`find_local` looks a checkpoint up in the same folder; the stages use it when no
+checkpoint path is given, so ``make weights`` is enough to run them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: CLIP's image normalisation (OpenAI; open_clip's ``OPENAI_DATASET_MEAN``/``_STD``), on 0..1 pixels.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: SAM's image normalisation (``Sam.pixel_mean``/``pixel_std``), on 0..255 pixels.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One official checkpoint.
+
+    ``kind`` is ``"clip"`` or ``"sam"``; ``model`` the architecture name it loads into (an open_clip model
+    name, or a SAM ``model_type``); ``sha256``/``md5`` the published or verified checksums (None: unknown);
+    ``preprocess`` the input normalisation and resolution the network was trained at; ``quick_gelu`` whether
+    the CLIP checkpoint needs QuickGELU activations (OpenAI's do).
+    """
+
+    name: str
+    kind: str
+    model: str
+    url: str
+    filename: str
+    sha256: str | None = None
+    md5: str | None = None
+    quick_gelu: bool = False
+    preprocess: dict = field(default_factory=dict)
+    size_mb: int = 0
+
+
+CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in (
+    Checkpoint(
+        name="clip-vit-b-16-openai", kind="clip", model="ViT-B-16",
+        url="https://openaipublic.azureedge.net/clip/models/"
+            "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+        filename="ViT-B-16.pt",
+        # OpenAI publishes the sha256 as the URL's folder name (clip.clip._download checks it)
+        sha256="5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+        quick_gelu=True, size_mb=335,
+        preprocess={"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD, "size": 224, "scale": 1.0 / 255.0,
+                    "interpolation": "bicubic"},
+    ),
+    Checkpoint(
+        name="sam-vit-h", kind="sam", model="vit_h",
+        url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+        filename="sam_vit_h_4b8939.pth", md5="4b8939a88964f0f4ff5f5b2642c598a6", size_mb=2446,
+        preprocess={"mean": SAM_PIXEL_MEAN, "std": SAM_PIXEL_STD, "long_side": 1024, "scale": 1.0},
+    ),
+    Checkpoint(
+        name="sam-vit-l", kind="sam", model="vit_l",
+        url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+        filename="sam_vit_l_0b3195.pth", md5="0b3195507c641ddb6910d2bb5adee89c", size_mb=1191,
+        preprocess={"mean": SAM_PIXEL_MEAN, "std": SAM_PIXEL_STD, "long_side": 1024, "scale": 1.0},
+    ),
+    Checkpoint(
+        name="sam-vit-b", kind="sam", model="vit_b",
+        url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        filename="sam_vit_b_01ec64.pth", md5="01ec64d29a2fca3f0661936605ae66f8", size_mb=358,
+        preprocess={"mean": SAM_PIXEL_MEAN, "std": SAM_PIXEL_STD, "long_side": 1024, "scale": 1.0},
+    ),
+)}
+
+#: The checkpoint a stage uses when given none: (kind, model) -> registry name.
+DEFAULTS = {("clip", "ViT-B-16"): "clip-vit-b-16-openai", ("sam", "vit_h"): "sam-vit-h",
+            ("sam", "vit_l"): "sam-vit-l", ("sam", "vit_b"): "sam-vit-b"}
+
+
+def get(name: str) -> Checkpoint:
+    try:
+        return CHECKPOINTS[name]
+    except KeyError:
+        raise KeyError(f"unknown checkpoint '{name}' (known: {', '.join(sorted(CHECKPOINTS))})") from None
+
+
+def default_for(kind: str, model: str) -> Checkpoint | None:
+    name = DEFAULTS.get((kind, model))
+    return CHECKPOINTS[name] if name else None
+
+
+def checkpoint_dir(dest: str | os.PathLike | None = None) -> Path:
+    return Path(dest or os.environ.get("CNS_CHECKPOINTS") or "checkpoints")
+
+
+def find_local(kind: str, model: str, dest: str | os.PathLike | None = None) -> Path | None:
+    """The registry's default checkpoint for ``(kind, model)`` if it was downloaded to ``dest``, else None."""
+    ck = default_for(kind, model)
+    if ck is None:
+        return None
+    p = checkpoint_dir(dest) / ck.filename
+    return p if p.is_file() else None
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", block: int = 1 << 22) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: str | os.PathLike, ck: Checkpoint) -> None:
+    """Raise ``ValueError`` if ``path`` does not match the registry's checksum (sha256, else md5)."""
+    for algo, want in (("sha256", ck.sha256), ("md5", ck.md5)):
+        if want:
+            got = file_digest(path, algo)
+            if got != want:
+                raise ValueError(f"{path}: {algo} {got} differs from the registry's {want} for {ck.name} "
+                                 f"(a partial or different file; delete it and download again)")
+            return
+
+
+def download(name: str, dest: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Download checkpoint ``name`` into ``dest`` (skipped when a verified copy is there); returns its path."""
+    ck = get(name)
+    out = checkpoint_dir(dest) / ck.filename
+    if out.is_file():
+        verify(out, ck)
+        print(f"{ck.name}: {out} present and verified")
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{ck.filename}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(ck.url) as r:
+            total = int(r.headers.get("Content-Length") or 0)
+            done = 0
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if progress and sys.stderr.isatty():
+                    pct = f"{100 * done / total:5.1f}%" if total else f"{done >> 20} MiB"
+                    print(f"\r{ck.name}: {pct}", end="", file=sys.stderr)
+        if progress and sys.stderr.isatty():
+            print(file=sys.stderr)
+        verify(tmp, ck)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"{ck.name}: downloaded to {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.models.weights", description=__doc__.splitlines()[0])
+    p.add_argument("--dest", default=None, help="folder (default: $CNS_CHECKPOINTS or ./checkpoints)")
+    p.add_argument("--clip", default="ViT-B-16", help="CLIP model to fetch ('none' to skip)")
+    p.add_argument("--sam", default="vit_h", help="comma-separated SAM model types: vit_h,vit_l,vit_b, "
+                                                  "'all' or 'none'")
+    p.add_argument("--list", action="store_true", help="list the registry and exit")
+    a = p.parse_args(argv)
+    if a.list:
+        for ck in CHECKPOINTS.values():
+            local = checkpoint_dir(a.dest) / ck.filename
+            print(f"{ck.name:22s} {ck.kind:5s} {ck.model:9s} {ck.size_mb:5d} MB  "
+                  f"{'present' if local.is_file() else 'missing'}  {ck.url}")
+        return 0
+    names = []
+    if a.clip.lower() != "none":
+        ck = default_for("clip", a.clip)
+        if ck is None:
+            p.error(f"no registered checkpoint for CLIP model {a.clip}")
+        names.append(ck.name)
+    sams = [] if a.sam.lower() == "none" else (["vit_h", "vit_l", "vit_b"] if a.sam == "all" else a.sam.split(","))
+    for m in sams:
+        ck = default_for("sam", m.strip())
+        if ck is None:
+            p.error(f"no registered checkpoint for SAM model type {m}")
+        names.append(ck.name)
+    failed = []
+    for n in names:
+        try:
+            download(n, a.dest)
+        except Exception as e:  # noqa: BLE001 — report every checkpoint, fail at the end
+            print(f"{n}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            failed.append(n)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

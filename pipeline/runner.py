@@ -1,0 +1,410 @@
+"""The label job runner: plan a store, then run stages shard by shard on dask (or in this process).
+
+``run_labels`` is what ``cns-cli labels`` and ``make labels`` call. A *work shard* is a contiguous range
+of ``shard_size`` frames; each (stage, shard) is one task that reads its inputs from the store, runs the
+stage's model (built once per worker process) and writes its outputs, then its done marker. A rerun
+skips done shards; ``overwrite`` redoes a stage (and the stages that depend on it). A rerun whose
+configuration or checkpoint fingerprint differs from the one recorded in the store is refused, naming
+the field that differs.
+
+Task graph: ``prepare`` of a stage waits for its prerequisite stages to finish (a stage may sample their
+outputs, e.g. the SAM projection fit); shard ``s`` of a stage waits for shard ``s`` of its prerequisites,
+so independent stages of different shards overlap; ``finalize`` waits for all of the stage's shards.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_cache import schema
+from data_cache.schema import STAGE_ORDER, STAGE_REQUIRES, RootAttrs
+from data_cache.store import CacheError, Store, store_path
+
+from .datasets.base import DatasetError, build_adapter
+from .stages.base import Shard, ShardContext, build_stage
+
+log = logging.getLogger("cns.labels")
+
+DEFAULT_SHARD_SIZE = {"nuscenes": 32, "scannet": 1, "synthetic": 4}
+PLAN = "plan"
+
+
+class LabelRunError(RuntimeError):
+    pass
+
+
+@dataclass
+class StageReport:
+    stage: str
+    shards_total: int = 0
+    shards_done_before: int = 0
+    shards_done: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+
+
+@dataclass
+class RunSummary:
+    store: Path
+    reports: dict
+
+    @property
+    def failed_frames(self) -> list[dict]:
+        return [f for r in self.reports.values() for f in r.failures]
+
+    def table(self) -> str:
+        rows = [("stage", "shards done", "ran now", "frames", "seconds", "failed frames")]
+        for r in self.reports.values():
+            rows.append((r.stage, f"{r.shards_done_before + r.shards_done}/{r.shards_total}", str(r.shards_done),
+                         str(r.frames), f"{r.seconds:.1f}", str(len(r.failures))))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+# -- planning -----------------------------------------------------------------------------------------
+
+def plan_store(adapter, path: Path, shard_size: int) -> Store:
+    """Create the store and its frame-level arrays, or reopen a planned one after checking it matches."""
+    if path.exists() and not (path / schema.DONE_DIR / PLAN / "_complete.json").exists():
+        log.warning("removing %s: its planning step never finished", path)
+        shutil.rmtree(path)
+    if path.exists():
+        store = Store(path, mode="a")
+        _check_same_dataset(store, adapter)
+        return store
+    frames = adapter.frames()
+    if not frames:
+        raise DatasetError("the dataset has no frames", file=adapter.root)
+    point_counts = np.array([fi.num_points for fi in frames], dtype=np.int64)
+    image_counts = np.array([len(fi.image_names) for fi in frames], dtype=np.int64)
+    point_off = np.concatenate([[0], np.cumsum(point_counts)])
+    image_off = np.concatenate([[0], np.cumsum(image_counts)])
+    shards = [[s, min(s + shard_size, len(frames))] for s in range(0, len(frames), shard_size)]
+    attrs = RootAttrs(dataset=adapter.name, split=adapter.split, class_names=list(adapter.class_names),
+                      image_size=list(adapter.image_size), point_features=list(adapter.point_features),
+                      capabilities=list(adapter.capabilities), dataset_config=_jsonable(adapter.config()),
+                      shard_size=shard_size, num_frames=len(frames))
+    store = Store.create(path, attrs)
+    store.update_attrs(shards=shards, voxel_size=adapter.voxel_size)
+    store.set_dims(**{"F": len(frames), "F+1": len(frames) + 1, "P": int(point_off[-1]), "I": int(image_off[-1]),
+                      "H": adapter.image_size[0], "W": adapter.image_size[1],
+                      "C": max(1, len(adapter.point_features)), "L": len(adapter.class_names)})
+    store.create_array("frames/token")[:] = np.array([fi.token for fi in frames], dtype=object)
+    store.create_array("points/offsets")[:] = point_off
+    store.create_array("images/offsets")[:] = image_off
+    store.create_array("images/frame")[:] = np.repeat(np.arange(len(frames), dtype=np.int32), image_counts)
+    store.create_array("images/name")[:] = np.array([n for fi in frames for n in fi.image_names], dtype=object)
+    store.mark_done(PLAN, "_complete", {"frames": len(frames), "points": int(point_off[-1]),
+                                        "images": int(image_off[-1]), "shards": len(shards)})
+    return store
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=str))
+
+
+def _check_same_dataset(store: Store, adapter) -> None:
+    attrs = store.attrs
+    want = {"dataset": adapter.name, "split": adapter.split, "class_names": list(adapter.class_names),
+            "image_size": list(adapter.image_size), "dataset_config": _jsonable(adapter.config())}
+    have = {"dataset": attrs.dataset, "split": attrs.split, "class_names": list(attrs.class_names),
+            "image_size": list(attrs.image_size), "dataset_config": attrs.dataset_config}
+    for key in want:
+        if want[key] != have[key]:
+            detail = _first_difference(have[key], want[key])
+            raise CacheError(f"{store.path} was written with a different {key}{detail}; use another --cache "
+                             f"directory or delete the store")
+
+
+def _first_difference(have, want, prefix="") -> str:
+    if isinstance(have, dict) and isinstance(want, dict):
+        for k in sorted(set(have) | set(want)):
+            if have.get(k) != want.get(k):
+                return _first_difference(have.get(k), want.get(k), f"{prefix}.{k}" if prefix else k)
+    return f" ({prefix + ': ' if prefix else ''}store has {have!r}, this run has {want!r})"
+
+
+def check_fingerprint(store: Store, stage, overwrite: bool) -> None:
+    """Refuse a rerun whose stage configuration or checkpoint differs from the store's, naming the field."""
+    recorded = store.raw_attrs.get("stages", {}).get(stage.name)
+    current = _jsonable(stage.fingerprint())
+    if recorded is not None and recorded != current and not overwrite:
+        detail = _first_difference(recorded, current)
+        raise CacheError(f"stage '{stage.name}' of {store.path} was run with a different fingerprint{detail}; "
+                         f"rerun with --overwrite to redo it")
+    if recorded != current or overwrite:
+        stages = dict(store.raw_attrs.get("stages", {}))
+        stages[stage.name] = current
+        store.update_attrs(stages=stages)
+
+
+def downstream(stage: str) -> list[str]:
+    out = []
+    for s in STAGE_ORDER:
+        if stage in STAGE_REQUIRES[s] or any(r in out for r in STAGE_REQUIRES[s]):
+            out.append(s)
+    return out
+
+
+# -- tasks (run on workers; module-level so dask can pickle them) -------------------------------------
+
+def _device(requested: str) -> str:
+    import torch
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and torch.cuda.device_count() > 1:
+        try:
+            from distributed import get_worker
+            name = str(get_worker().name)
+            index = int("".join(ch for ch in name if ch.isdigit()) or 0)
+            return f"cuda:{index % torch.cuda.device_count()}"
+        except (ImportError, ValueError):
+            pass
+    return requested
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
+_ADAPTERS: dict = {}
+
+
+def _adapter(spec: dict):
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = build_adapter(spec["name"], spec["root"], spec["split"], **spec["options"])
+    return _ADAPTERS[key]
+
+
+def task_prepare(stage, store_dir: str, adapter_spec: dict, threads, *deps):
+    _set_threads(threads)
+    store = Store(store_dir, mode="a")
+    missing = [r for r in stage.requires if not store.stage_complete(r)]
+    if missing:
+        return {"skipped": f"prerequisite stage(s) {missing} incomplete"}
+    stage.prepare(store, _adapter(adapter_spec))
+    return {"prepared": True}
+
+
+def task_shard(stage, store_dir: str, adapter_spec: dict, shard: Shard, device: str, threads, *deps):
+    """Run one stage on one work shard; returns stats and failures (never raises for a frame's error)."""
+    _set_threads(threads)
+    store = Store(store_dir, mode="a")
+    t0 = time.perf_counter()
+    base = {"stage": stage.name, "shard": shard.index, "frames": len(shard.frames)}
+    if deps and isinstance(deps[0], dict) and "skipped" in deps[0]:
+        return {**base, "skipped": deps[0]["skipped"]}
+    missing = [r for r in stage.requires if not store.is_done(r, shard.index)]
+    if missing:
+        return {**base, "skipped": f"prerequisite {missing} not done for shard {shard.index}"}
+    dev = _device(device)
+    ctx = ShardContext(store=store, shard=shard, adapter=_adapter(adapter_spec) if stage.name == "correspond"
+                       else None, model=stage.get_model(dev), device=dev)
+    stats = stage.process_shard(ctx)
+    stats = {**base, **(stats or {}), "seconds": time.perf_counter() - t0,
+             "timings": {k: round(v, 4) for k, v in ctx.timings.items()}}
+    if ctx.failures:
+        store.record_failure(stage.name, shard.index, ctx.failures)
+        return {**stats, "failures": ctx.failures}
+    store.mark_done(stage.name, shard.index, stats)
+    return stats
+
+
+def task_finalize(stage, store_dir: str, num_shards: int, *deps):
+    store = Store(store_dir, mode="a")
+    if any(not store.is_done(stage.name, s) for s in range(num_shards)):
+        return {"stage": stage.name, "finalized": False}
+    stage.finalize(store)
+    store.mark_done(stage.name, "_complete", {"shards": num_shards})
+    return {"stage": stage.name, "finalized": True}
+
+
+# -- executors ----------------------------------------------------------------------------------------
+
+class _Done:
+    """A finished 'future' for the in-process executor."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class SequentialExecutor:
+    """Runs each task at submission, in this process (``--workers 0``; also the reference for tests)."""
+
+    def submit(self, fn, *args, **_):
+        args = tuple(a.result() if isinstance(a, _Done) else a for a in args)
+        return _Done(fn(*args))
+
+    def as_completed(self, futures):
+        return iter(futures)
+
+    def close(self):
+        pass
+
+
+class DaskExecutor:
+    def __init__(self, workers: int, threads_per_worker: int, scheduler: str | None):
+        from distributed import Client, LocalCluster
+        if scheduler:
+            self.cluster = None
+            self.client = Client(scheduler)
+        else:
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                                        silence_logs=logging.WARNING)
+            self.client = Client(self.cluster)
+        workers_info = self.client.scheduler_info().get("workers", {})
+        self.gpu_resource = bool(workers_info) and all("GPU" in w.get("resources", {})
+                                                       for w in workers_info.values())
+
+    def submit(self, fn, *args, key=None, gpu=False):
+        kwargs = {"pure": False}
+        if key:
+            kwargs["key"] = key
+        if gpu and self.gpu_resource:
+            kwargs["resources"] = {"GPU": 1}
+        return self.client.submit(fn, *args, **kwargs)
+
+    def as_completed(self, futures):
+        from distributed import as_completed
+        for fut in as_completed(futures):
+            yield fut
+
+    def close(self):
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, split: str | None = None,
+               dataset_options: dict | None = None, stage_options: dict | None = None, workers: int = 1,
+               threads_per_worker: int | None = None, scheduler: str | None = None, shard_size: int | None = None,
+               overwrite: bool = False, device: str = "auto", progress: bool = True) -> RunSummary:
+    """Plan (or reopen) ``CACHE/<dataset>-<split>.zarr`` and run ``stages`` on it.
+
+    ``workers=0`` runs everything in this process; otherwise a dask ``LocalCluster`` of ``workers``
+    processes with ``threads_per_worker`` threads (torch threads set to match), or the existing cluster at
+    ``scheduler``. Returns a :class:`RunSummary`; failed frames are in ``summary.failed_frames``.
+    """
+    stages = _order_stages(stages)
+    dataset_options = dict(dataset_options or {})
+    adapter = build_adapter(dataset, data_root, split, **dataset_options)
+    adapter_spec = {"name": dataset, "root": str(data_root) if data_root else None, "split": adapter.split,
+                    "options": dataset_options}
+    path = store_path(cache, dataset, adapter.split)
+    shard_size = shard_size or DEFAULT_SHARD_SIZE.get(dataset, 8)
+    store = plan_store(adapter, path, shard_size)
+    stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
+    for name, stage in stage_objs.items():
+        for req in stage.requires:
+            if req not in stage_objs and not store.stage_complete(req):
+                raise LabelRunError(f"stage '{name}' needs '{req}', which is not complete in {path}: "
+                                    f"add it to STAGES (e.g. STAGES={req},{name})")
+    for name, stage in stage_objs.items():
+        if overwrite:
+            for s in [name] + downstream(name):
+                store.clear_stage(s)
+        check_fingerprint(store, stage, overwrite)
+
+    shards = [Shard(i, a, b) for i, (a, b) in enumerate(store.raw_attrs["shards"])]
+    threads = threads_per_worker or (max(1, (os.cpu_count() or 1) // max(1, workers)) if workers else None)
+    executor = SequentialExecutor() if workers == 0 and not scheduler else DaskExecutor(workers or 1, threads or 1,
+                                                                                        scheduler)
+    reports = {name: StageReport(name, shards_total=len(shards), shards_done_before=len(
+        [s for s in shards if store.is_done(name, s.index)])) for name in stage_objs}
+    bar = _progress_bar(progress, sum(len(s.frames) for name in stage_objs for s in shards
+                                      if not store.is_done(name, s.index)))
+    store_dir = str(path)
+    try:
+        futures, meta = _submit_graph(executor, stage_objs, store, store_dir, adapter_spec, shards, device, threads)
+        for fut in executor.as_completed(futures):
+            kind, name = meta[id(fut)]
+            result = fut.result()
+            if kind == "shard":
+                rep = reports[name]
+                if result.get("skipped"):
+                    continue
+                rep.frames += result["frames"]
+                rep.seconds += result.get("seconds", 0.0)
+                for key, value in result.items():
+                    if isinstance(value, (int, float)) and key not in ("shard", "frames", "seconds"):
+                        rep.stats[key] = rep.stats.get(key, 0) + value
+                if result.get("failures"):
+                    rep.failures.extend({**f, "stage": name, "shard": result["shard"]} for f in result["failures"])
+                else:
+                    rep.shards_done += 1
+                if bar is not None:
+                    bar.update(result["frames"])
+                    bar.set_postfix_str(f"{name} shard {result['shard']}")
+    finally:
+        if bar is not None:
+            bar.close()
+        executor.close()
+    store = Store(path, mode="a")
+    if all(store.stage_complete(s) for s in stage_objs):
+        store.consolidate()
+    return RunSummary(store=path, reports=reports)
+
+
+def _order_stages(stages) -> list[str]:
+    if isinstance(stages, str):
+        stages = [s for s in stages.split(",") if s.strip()]
+    stages = [s.strip() for s in stages]
+    unknown = [s for s in stages if s not in STAGE_ORDER]
+    if unknown:
+        raise LabelRunError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGE_ORDER)}")
+    return [s for s in STAGE_ORDER if s in stages]
+
+
+def _submit_graph(executor, stage_objs, store, store_dir, adapter_spec, shards, device, threads):
+    futures, meta = [], {}
+    shard_futs: dict = {}
+    final_futs: dict = {}
+
+    def track(fut, kind, name):
+        futures.append(fut)
+        meta[id(fut)] = (kind, name)
+        return fut
+
+    for name, stage in stage_objs.items():
+        waits_for = [final_futs[r] for r in stage.requires if r in final_futs]
+        prep = track(executor.submit(task_prepare, stage, store_dir, adapter_spec, threads, *waits_for,
+                                     key=f"prepare-{name}-{time.time_ns()}", gpu=name != "correspond"),
+                     "prepare", name)
+        shard_futs[name] = {}
+        for sh in shards:
+            if store.is_done(name, sh.index):
+                continue
+            deps = [prep] + [shard_futs[r][sh.index] for r in stage.requires
+                             if r in shard_futs and sh.index in shard_futs[r]]
+            shard_futs[name][sh.index] = track(executor.submit(
+                task_shard, stage, store_dir, adapter_spec, sh, device, threads, *deps,
+                key=f"{name}-{sh.index:05d}-{time.time_ns()}", gpu=name != "correspond"), "shard", name)
+        if not store.stage_complete(name):
+            final_futs[name] = track(executor.submit(task_finalize, stage, store_dir, len(shards),
+                                                     *shard_futs[name].values(),
+                                                     key=f"finalize-{name}-{time.time_ns()}"), "finalize", name)
+    return futures, meta
+
+
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="frame", desc="labels", dynamic_ncols=True)

@@ -1,0 +1,165 @@
+"""The ``correspond`` stage: ingest a dataset's frames and write the pixel-point correspondences.
+
+Per frame it writes the points (``points/xyz``, ``points/feat``, ``points/gt``), the images at the training
+resolution (``images/rgb``, ``images/gt``, ``images/intrinsics``) and the pairs: every point a camera sees
+(depth > ``min_depth``, inside the image, and where the dataset has depth maps, confirmed by the depth map
+within ``occlusion_tolerance``) with its pixel at the training resolution. The number of pairs is known
+only after projection, so a shard saves its pairs as a part file; ``finalize`` concatenates the parts in
+frame order into ``pairs/*`` (a single writer) once every shard is done.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from data_cache import schema
+
+from ..datasets.base import DatasetError
+from ..projection import project_points, scale_intrinsics, uv_to_training_pixels
+from .base import STAGES, ShardContext, Stage
+
+PAIR_ARRAYS = ("pairs/point", "pairs/image", "pairs/uv", "pairs/depth")
+
+
+def resize_rgb(rgb: np.ndarray, size_hw) -> np.ndarray:
+    if rgb.shape[:2] == tuple(size_hw):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), Image.BILINEAR))
+
+
+def resize_labels(labels: np.ndarray, size_hw) -> np.ndarray:
+    if labels.shape[:2] == tuple(size_hw):
+        return labels
+    return np.asarray(Image.fromarray(labels).resize((size_hw[1], size_hw[0]), Image.NEAREST))
+
+
+@STAGES.register("correspond")
+class CorrespondStage(Stage):
+    name = "correspond"
+    version = 1
+
+    def fingerprint_config(self) -> dict:
+        return {}  # everything that shapes the output is the dataset's configuration, fingerprinted at plan time
+
+    def prepare(self, store, adapter) -> None:
+        caps = store.attrs.capabilities
+        for name in ("points/xyz", "points/feat", "images/rgb", "images/intrinsics"):
+            if name not in store:
+                store.create_array(name)
+        if "point_gt" in caps and "points/gt" not in store:
+            store.create_array("points/gt")
+        if "image_gt" in caps and "images/gt" not in store:
+            store.create_array("images/gt")
+
+    def process_shard(self, ctx: ShardContext) -> dict:
+        store, adapter = ctx.store, ctx.adapter
+        attrs = store.attrs
+        size_hw = tuple(attrs.image_size)
+        point_off = store.offsets("points")
+        image_off = store.offsets("images")
+        tokens = store.array("frames/token")[ctx.shard.frame_start:ctx.shard.frame_stop]
+        has_point_gt = "points/gt" in store
+        has_image_gt = "images/gt" in store
+        pairs = {k: [] for k in PAIR_ARRAYS}
+        counts = np.zeros(len(ctx.shard.frames), dtype=np.int64)
+        stats = {"frames": 0, "points": 0, "images": 0, "pairs": 0}
+        for j, f in enumerate(ctx.shard.frames):
+            token = str(tokens[j])
+            with ctx.frame(f, token):
+                with ctx.timed("load_s"):
+                    frame = adapter.load(f)
+                self._check_plan(frame, token, point_off, image_off, f)
+                with ctx.timed("project_s"):
+                    frame_pairs = self._pairs(frame, adapter, size_hw, int(image_off[f]))
+                if len(frame_pairs["pairs/point"]) == 0:
+                    raise DatasetError("no point of the frame is visible in any of its images", token,
+                                       frame.points_file)
+                with ctx.timed("write_s"):
+                    self._write_frame(store, frame, size_hw, int(point_off[f]), int(image_off[f]),
+                                      has_point_gt, has_image_gt)
+                for k in PAIR_ARRAYS:
+                    pairs[k].append(frame_pairs[k])
+                counts[j] = len(frame_pairs["pairs/point"])
+                stats["frames"] += 1
+                stats["points"] += len(frame.xyz)
+                stats["images"] += len(frame.images)
+                stats["pairs"] += int(counts[j])
+        if not ctx.failures:
+            empty = {"pairs/point": np.zeros(0, np.int32), "pairs/image": np.zeros(0, np.int32),
+                     "pairs/uv": np.zeros((0, 2), np.uint16), "pairs/depth": np.zeros(0, np.float16)}
+            part = {k.replace("/", "__"): (np.concatenate(v) if v else empty[k]) for k, v in pairs.items()}
+            store.write_part(self.name, ctx.shard.index, counts=counts, **part)
+        return stats
+
+    @staticmethod
+    def _check_plan(frame, token, point_off, image_off, f):
+        planned_points = int(point_off[f + 1] - point_off[f])
+        if len(frame.xyz) != planned_points:
+            raise DatasetError(f"point file holds {len(frame.xyz)} points but {planned_points} were planned "
+                               f"(file changed or truncated since the store was created)", token, frame.points_file)
+        planned_images = int(image_off[f + 1] - image_off[f])
+        if len(frame.images) != planned_images:
+            raise DatasetError(f"frame has {len(frame.images)} images but {planned_images} were planned", token,
+                               frame.points_file)
+
+    @staticmethod
+    def _pairs(frame, adapter, size_hw, first_image: int) -> dict:
+        out = {k: [] for k in PAIR_ARRAYS}
+        for i, im in enumerate(frame.images):
+            native_hw = im.rgb.shape[:2]
+            idx, uv, z = project_points(frame.xyz, im.points_to_camera, im.intrinsics, native_hw, adapter.min_depth,
+                                        depth=im.depth, depth_intrinsics=im.depth_intrinsics,
+                                        tolerance=adapter.occlusion_tolerance)
+            out["pairs/point"].append(idx.astype(np.int32))
+            out["pairs/image"].append(np.full(len(idx), first_image + i, dtype=np.int32))
+            out["pairs/uv"].append(uv_to_training_pixels(uv, native_hw, size_hw))
+            out["pairs/depth"].append(z.astype(np.float16))
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    @staticmethod
+    def _write_frame(store, frame, size_hw, p0, i0, has_point_gt, has_image_gt):
+        store.write_rows("points/xyz", p0, frame.xyz.astype(np.float32))
+        feat = frame.feat.astype(np.float32)
+        store.write_rows("points/feat", p0, feat.reshape(len(feat), -1))
+        if has_point_gt:
+            gt = frame.gt if frame.gt is not None else np.full(len(frame.xyz), schema.IGNORE_INDEX, np.uint8)
+            store.write_rows("points/gt", p0, gt.astype(np.uint8))
+        rgb = np.stack([resize_rgb(im.rgb, size_hw) for im in frame.images])
+        store.write_rows("images/rgb", i0, rgb)
+        ks = np.stack([scale_intrinsics(im.intrinsics, im.rgb.shape[:2], size_hw) for im in frame.images])
+        store.write_rows("images/intrinsics", i0, ks.astype(np.float32))
+        if has_image_gt:
+            gts = np.stack([resize_labels(im.gt, size_hw) if im.gt is not None
+                            else np.full(size_hw, schema.IGNORE_INDEX, np.uint8) for im in frame.images])
+            store.write_rows("images/gt", i0, gts.astype(np.uint8))
+
+    def finalize(self, store) -> None:
+        """Concatenate the shards' pairs in frame order into ``pairs/*`` and write ``pairs/offsets``."""
+        num_shards = len(store.raw_attrs["shards"])
+        parts = [store.read_part(self.name, s) for s in range(num_shards)]
+        counts = np.concatenate([p["counts"] for p in parts])
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        store.set_dims(K=int(offsets[-1]))
+        store.create_array("pairs/offsets", overwrite=True)[:] = offsets
+        for name in PAIR_ARRAYS:
+            arr = store.create_array(name, overwrite=True)
+            _write_aligned(arr, (p[name.replace("/", "__")] for p in parts))
+
+
+def _write_aligned(arr, pieces) -> None:
+    """Append ``pieces`` to ``arr`` in writes of whole zarr shards (no read-modify-write of a shard)."""
+    block = (arr.shards or arr.chunks)[0]
+    buffered, start = [], 0
+    held = 0
+    for values in pieces:
+        buffered.append(values)
+        held += len(values)
+        if held >= block:
+            data = np.concatenate(buffered)
+            n = held // block * block
+            arr[start:start + n] = data[:n]
+            start += n
+            buffered, held = [data[n:]], held - n
+    if held:
+        arr[start:start + held] = np.concatenate(buffered)

@@ -1,0 +1,205 @@
+"""Training configuration: YAML files in ``configs/train/``, ``key=value`` overrides, the resolved dump.
+
+A configuration is a nested dict. :data:`DEFAULTS` holds every key with its default; a YAML file overrides
+some of them (and may name a ``_base_`` file in the same folder); command-line ``a.b=value`` overrides come
+last (``value`` is parsed as YAML, so ``8``, ``true``, ``[clip2d, pred3d]`` and ``null`` work). Unknown keys
+are an error, so a typo never silently trains with a default.
+
+Ablation switches (paper Table 2) are ordinary keys; ``ablation=<name>`` is a shortcut that sets the keys
+listed in :data:`ABLATIONS`. Both the name and the keys it set are in the dump, so every run records its
+switches in ``RUN_DIR/config.yaml``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
+
+#: The four stage-2 label sources of Eq. 6 (paper section 3.2).
+LABEL_SOURCES = ("clip2d", "clip3d", "pred2d", "pred3d")
+
+DEFAULTS: dict = {
+    "seed": 0,
+    "ablation": "none",
+    "data": {
+        "voxel_size": 0.1,          # metres; 0.1 nuScenes / synthetic street, 0.05 ScanNet / synthetic indoor
+        "images_per_frame": 0,      # 0 = every image of the frame (nuScenes: the 6 cameras); ScanNet: 8/16/32
+        "image_size": None,         # [H, W] fed to the 2D net; null = the store's training resolution
+        "use_xyz": True,            # append the (augmented) coordinates to points/feat
+        "num_workers": 2,
+        "batch_size": 2,            # frames per step and process
+        "class_names": None,        # null = the first store's; fixed in the dump so a resume checks it
+        "text_embed_sha256": None,  # idem for clip/text_embed
+        "schema_version": 1,
+        "augment": {
+            "rotate_z": True,       # random rotation about z in [0, 2 pi)
+            "flip_xy": True,        # random flips of the x and y axes
+            "scale": [0.95, 1.05],  # random isotropic scaling of the points
+            "hflip": True,          # random horizontal image flip
+            "crop_scale": [0.5, 1.0],   # random resized crop: area fraction; [1, 1] = no crop
+            "crop_ratio": [0.75, 1.333],
+        },
+    },
+    "model": {
+        "net2d": "deeplabv3_resnet50",   # registry MODELS_2D
+        "net3d": "minkunet34",           # registry MODELS_3D
+        "pretrained_2d": True,           # ImageNet backbone weights; a missing download is an error
+    },
+    "schedule": {
+        "epochs": 30,
+        "warmup_epochs": 10,        # stage 1 (CLIP labels only); stage 2 afterwards
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "amp": True,                # mixed precision on CUDA only
+        "max_steps_per_epoch": 0,   # 0 = the whole dataset (tests and benchmarks cap it)
+        "log_interval": 10,
+        "grad_clip": 0.0,
+    },
+    "labels": {
+        "refine": True,             # SAM max-voting (Eq. 4) of every target; false = 'w/o refinement'
+        "stage2_sources": list(LABEL_SOURCES),
+        "cross_training": True,     # false: each net learns only from its own modality's sources
+    },
+    "loss": {
+        "weight_2d": 1.0,
+        "weight_3d": 1.0,
+        "latent_target": "sam",     # Eq. 7 target: sam | clip | sam+clip | none
+        "weight_latent": 1.0,
+    },
+    "eval": {
+        "post_refine": False,       # SAM max-voting of the predictions at inference (headline metric)
+        "images_per_frame": 0,      # 0 = every image
+        "interval": 1,              # evaluate every N epochs (0 = only at the end)
+    },
+}
+
+#: ``ablation=<name>`` -> the keys it sets (paper Table 2).
+ABLATIONS: dict[str, dict] = {
+    "none": {},
+    "no_refine": {"labels.refine": False},
+    "no_cross_training": {"labels.cross_training": False},
+    "no_self_cross_training": {"labels.stage2_sources": ["clip2d", "clip3d"]},
+    "no_clip_stage2": {"labels.stage2_sources": ["pred2d", "pred3d"]},
+    "pred2d_only": {"labels.stage2_sources": ["clip2d", "clip3d", "pred2d"]},
+    "pred3d_only": {"labels.stage2_sources": ["clip2d", "clip3d", "pred3d"]},
+    "latent_sam": {"loss.latent_target": "sam"},
+    "latent_clip": {"loss.latent_target": "clip"},
+    "latent_sam_clip": {"loss.latent_target": "sam+clip"},
+    "latent_none": {"loss.latent_target": "none"},
+    "post_refine": {"eval.post_refine": True},
+    "images_8": {"data.images_per_frame": 8},
+    "images_16": {"data.images_per_frame": 16},
+    "images_32": {"data.images_per_frame": 32},
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _merge(base: dict, over: Mapping, where: str) -> dict:
+    for k, v in over.items():
+        if k == "_base_":
+            continue
+        if k not in base:
+            raise ConfigError(f"unknown configuration key '{where}{k}' (known: {', '.join(sorted(base))})")
+        if isinstance(base[k], dict) and isinstance(v, Mapping):
+            _merge(base[k], v, f"{where}{k}.")
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def _load_yaml_chain(path: Path) -> list[dict]:
+    data = yaml.safe_load(path.read_text()) or {}
+    chain = []
+    if "_base_" in data:
+        chain += _load_yaml_chain((path.parent / data["_base_"]).resolve())
+    return chain + [data]
+
+
+def set_key(cfg: dict, dotted: str, value) -> None:
+    node = cfg
+    parts = dotted.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"unknown configuration key '{'.'.join(parts[:i + 1])}' in override '{dotted}'")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown configuration key '{dotted}'")
+    node[parts[-1]] = value
+
+
+def get_key(cfg: dict, dotted: str):
+    node = cfg
+    for p in dotted.split("."):
+        node = node[p]
+    return node
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def available_configs() -> list[str]:
+    """The configurations shipped in ``configs/train`` (discovered from the folder)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    q = CONFIG_DIR / f"{name_or_path}.yaml"
+    if q.exists():
+        return q
+    raise ConfigError(f"no configuration '{name_or_path}' (shipped: {', '.join(available_configs())})")
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping | Iterable[str] = ()) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        for layer in _load_yaml_chain(resolve_config_path(path)):
+            _merge(cfg, layer, "")
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    overrides = dict(overrides)
+    ablation = overrides.pop("ablation", cfg["ablation"])
+    if ablation not in ABLATIONS:
+        raise ConfigError(f"unknown ablation '{ablation}' (known: {', '.join(ABLATIONS)})")
+    cfg["ablation"] = ablation
+    for k, v in ABLATIONS[ablation].items():  # the preset first, explicit overrides win
+        set_key(cfg, k, copy.deepcopy(v))
+    for k, v in overrides.items():
+        set_key(cfg, k, v)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    bad = [s for s in cfg["labels"]["stage2_sources"] if s not in LABEL_SOURCES]
+    if bad or not cfg["labels"]["stage2_sources"]:
+        raise ConfigError(f"labels.stage2_sources must be a non-empty subset of {LABEL_SOURCES}, got "
+                          f"{cfg['labels']['stage2_sources']}")
+    if cfg["loss"]["latent_target"] not in ("sam", "clip", "sam+clip", "none"):
+        raise ConfigError(f"loss.latent_target must be sam, clip, sam+clip or none, got "
+                          f"'{cfg['loss']['latent_target']}'")
+    s = cfg["schedule"]
+    if not 0 <= s["warmup_epochs"] <= s["epochs"]:
+        raise ConfigError(f"schedule.warmup_epochs ({s['warmup_epochs']}) must lie in 0..epochs ({s['epochs']})")
+
+
+def dump_config(cfg: Mapping, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None))

@@ -1,0 +1,283 @@
+"""Frames of one or more cache stores as a torch ``Dataset``, and their offset-based collation.
+
+A sample is one frame: its points (augmented, voxelised, with the voxel -> point inverse map), its images
+(augmented; ScanNet samples N of them), the cached pseudo-labels, SAM mask ids and SAM features, and the
+point-pixel pairs re-expressed in the augmented images. Nothing is loaded at construction beyond the small
+offsets arrays: each DataLoader worker opens the Zarr stores lazily on first use and reads only the chunks
+of the frame it is asked for.
+
+Image augmentations are one affine map per image from output pixel to source pixel (crop, resize,
+horizontal flip): ``x_src = a_x * x_out + b_x`` (continuous coordinates, pixel centres at ``i + 0.5``).
+The same map resamples the image, its label maps (nearest) and the pairs (dropped when they leave the
+crop); the trainer uses it to sample the cached SAM feature grid at every output pixel.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from data_cache import schema
+from data_cache.store import Store
+
+IGNORE = schema.IGNORE_INDEX
+
+#: Arrays of a store that training reads; the stage that writes each is what a user must run.
+TRAINING_ARRAYS = ("points/xyz", "points/feat", "images/rgb", "pairs/point", "pairs/image", "pairs/uv",
+                   "clip/text_embed", "clip/label", "sam/mask_id", "sam/feat", "clip/label_refined")
+
+
+def _read_rows(arr, rows: np.ndarray) -> np.ndarray:
+    """Rows of a Zarr array: one slice when they are contiguous (the common case), else one read each."""
+    rows = np.asarray(rows)
+    if len(rows) == 0:
+        return np.zeros((0,) + tuple(arr.shape[1:]), dtype=arr.dtype)
+    if np.all(np.diff(rows) == 1):
+        return np.asarray(arr[int(rows[0]):int(rows[-1]) + 1])
+    return np.stack([np.asarray(arr[int(r)]) for r in rows])
+
+
+def voxelize(coord: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
+    """Integer voxel coordinates [V, 3] (non-negative) and the point -> voxel inverse map [P]."""
+    grid = np.floor(coord / voxel_size).astype(np.int64)
+    grid -= grid.min(axis=0)
+    extent = grid.max(axis=0) + 1
+    key = (grid[:, 0] * extent[1] + grid[:, 1]) * extent[2] + grid[:, 2]
+    uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return grid[first].astype(np.int32), inverse.astype(np.int64)
+
+
+def scatter_mean(values: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
+    counts = np.bincount(index, minlength=size).astype(np.float64)
+    out = np.stack([np.bincount(index, weights=values[:, c], minlength=size) for c in range(values.shape[1])], 1)
+    return (out / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
+def image_affine(rng: np.random.Generator | None, src_hw, out_hw, aug: dict) -> np.ndarray:
+    """(a_x, b_x, a_y, b_y): a random resized crop and horizontal flip (identity resize when ``rng`` is None)."""
+    H, W = src_hw
+    Ho, Wo = out_hw
+    x0, y0, cw, ch = 0.0, 0.0, float(W), float(H)
+    flip = False
+    if rng is not None:
+        lo, hi = aug.get("crop_scale", [1.0, 1.0])
+        if hi < 1.0 or lo < 1.0:
+            area = rng.uniform(lo, hi) * H * W
+            rlo, rhi = aug.get("crop_ratio", [1.0, 1.0])
+            aspect = (Wo / Ho) * math.exp(rng.uniform(math.log(rlo), math.log(rhi)))
+            cw = min(float(W), math.sqrt(area * aspect))
+            ch = min(float(H), math.sqrt(area / aspect))
+            x0 = rng.uniform(0, W - cw)
+            y0 = rng.uniform(0, H - ch)
+        flip = bool(aug.get("hflip", False)) and rng.random() < 0.5
+    a_x, b_x = (-cw / Wo, x0 + cw) if flip else (cw / Wo, x0)
+    return np.array([a_x, b_x, ch / Ho, y0], dtype=np.float64)
+
+
+def _source_index(a: float, b: float, n_out: int, n_src: int) -> np.ndarray:
+    return np.clip(np.floor(a * (np.arange(n_out) + 0.5) + b).astype(np.int64), 0, n_src - 1)
+
+
+def warp_nearest(maps: np.ndarray, affines: np.ndarray, out_hw) -> np.ndarray:
+    """Resample label-like maps [I, H, W] (nearest) with one affine per image."""
+    Ho, Wo = out_hw
+    H, W = maps.shape[1:3]
+    out = np.empty((len(maps), Ho, Wo), dtype=maps.dtype)
+    for i, (ax, bx, ay, by) in enumerate(affines):
+        out[i] = maps[i][_source_index(ay, by, Ho, H)[:, None], _source_index(ax, bx, Wo, W)[None, :]]
+    return out
+
+
+def affine_grid(affines: torch.Tensor, src_hw, out_hw) -> torch.Tensor:
+    """``grid_sample`` grid [I, Ho, Wo, 2] (align_corners=False) of the source position of every output pixel."""
+    Ho, Wo = out_hw
+    affines = affines.to(torch.float32)
+    src = torch.as_tensor(src_hw, dtype=torch.float32, device=affines.device).reshape(-1, 2)
+    H, W = src[:, 0:1], src[:, 1:2]  # one source size per image (or one for all)
+    xs = torch.arange(Wo, device=affines.device, dtype=torch.float32) + 0.5
+    ys = torch.arange(Ho, device=affines.device, dtype=torch.float32) + 0.5
+    gx = (affines[:, 0:1] * xs + affines[:, 1:2]) / W * 2 - 1  # [I, Wo]
+    gy = (affines[:, 2:3] * ys + affines[:, 3:4]) / H * 2 - 1  # [I, Ho]
+    return torch.stack([gx[:, None, :].expand(-1, Ho, -1), gy[:, :, None].expand(-1, -1, Wo)], dim=-1)
+
+
+def warp_rgb(rgb: np.ndarray, affines: np.ndarray, out_hw) -> np.ndarray:
+    """Bilinear resample of [I, H, W, 3] uint8 images; returns [I, 3, Ho, Wo] uint8."""
+    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float()
+    grid = affine_grid(torch.from_numpy(affines), rgb.shape[1:3], out_hw)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def warp_pairs(uv: np.ndarray, image: np.ndarray, affines: np.ndarray, out_hw) -> tuple[np.ndarray, np.ndarray]:
+    """Pair pixels (col, row) in the output images and the mask of pairs that stay inside them."""
+    Ho, Wo = out_hw
+    a = affines[image]
+    col = np.floor((uv[:, 0] + 0.5 - a[:, 1]) / a[:, 0]).astype(np.int64)
+    row = np.floor((uv[:, 1] + 0.5 - a[:, 3]) / a[:, 2]).astype(np.int64)
+    keep = (col >= 0) & (col < Wo) & (row >= 0) & (row < Ho)
+    return np.stack([col, row], 1), keep
+
+
+class CacheFrameDataset(Dataset):
+    """One item per frame of the given stores (frames of several stores are concatenated)."""
+
+    def __init__(self, store_paths, cfg: dict, train: bool = True):
+        self.paths = [str(p) for p in store_paths]
+        self.cfg = cfg
+        self.train = train
+        self.epoch = 0
+        self.seed = int(cfg.get("seed", 0))
+        self.index: list[tuple[int, int]] = []
+        self.meta = []
+        for s, path in enumerate(self.paths):
+            st = Store(path)
+            offs = {k: st.offsets(k) for k in ("points", "images", "pairs")}
+            attrs = st.attrs
+            self.meta.append({"offsets": offs, "image_size": tuple(attrs.image_size),
+                              "has_point_gt": "points/gt" in st, "has_image_gt": "images/gt" in st,
+                              "tokens": None})
+            self.index += [(s, f) for f in range(len(offs["points"]) - 1)]
+        sizes = {m["image_size"] for m in self.meta}
+        self.out_size = tuple(cfg["data"]["image_size"] or next(iter(sizes)))
+        if cfg["data"]["image_size"] is None and len(sizes) > 1:
+            raise ValueError(f"the stores have different image sizes {sorted(sizes)}: set data.image_size")
+        self._stores = None
+        self._pid = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self):  # open stores never travel to worker processes
+        state = dict(self.__dict__)
+        state["_stores"] = None
+        return state
+
+    def store(self, s: int) -> Store:
+        if self._stores is None or self._pid != os.getpid():
+            self._stores = [Store(p) for p in self.paths]
+            self._pid = os.getpid()
+        return self._stores[s]
+
+    def _images_per_frame(self) -> int:
+        return int(self.cfg["data"]["images_per_frame"] if self.train else self.cfg["eval"]["images_per_frame"])
+
+    def __getitem__(self, idx: int) -> dict:
+        s, f = self.index[idx]
+        st, meta = self.store(s), self.meta[s]
+        offs = meta["offsets"]
+        dcfg, aug = self.cfg["data"], self.cfg["data"]["augment"]
+        rng = np.random.default_rng([self.seed, self.epoch, idx]) if self.train else None
+
+        # -- points ---------------------------------------------------------------------------
+        p0, p1 = int(offs["points"][f]), int(offs["points"][f + 1])
+        coord = np.asarray(st.array("points/xyz")[p0:p1], dtype=np.float32)
+        feat = np.asarray(st.array("points/feat")[p0:p1], dtype=np.float32)
+        gt = (np.asarray(st.array("points/gt")[p0:p1]) if meta["has_point_gt"]
+              else np.full(p1 - p0, IGNORE, np.uint8))
+        if rng is not None:
+            coord = coord - coord.mean(0, keepdims=True)
+            if aug.get("rotate_z"):
+                t = rng.uniform(0, 2 * np.pi)
+                c, sn = np.cos(t), np.sin(t)
+                coord = coord @ np.array([[c, sn, 0], [-sn, c, 0], [0, 0, 1]], dtype=np.float32)
+            if aug.get("flip_xy"):
+                coord[:, 0] *= rng.choice([-1, 1])
+                coord[:, 1] *= rng.choice([-1, 1])
+            if aug.get("scale"):
+                coord *= rng.uniform(*aug["scale"])
+        point_feat = np.concatenate([feat, coord], 1) if dcfg["use_xyz"] else feat
+        voxel_coord, inverse = voxelize(coord, float(dcfg["voxel_size"]))
+        voxel_feat = scatter_mean(point_feat, inverse, len(voxel_coord))
+
+        # -- images: all of the frame, or N sampled (ScanNet 'image numbers') ---------------------
+        i0, i1 = int(offs["images"][f]), int(offs["images"][f + 1])
+        n_avail, n_want = i1 - i0, self._images_per_frame()
+        if n_want <= 0 or n_want >= n_avail:
+            local = np.arange(n_avail)
+        elif rng is not None:
+            local = np.sort(rng.choice(n_avail, n_want, replace=False))
+        else:
+            local = np.unique(np.linspace(0, n_avail - 1, n_want).round().astype(np.int64))
+        rows = i0 + local
+        src_hw = meta["image_size"]
+        affines = np.stack([image_affine(rng, src_hw, self.out_size, aug) for _ in rows]) if len(rows) else \
+            np.zeros((0, 4))
+        rgb = warp_rgb(_read_rows(st.array("images/rgb"), rows), affines, self.out_size)
+        maps = {}
+        for key, name in (("clip_label", "clip/label"), ("clip_refined", "clip/label_refined"),
+                          ("mask_id", "sam/mask_id"), ("image_gt", "images/gt")):
+            if name == "images/gt" and not meta["has_image_gt"]:
+                maps[key] = np.full((len(rows),) + self.out_size, IGNORE, np.uint8)
+                continue
+            maps[key] = warp_nearest(_read_rows(st.array(name), rows), affines, self.out_size)
+        sam_feat = _read_rows(st.array("sam/feat"), rows)
+
+        # -- pairs: keep those on a sampled image and inside its crop ----------------------------
+        k0, k1 = int(offs["pairs"][f]), int(offs["pairs"][f + 1])
+        pair_point = np.asarray(st.array("pairs/point")[k0:k1], dtype=np.int64)
+        pair_image = np.asarray(st.array("pairs/image")[k0:k1], dtype=np.int64) - i0
+        pair_uv = np.asarray(st.array("pairs/uv")[k0:k1], dtype=np.int64)
+        lut = np.full(n_avail, -1, np.int64)
+        lut[local] = np.arange(len(local))
+        pair_image = lut[pair_image]
+        on = pair_image >= 0
+        pair_point, pair_image, pair_uv = pair_point[on], pair_image[on], pair_uv[on]
+        pair_uv, inside = warp_pairs(pair_uv, pair_image, affines, self.out_size)
+        return {
+            "coord": coord.astype(np.float32), "point_gt": gt.astype(np.int64), "inverse": inverse,
+            "voxel_coord": voxel_coord, "voxel_feat": voxel_feat,
+            "rgb": rgb, "affine": affines.astype(np.float32), "sam_feat": sam_feat,
+            "clip_label": maps["clip_label"], "clip_refined": maps["clip_refined"],
+            "mask_id": maps["mask_id"].astype(np.int64), "image_gt": maps["image_gt"],
+            "pair_point": pair_point[inside], "pair_image": pair_image[inside], "pair_uv": pair_uv[inside],
+            "image_rows": rows.astype(np.int64), "store": s, "frame": f,
+            "src_hw": np.tile(np.asarray(src_hw, np.int64), (len(rows), 1)),
+        }
+
+
+def collate_offsets(samples: list[dict]) -> dict:
+    """Concatenate frames without padding (Pointcept style): ``*_offset`` [B+1] splits points, voxels, images.
+
+    Per-frame indices become batch indices: ``pair_point`` indexes the batch's points, ``pair_image`` its
+    images, ``inverse`` its voxels; ``voxel_index`` is [V, 4] (frame, x, y, z) for spconv.
+    """
+    def offsets(n):
+        return torch.as_tensor(np.concatenate([[0], np.cumsum(n)]), dtype=torch.long)
+
+    p_off = offsets([len(s["coord"]) for s in samples])
+    v_off = offsets([len(s["voxel_coord"]) for s in samples])
+    i_off = offsets([len(s["rgb"]) for s in samples])
+    cat = lambda key: torch.from_numpy(np.concatenate([s[key] for s in samples]))  # noqa: E731
+    out = {
+        "point_offset": p_off, "voxel_offset": v_off, "image_offset": i_off,
+        "coord": cat("coord"), "point_gt": cat("point_gt"), "voxel_feat": cat("voxel_feat"),
+        "inverse": torch.cat([torch.from_numpy(s["inverse"]) + v_off[b] for b, s in enumerate(samples)]),
+        "voxel_index": torch.cat([torch.cat([torch.full((len(s["voxel_coord"]), 1), b, dtype=torch.int32),
+                                             torch.from_numpy(s["voxel_coord"])], 1) for b, s in enumerate(samples)]),
+        "rgb": cat("rgb"), "affine": cat("affine"), "sam_feat": cat("sam_feat"),
+        "clip_label": cat("clip_label"), "clip_refined": cat("clip_refined"), "mask_id": cat("mask_id"),
+        "image_gt": cat("image_gt"),
+        "pair_point": torch.cat([torch.from_numpy(s["pair_point"]) + p_off[b] for b, s in enumerate(samples)]),
+        "pair_image": torch.cat([torch.from_numpy(s["pair_image"]) + i_off[b] for b, s in enumerate(samples)]),
+        "pair_uv": cat("pair_uv"), "image_rows": cat("image_rows"), "src_hw": cat("src_hw"),
+        "store": torch.tensor([s["store"] for s in samples]), "frame": torch.tensor([s["frame"] for s in samples]),
+    }
+    out["pair_frame"] = torch.cat([torch.full((len(s["pair_point"]),), b, dtype=torch.long)
+                                   for b, s in enumerate(samples)])
+    return out
+
+
+def worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # a worker decodes chunks; threads would fight the main process
+
+
+def batch_to(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
