@@ -215,3 +215,22 @@ def dims_for(attrs: RootAttrs, num_points: int, num_images: int, num_pairs: int 
         "H": h, "W": w, "C": max(1, len(attrs.point_features)), "L": len(attrs.class_names), "E": text_dim,
         "D": sam_dim, "h": sam_grid[0], "w": sam_grid[1], "S": sam_embed_dim,
     }
+
+
+def markdown_table() -> str:
+    """The array table of ``SCHEMA.md`` (``python -m data_cache.schema`` prints it; a test keeps them equal)."""
+
+    def fmt(t):
+        return "none" if t is None else "[" + ", ".join(str(x) for x in t) + "]"
+
+    rows = ["| array | dtype | shape | dimension_names | chunks | shards | fill | written by | meaning |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for a in ARRAYS:
+        when = f" (only with `{a.when}`)" if a.when else ""
+        rows.append(f"| `{a.name}` | {a.dtype} | {fmt(a.shape)} | {fmt(a.dimension_names)} | {fmt(a.chunks)} | "
+                    f"{fmt(a.shards)} | {a.fill_value!r} | {a.stage} | {a.doc}{when} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -310,12 +310,12 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
     path = store_path(cache, dataset, adapter.split)
     shard_size = shard_size or DEFAULT_SHARD_SIZE.get(dataset, 8)
     store = plan_store(adapter, path, shard_size)
-    stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
-    for name, stage in stage_objs.items():
-        for req in stage.requires:
-            if req not in stage_objs and not store.stage_complete(req):
+    for name in stages:
+        for req in STAGE_REQUIRES[name]:
+            if req not in stages and not store.stage_complete(req):
                 raise LabelRunError(f"stage '{name}' needs '{req}', which is not complete in {path}: "
                                     f"add it to STAGES (e.g. STAGES={req},{name})")
+    stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
     for name, stage in stage_objs.items():
         if overwrite:
             for s in [name] + downstream(name):

@@ -1,0 +1,25 @@
+"""Named base colours shared between classes, and per-instance colour variation.
+
+Classes draw their colours from overlapping lists on purpose (grey asphalt, grey walls, grey cars, green
+grass and green cars), so a model cannot separate classes by colour alone.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+COLOURS = {
+    "white": (0.86, 0.86, 0.84), "light_grey": (0.66, 0.67, 0.67), "grey": (0.47, 0.48, 0.49),
+    "dark_grey": (0.27, 0.27, 0.29), "black": (0.09, 0.09, 0.10), "red": (0.62, 0.13, 0.11),
+    "dark_red": (0.40, 0.10, 0.09), "blue": (0.16, 0.27, 0.56), "light_blue": (0.58, 0.68, 0.78),
+    "yellow": (0.86, 0.72, 0.18), "orange": (0.90, 0.46, 0.12), "green": (0.22, 0.45, 0.19),
+    "dark_green": (0.13, 0.28, 0.12), "olive": (0.42, 0.44, 0.22), "brown": (0.43, 0.31, 0.20),
+    "wood": (0.60, 0.44, 0.28), "beige": (0.79, 0.71, 0.56), "brick": (0.60, 0.31, 0.23),
+    "cream": (0.90, 0.87, 0.76), "pale_green": (0.70, 0.78, 0.66), "navy": (0.12, 0.15, 0.32),
+}
+
+
+def pick_colour(rng: np.random.Generator, names: tuple[str, ...], spread: float = 0.12) -> np.ndarray:
+    """One of the named colours, varied per instance in brightness and per channel by about ``spread``."""
+    base = np.array(COLOURS[names[rng.integers(len(names))]])
+    varied = base * rng.uniform(1 - spread, 1 + spread) * rng.uniform(1 - spread / 3, 1 + spread / 3, 3)
+    return np.clip(varied, 0.0, 1.0)

@@ -1,0 +1,103 @@
+"""The store writer, the schema declarations and the runner's resume/refusal rules."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_cache import schema
+from data_cache.schema import RootAttrs
+from data_cache.store import CacheError, Store
+from pipeline.runner import run_labels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_schema_doc_lists_every_array():
+    doc = (REPO / "data_cache" / "SCHEMA.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z_]+/[a-z_]+)`", doc, flags=re.M))
+    assert documented == set(schema.ARRAYS_BY_NAME), documented ^ set(schema.ARRAYS_BY_NAME)
+    assert schema.markdown_table() in doc, "SCHEMA.md is stale: regenerate its table with python -m data_cache.schema"
+
+
+def test_resolve_shards_hold_whole_chunks():
+    sp = schema.spec("points/xyz")
+    res = sp.resolve({"P": 3_000_000})
+    assert res["chunks"] == (schema.POINT_CHUNK, 3) and res["shards"][0] % res["chunks"][0] == 0
+    small = sp.resolve({"P": 1000})
+    assert small["shards"] is None and small["chunks"] == (1000, 3)
+
+
+def _make_store(path, rows):
+    attrs = RootAttrs(dataset="synthetic", split="train", class_names=["a", "b"], image_size=[8, 8],
+                      point_features=["intensity"], capabilities=[], num_frames=1)
+    store = Store.create(path, attrs)
+    store.set_dims(P=rows)
+    store.create_array("points/gt")
+    return store
+
+
+def _writer(path, starts, length, value):
+    store = Store(path, mode="a")
+    for s in starts:
+        store.write_rows("points/gt", s, np.full(length, value, np.uint8))
+
+
+def test_concurrent_writers_sharing_a_zarr_shard_lose_nothing(tmp_path):
+    rows = 2 * schema.POINT_SHARD
+    store = _make_store(tmp_path / "s.zarr", rows)
+    assert store.array("points/gt").shards[0] == schema.POINT_SHARD
+    # four processes write interleaved 1000-row ranges, all inside the first zarr shard, plus ranges that
+    # straddle the shard boundary: every write to a shared shard must survive
+    length = 1000
+    ctx = mp.get_context("spawn")
+    procs = []
+    for w in range(4):
+        starts = [w * length + k * 4 * length for k in range(12)]
+        starts.append(schema.POINT_SHARD - 2 * length + w * length // 2 if w < 2 else schema.POINT_SHARD + w * length)
+        procs.append(ctx.Process(target=_writer, args=(str(store.path), starts, length // 2 if w < 2 else length,
+                                                       w + 1)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    data = Store(store.path).array("points/gt")[:]
+    for w in range(4):
+        for k in range(12):
+            s = w * length + k * 4 * length
+            n = length // 2 if w < 2 else length
+            assert (data[s:s + n] == w + 1).all(), (w, k)
+
+
+def test_write_rows_bounds(tmp_path):
+    store = _make_store(tmp_path / "s.zarr", 100)
+    with pytest.raises(CacheError, match="outside the array's 100 rows"):
+        store.write_rows("points/gt", 95, np.zeros(10, np.uint8))
+    with pytest.raises(CacheError, match="no array 'clip/label'.*maskclip"):
+        store.array("clip/label")
+
+
+def test_rerun_skips_done_and_refuses_changed_configuration(scannet_root, tmp_path):
+    first = run_labels("scannet", tmp_path, "correspond", data_root=scannet_root, split="all", workers=0,
+                       progress=False)
+    assert first.reports["correspond"].shards_done == 1
+    marker = first.store / "_done" / "correspond" / "00000.json"
+    stamp = marker.stat().st_mtime_ns
+    again = run_labels("scannet", tmp_path, "correspond", data_root=scannet_root, split="all", workers=0,
+                       progress=False)
+    assert again.reports["correspond"].shards_done == 0 and marker.stat().st_mtime_ns == stamp
+    with pytest.raises(CacheError, match=r"dataset_config.*occlusion_tolerance.*0\.1.*0\.25"):
+        run_labels("scannet", tmp_path, "correspond", data_root=scannet_root, split="all", workers=0,
+                   dataset_options={"occlusion_tolerance": 0.25}, progress=False)
+    redo = run_labels("scannet", tmp_path, "correspond", data_root=scannet_root, split="all", workers=0,
+                      overwrite=True, progress=False)
+    assert redo.reports["correspond"].shards_done == 1
+
+
+def test_stage_without_prerequisite_is_refused(scannet_root, tmp_path):
+    with pytest.raises(RuntimeError, match="needs 'correspond'.*STAGES=correspond,refine"):
+        run_labels("scannet", tmp_path, "refine", data_root=scannet_root, split="all", workers=0, progress=False)

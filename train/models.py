@@ -1,0 +1,237 @@
+"""The 2D and 3D networks, their heads (Eq. 5 and 7), and a registry per kind.
+
+``MODELS_2D`` maps a name to a builder returning a module ``uint8 images [I, 3, H, W] -> features
+[I, C, H/s, W/s]`` and its channel count C; ``MODELS_3D`` a builder returning a sparse U-Net ``voxel
+features -> per-voxel features`` and its C. :class:`CNSModel` puts both behind the paper's heads.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.registry import Registry
+
+MODELS_2D = Registry("2D network")
+MODELS_3D = Registry("3D network")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights were asked for and cannot be had: never fall back to random weights silently."""
+
+
+# -- 2D ---------------------------------------------------------------------------------------------
+class DeepLabV3Features(nn.Module):
+    """torchvision DeepLabV3 without its last 1x1 classifier: ASPP features at the backbone's stride."""
+
+    def __init__(self, seg_model: nn.Module):
+        super().__init__()
+        self.backbone = seg_model.backbone
+        head = seg_model.classifier
+        self.out_channels = head[-1].in_channels
+        self.head = nn.Sequential(*list(head.children())[:-1])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, rgb_uint8: torch.Tensor) -> torch.Tensor:
+        x = (rgb_uint8.float() - self.mean) / self.std
+        return self.head(self.backbone(x)["out"])
+
+
+def _build_deeplab(factory, weights_enum, pretrained: bool) -> nn.Module:
+    weights_backbone = weights_enum.IMAGENET1K_V1 if pretrained else None
+    try:
+        model = factory(weights=None, weights_backbone=weights_backbone, num_classes=2, aux_loss=False)
+    except Exception as e:  # noqa: BLE001 — any download/cache failure: a clear error, never random weights
+        raise PretrainedWeightsError(
+            f"ImageNet backbone weights {weights_backbone} are not available ({type(e).__name__}: {e}); "
+            "put them in the torch hub cache or train from scratch with --no-pretrained-2d "
+            "(model.pretrained_2d=false)") from e
+    return DeepLabV3Features(model)
+
+
+@MODELS_2D.register("deeplabv3_resnet50")
+def deeplabv3_resnet50(pretrained: bool = True) -> DeepLabV3Features:
+    from torchvision.models import ResNet50_Weights
+    from torchvision.models.segmentation import deeplabv3_resnet50 as factory
+    return _build_deeplab(factory, ResNet50_Weights, pretrained)
+
+
+@MODELS_2D.register("deeplabv3_mobilenet_v3")
+def deeplabv3_mobilenet_v3(pretrained: bool = True) -> DeepLabV3Features:
+    """The CPU variant (MobileNetV3-Large backbone)."""
+    from torchvision.models import MobileNet_V3_Large_Weights
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large as factory
+    return _build_deeplab(factory, MobileNet_V3_Large_Weights, pretrained)
+
+
+# -- 3D ---------------------------------------------------------------------------------------------
+def conv_algo(device: torch.device | str):
+    """The one place that picks the spconv algorithm: ``Native`` on CPU (the only one that runs there),
+    spconv's default (implicit GEMM) on CUDA."""
+    from spconv.core import ConvAlgo
+    return ConvAlgo.Native if torch.device(device).type == "cpu" else None
+
+
+def _algo_kw(algo):
+    return {} if algo is None else {"algo": algo}
+
+
+class SparseBasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, key: str, algo):
+        super().__init__()
+        import spconv.pytorch as spconv
+        kw = _algo_kw(algo)
+        self.conv1 = spconv.SubMConv3d(cin, cout, 3, padding=1, bias=False, indice_key=key, **kw)
+        self.bn1 = nn.BatchNorm1d(cout)
+        self.conv2 = spconv.SubMConv3d(cout, cout, 3, padding=1, bias=False, indice_key=key, **kw)
+        self.bn2 = nn.BatchNorm1d(cout)
+        self.proj = None
+        if cin != cout:
+            self.proj = spconv.SparseSequential(spconv.SubMConv3d(cin, cout, 1, bias=False, **kw),
+                                                nn.BatchNorm1d(cout))
+
+    def forward(self, x):
+        identity = x.features if self.proj is None else self.proj(x).features
+        out = self.conv1(x)
+        out = out.replace_feature(F.relu(self.bn1(out.features)))
+        out = self.conv2(out)
+        return out.replace_feature(F.relu(self.bn2(out.features) + identity))
+
+
+class SparseUNet(nn.Module):
+    """A spconv U-Net in the layout of MinkUNet34 (Pointcept's SpUNet-v1m1): a 5^3 stem, four stride-2
+    encoder levels with ``layers[:4]`` basic blocks, four decoder levels with ``layers[4:]`` blocks that
+    concatenate the skip features. Output: per input voxel, in the input's order."""
+
+    def __init__(self, in_channels: int, channels=(32, 64, 128, 256, 256, 128, 96, 96),
+                 layers=(2, 3, 4, 6, 2, 2, 2, 2), base: int = 32, algo=None):
+        super().__init__()
+        import spconv.pytorch as spconv
+        kw = _algo_kw(algo)
+        self.stem = spconv.SparseSequential(
+            spconv.SubMConv3d(in_channels, base, 5, padding=2, bias=False, indice_key="stem", **kw),
+            nn.BatchNorm1d(base), nn.ReLU())
+        n = len(layers) // 2
+        self.down, self.enc, self.up, self.dec = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        enc_ch = [base]
+        c = base
+        for s in range(n):
+            self.down.append(spconv.SparseSequential(
+                spconv.SparseConv3d(c, channels[s], 2, stride=2, bias=False, indice_key=f"spconv{s + 1}", **kw),
+                nn.BatchNorm1d(channels[s]), nn.ReLU()))
+            self.enc.append(spconv.SparseSequential(*[
+                SparseBasicBlock(channels[s], channels[s], f"subm{s + 1}", algo) for _ in range(layers[s])]))
+            c = channels[s]
+            enc_ch.append(c)
+        for s in range(n):
+            level = n - 1 - s  # the level the decoder step returns to (its skip)
+            cout = channels[n + s]
+            self.up.append(spconv.SparseSequential(
+                spconv.SparseInverseConv3d(c, cout, 2, bias=False, indice_key=f"spconv{level + 1}", **kw),
+                nn.BatchNorm1d(cout), nn.ReLU()))
+            key = f"subm{level}" if level > 0 else "stem"
+            blocks = [SparseBasicBlock(cout + enc_ch[level], cout, key, algo)]
+            blocks += [SparseBasicBlock(cout, cout, key, algo) for _ in range(layers[n + s] - 1)]
+            self.dec.append(spconv.SparseSequential(*blocks))
+            c = cout
+        self.out_channels = c
+
+    def forward(self, feat: torch.Tensor, index: torch.Tensor, batch_size: int) -> torch.Tensor:
+        import spconv.pytorch as spconv
+        spatial = (index[:, 1:].max(0).values + 1).tolist()
+        # every encoder level halves the grid: pad so that the decoder restores the exact shape
+        m = 2 ** len(self.down)
+        spatial = [((s + m - 1) // m) * m + m for s in spatial]
+        x = spconv.SparseConvTensor(feat, index.int(), spatial, batch_size)
+        x = self.stem(x)
+        skips = [x]
+        for down, enc in zip(self.down, self.enc):
+            x = enc(down(x))
+            skips.append(x)
+        skips.pop()
+        for up, dec in zip(self.up, self.dec):
+            x = up(x)
+            skip = skips.pop()
+            x = dec(x.replace_feature(torch.cat([x.features, skip.features], 1)))
+        return x.features
+
+
+@MODELS_3D.register("minkunet34")
+def minkunet34(in_channels: int, device="cpu") -> SparseUNet:
+    return SparseUNet(in_channels, algo=conv_algo(device))
+
+
+@MODELS_3D.register("spunet_small")
+def spunet_small(in_channels: int, device="cpu") -> SparseUNet:
+    """The CPU variant: same layout, one block per level, narrow channels."""
+    return SparseUNet(in_channels, channels=(16, 32, 64, 64, 64, 32, 32, 32), layers=(1, 1, 1, 1, 1, 1, 1, 1),
+                      base=16, algo=conv_algo(device))
+
+
+# -- heads ------------------------------------------------------------------------------------------
+class CNSModel(nn.Module):
+    """Both networks and their heads.
+
+    * theta_s / phi_s: linear maps of the 2D / 3D features into the CLIP text space (width E); the logits
+      are dot products with the frozen class text embeddings t_l (**Eq. 5**, :meth:`text_logits`).
+    * theta_f / phi_f: linear maps to the SAM feature space (width D) for the latent consistency of
+      **Eq. 7** (built only when the latent target uses SAM).
+
+    The text embeddings are a non-persistent buffer: they come from the store (``clip/text_embed``), and
+    open-vocabulary evaluation swaps them (:meth:`set_text_embeddings`) without touching trained weights.
+    """
+
+    def __init__(self, net2d: nn.Module, net3d: nn.Module, text_embed: torch.Tensor, sam_dim: int | None):
+        super().__init__()
+        self.net2d, self.net3d = net2d, net3d
+        E = text_embed.shape[1]
+        self.theta_s = nn.Conv2d(net2d.out_channels, E, 1)
+        self.phi_s = nn.Linear(net3d.out_channels, E)
+        self.theta_f = nn.Conv2d(net2d.out_channels, sam_dim, 1) if sam_dim else None
+        self.phi_f = nn.Linear(net3d.out_channels, sam_dim) if sam_dim else None
+        self.register_buffer("text_embed", text_embed.float().clone(), persistent=False)
+
+    def set_text_embeddings(self, text_embed: torch.Tensor) -> None:
+        if text_embed.shape[1] != self.text_embed.shape[1]:
+            raise ValueError(f"text embeddings of width {text_embed.shape[1]}, the model was trained with "
+                             f"{self.text_embed.shape[1]}")
+        self.text_embed = text_embed.to(self.text_embed)
+
+    @staticmethod
+    def text_logits(embedding: torch.Tensor, text_embed: torch.Tensor, dim: int) -> torch.Tensor:
+        """**Eq. 5**: the score of class l is the dot product of the projected feature with t_l."""
+        return torch.tensordot(embedding.movedim(dim, -1), text_embed.to(embedding.dtype), dims=([-1], [1])
+                               ).movedim(-1, dim)
+
+    def forward(self, rgb: torch.Tensor, voxel_feat: torch.Tensor, voxel_index: torch.Tensor,
+                inverse: torch.Tensor, batch_size: int) -> dict:
+        out = {}
+        if rgb.shape[0]:
+            f2 = self.net2d(rgb)
+            emb2 = self.theta_s(f2)
+            small = self.text_logits(emb2, self.text_embed, 1)
+            # the dot product with t_l and the bilinear upsampling are both linear: upsampling the L-channel
+            # logits equals upsampling the E-channel embedding first, at a fraction of the memory
+            out["logits2d"] = F.interpolate(small, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+            out["emb2d"] = emb2  # at the feature grid (used by the CLIP latent target)
+            if self.theta_f is not None:
+                out["lat2d"] = self.theta_f(f2)
+        f3 = self.net3d(voxel_feat, voxel_index, batch_size)
+        emb3 = self.phi_s(f3)
+        out["logits3d"] = self.text_logits(emb3, self.text_embed, 1)[inverse]
+        out["emb3d"] = emb3[inverse]
+        if self.phi_f is not None:
+            out["lat3d"] = self.phi_f(f3)[inverse]
+        return out
+
+
+def build_model(cfg: dict, in_channels: int, text_embed: torch.Tensor, sam_dim: int, device) -> CNSModel:
+    m = cfg["model"]
+    net2d = MODELS_2D.get(m["net2d"])(pretrained=bool(m["pretrained_2d"]))
+    net3d = MODELS_3D.get(m["net3d"])(in_channels, device=device)
+    uses_sam = "sam" in cfg["loss"]["latent_target"]
+    return CNSModel(net2d, net3d, text_embed, sam_dim if uses_sam else None).to(device)
