@@ -106,6 +106,20 @@ def resolve_weights(model: str = "ViT-B-16", pretrained: str | None = None, chec
                        f"{weights.checkpoint_dir()}/ holds no registered checkpoint; {WEIGHTS_HELP}")
 
 
+class _quiet_open_clip(logging.Filter):
+    """Hide open_clip's 'initialized randomly' warning while we build a model we load weights into next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self)
+
+
 def create_clip(model: str = "ViT-B-16", pretrained: str | None = None, checkpoint: str | None = None,
                 image_size: int | Sequence[int] | None = None, tiny: bool = False, random_init: bool = False,
                 quick_gelu: bool | None = None, device: str | torch.device = "cpu"):
@@ -142,9 +156,11 @@ def create_clip(model: str = "ViT-B-16", pretrained: str | None = None, checkpoi
     if src["source"] == "pretrained":
         clip = open_clip.create_model(name, pretrained=src["tag"], require_pretrained=True, **kwargs)
     else:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip():
             torch.manual_seed(RANDOM_SEED)
             clip = open_clip.create_model(name, pretrained=None, **kwargs)
+        if src["source"] != "checkpoint":
+            log.warning("CLIP %s has RANDOM weights (%s: tests and benchmarks only)", name, src["source"])
         if src["source"] == "checkpoint":
             sd = load_clip_state_dict(src["path"])
             if "logit_scale" in sd and sd["logit_scale"].ndim != clip.logit_scale.ndim:
@@ -327,7 +343,7 @@ class MaskCLIPPredictor:
 
     Args:
         model: a :class:`MaskCLIP`.
-        text_embed: [L, E] class text embeddings (rows L2-normalised).
+        text_embed: [L, E] class text embeddings (rows L2-normalised), or None to set later (:meth:`set_text`).
         logit_scale: multiplies the cosine similarities before the softmax (CLIP's 100).
         prompt_denoising: MaskCLIP's prompt denoising threshold, 0 = off (MaskCLIP uses 0.5): a class whose
             softmax probability stays below it at every patch of an image is removed from that image.
@@ -341,11 +357,13 @@ class MaskCLIPPredictor:
     (softmax probability of that class x 255, rounded).
     """
 
-    def __init__(self, model: MaskCLIP, text_embed: torch.Tensor, logit_scale: float = DEFAULT_LOGIT_SCALE,
+    def __init__(self, model: MaskCLIP, text_embed: torch.Tensor | None, logit_scale: float = DEFAULT_LOGIT_SCALE,
                  prompt_denoising: float = 0.0, key_smoothing: float = 0.0):
         self.model = model
         self.device = model.mean.device
-        self.set_text(text_embed)
+        self.text = None
+        if text_embed is not None:
+            self.set_text(text_embed)
         self.logit_scale = float(logit_scale)
         self.prompt_denoising = float(prompt_denoising or 0.0)
         self.key_smoothing = float(key_smoothing or 0.0)
@@ -362,6 +380,8 @@ class MaskCLIPPredictor:
     @torch.no_grad()
     def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Patch-level scores [B, L, h, w] and whether they are probabilities (else logits)."""
+        if self.text is None:
+            raise RuntimeError("no class text embeddings set (MaskCLIPPredictor.set_text)")
         smooth = self.key_smoothing > 0
         out = self.model(images.to(self.device), return_keys=smooth)
         feat, keys = out if smooth else (out, None)

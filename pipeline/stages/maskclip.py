@@ -1,0 +1,209 @@
+"""The ``maskclip`` stage: dense CLIP pseudo-labels per image (paper Eq. 1).
+
+Writes ``clip/text_embed`` [L, E] (in ``prepare``), ``clip/label`` and ``clip/confidence`` [I, H, W] uint8.
+The model (:mod:`pipeline.models.maskclip`) is built at the store's training resolution on first use in a
+worker; the text embeddings are computed once on the driver and read back from the store by every shard.
+
+Config keys (defaults in :attr:`MaskCLIPStage.defaults`):
+
+``model``              open_clip architecture (``ViT-B-16``)
+``pretrained``         open_clip pretrained tag, e.g. ``openai`` (downloads) — CLI ``--clip-pretrained``
+``checkpoint``         checkpoint file, OpenAI or open_clip format — CLI ``--clip-checkpoint``; when neither is
+                       given, the registry's file in ``$CNS_CHECKPOINTS``/``checkpoints`` (``make weights``)
+``descriptive_names``  use the descriptive class names of :mod:`pipeline.models.prompts`
+``key_smoothing``      MaskCLIP key-smoothing threshold, 0 = off (MaskCLIP: 1.0)
+``prompt_denoising``   MaskCLIP prompt-denoising threshold, 0 = off (MaskCLIP: 0.5)
+``logit_scale``        temperature of the softmax behind ``clip/confidence`` (CLIP's 100)
+``batch_size``         images per forward pass (not part of the fingerprint)
+``tiny``               tiny random-weight model — tests only (CLI ``--test-tiny-models``)
+``random_init``        the real architecture with random weights — benchmarks only
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from data_cache.schema import IMAGE_SHARD
+
+from .base import STAGES, Stage, ShardContext, sha256_file
+
+#: config keys that change speed, never the output (left out of the fingerprint)
+RUNTIME_KEYS = ("batch_size",)
+
+_SHA_CACHE: dict = {}
+
+
+def cached_sha256(path: str) -> str:
+    """sha256 of a checkpoint file, computed once per (path, size, mtime) in this process."""
+    import os
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+# -- shared by the model stages ----------------------------------------------------------------------------
+def image_groups(ctx: ShardContext, max_images: int) -> list[list[tuple[int, str | None, int, int]]]:
+    """The shard's frames in consecutive groups of at most ``max_images`` images (a frame is never split).
+
+    Each entry is ``(frame, token, first_row, stop_row)``; a group's rows are contiguous.
+    """
+    store = ctx.store
+    off = store.offsets("images")
+    f0, f1 = ctx.shard.frame_start, ctx.shard.frame_stop
+    tokens = [str(t) for t in store.array("frames/token")[f0:f1]] if "frames/token" in store else [None] * (f1 - f0)
+    groups, cur, n = [], [], 0
+    for j, f in enumerate(ctx.shard.frames):
+        a, b = int(off[f]), int(off[f + 1])
+        if cur and n + (b - a) > max_images:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append((f, tokens[j], a, b))
+        n += b - a
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def run_group(ctx: ShardContext, group, work) -> bool:
+    """Run ``work(first_row, stop_row)`` on a group's rows; a failure is recorded for each of its frames.
+
+    Batching images across frames means one error cannot be pinned to a frame: every frame of the group
+    is reported failed with it (the shard is then not marked done, and a rerun redoes it).
+    """
+    a0, b0 = group[0][2], group[-1][3]
+    err = None
+    try:
+        if b0 > a0:
+            work(a0, b0)
+    except Exception as e:  # noqa: BLE001 — recorded per frame below
+        err = e
+    for f, token, _, _ in group:
+        with ctx.frame(f, token):
+            if err is not None:
+                raise err
+    return err is None
+
+
+def ensure_arrays(store, names) -> None:
+    """Create each array unless the store holds it with the shape the current dims give."""
+    from data_cache import schema
+    dims = store.dims()
+    for name in names:
+        want = schema.spec(name).resolve(dims)["shape"]
+        if name in store:
+            if tuple(store.array(name).shape) == want:
+                continue
+            store.create_array(name, overwrite=True)
+        else:
+            store.create_array(name)
+
+
+class _ModelsBySize:
+    """A worker's models, one per training resolution (built on first use, then reused)."""
+
+    def __init__(self, factory, device: str):
+        self.factory, self.device, self.models = factory, device, {}
+
+    def get(self, image_size):
+        key = tuple(int(s) for s in image_size)
+        if key not in self.models:
+            self.models[key] = self.factory(key, self.device)
+        return self.models[key]
+
+
+@STAGES.register("maskclip")
+class MaskCLIPStage(Stage):
+    name = "maskclip"
+    version = 1
+    defaults = {
+        "model": "ViT-B-16", "pretrained": None, "checkpoint": None, "descriptive_names": False,
+        "key_smoothing": 0.0, "prompt_denoising": 0.0, "logit_scale": 100.0, "batch_size": 8,
+        "tiny": False, "random_init": False,
+    }
+    arrays = ("clip/text_embed", "clip/label", "clip/confidence")
+
+    def __init__(self, **config):
+        unknown = set(config) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"unknown maskclip option(s) {sorted(unknown)} (known: {sorted(self.defaults)})")
+        super().__init__(**{**self.defaults, **config})
+
+    # -- identity --------------------------------------------------------------------------------------
+    def weights_source(self) -> dict:
+        from ..models.maskclip import resolve_weights
+        c = self.config
+        return resolve_weights(c["model"], c["pretrained"], c["checkpoint"], c["tiny"], c["random_init"])
+
+    def checkpoint_sha256(self) -> str | None:
+        src = self.weights_source()
+        return cached_sha256(src["path"]) if src["source"] == "checkpoint" else None
+
+    def fingerprint_config(self) -> dict:
+        # the checkpoint's content enters through checkpoint_sha256, not its path
+        return {k: v for k, v in self.config.items() if k not in RUNTIME_KEYS and k != "checkpoint"}
+
+    # -- model -----------------------------------------------------------------------------------------
+    def _build(self, image_size, device: str):
+        from ..models.maskclip import MaskCLIPPredictor, build_maskclip
+        c = self.config
+        model, tokenizer, info = build_maskclip(c["model"], c["pretrained"], c["checkpoint"], image_size,
+                                                c["tiny"], c["random_init"], device=device)
+        pred = MaskCLIPPredictor(model, None, logit_scale=c["logit_scale"],
+                                 prompt_denoising=c["prompt_denoising"], key_smoothing=c["key_smoothing"])
+        pred.tokenizer, pred.info = tokenizer, info
+        return pred
+
+    def build_model(self, device: str):
+        self.weights_source()  # fail early, with the message on how to get weights
+        return _ModelsBySize(self._build, device)
+
+    # -- driver ----------------------------------------------------------------------------------------
+    def prepare(self, store, adapter) -> None:
+        import torch
+
+        from ..models.maskclip import text_embeddings
+        attrs = store.attrs
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pred = self._build(tuple(attrs.image_size), device)
+        text = text_embeddings(pred.model, pred.tokenizer, list(attrs.class_names),
+                               descriptive=bool(self.config["descriptive_names"]), dataset=attrs.dataset)
+        store.set_dims(L=len(attrs.class_names), E=int(text.shape[1]))
+        ensure_arrays(store, self.arrays)
+        store.array("clip/text_embed")[:] = text.numpy().astype(np.float32)
+
+    # -- worker ----------------------------------------------------------------------------------------
+    def process_shard(self, ctx: ShardContext) -> dict:
+        store = ctx.store
+        pred = ctx.model.get(store.attrs.image_size)
+        pred.set_text(store.array("clip/text_embed")[:])
+        bs = max(1, int(self.config["batch_size"]))
+        rgb = store.array("images/rgb")
+        stats = {"images": 0, "model_s": 0.0, "read_s": 0.0, "write_s": 0.0}
+
+        def work(a: int, b: int) -> None:
+            t0 = time.perf_counter()
+            with ctx.timed("read_s"):
+                images = rgb[a:b]
+            t1 = time.perf_counter()
+            labels, conf = [], []
+            with ctx.timed("model_s"):
+                for i in range(0, len(images), bs):
+                    lab, c = pred.predict(images[i:i + bs])
+                    labels.append(lab)
+                    conf.append(c)
+            t2 = time.perf_counter()
+            with ctx.timed("write_s"):
+                store.write_rows("clip/label", a, np.concatenate(labels))
+                store.write_rows("clip/confidence", a, np.concatenate(conf))
+            t3 = time.perf_counter()
+            stats["images"] += b - a
+            stats["read_s"] += t1 - t0
+            stats["model_s"] += t2 - t1
+            stats["write_s"] += t3 - t2
+
+        for group in image_groups(ctx, max(bs, IMAGE_SHARD)):
+            run_group(ctx, group, work)
+        return stats

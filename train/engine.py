@@ -1,0 +1,346 @@
+"""The training loop: store checks, two-stage schedule, checkpoints and resume, DDP, logging.
+
+One process per GPU under ``torchrun`` (DDP; gloo on CPU). Everything random is re-seeded from
+``(seed, epoch, rank)`` at the start of each epoch -- the data order, the augmentations (per item), the
+label switching and torch's global generator -- so that a run resumed from the checkpoint of epoch e
+continues exactly as the uninterrupted run would have, and two CPU runs with one seed are identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from data_cache import schema
+from data_cache.store import CacheError, Store
+
+from .config import dump_config
+from .data import TRAINING_ARRAYS, CacheFrameDataset, batch_to, collate_offsets, worker_init
+from .labels import LabelSources, allowed_sources, switch_targets
+from .losses import cotraining_loss, latent_losses
+from .models import build_model
+
+#: Keys that may change when a run is resumed (they do not change what is computed).
+RESUMABLE_KEYS = ("data.num_workers", "schedule.log_interval", "eval.interval")
+
+
+class StoreMismatch(CacheError):
+    """A store does not fit the configuration (schema version, classes, text embeddings) or lacks a stage."""
+
+
+def text_embed_sha256(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
+
+
+def check_stores(paths, cfg: dict) -> dict:
+    """Refuse stores that do not fit ``cfg``; fill ``data.class_names``/``data.text_embed_sha256`` from the
+    first store when the configuration leaves them null (so the dump pins them for resume and eval).
+
+    Returns ``{"class_names", "text_embed" [L, E], "sam_dim", "point_channels"}``.
+    """
+    if not paths:
+        raise StoreMismatch("no cache store given (--cache)")
+    d = cfg["data"]
+    info = None
+    for path in paths:
+        st = Store(path)
+        a = st.attrs
+        if a.schema_version != d["schema_version"]:
+            raise StoreMismatch(f"{path}: schema version {a.schema_version}, the configuration expects "
+                                f"{d['schema_version']} (data.schema_version); rebuild the store with "
+                                f"`cns-cli labels` of this version")
+        missing = [s for s in schema.STAGE_ORDER if not st.stage_complete(s)]
+        if missing:
+            raise StoreMismatch(f"{path}: stage(s) {', '.join(missing)} not complete; run "
+                                f"`make labels CACHE={Path(path).parent} STAGES={','.join(missing)}`")
+        absent = [n for n in TRAINING_ARRAYS if n not in st]
+        if absent:
+            stages = sorted({schema.spec(n).stage for n in absent}, key=schema.STAGE_ORDER.index)
+            raise StoreMismatch(f"{path}: missing array(s) {', '.join(absent)}; run "
+                                f"`make labels CACHE={Path(path).parent} STAGES={','.join(stages)}`")
+        names = list(a.class_names)
+        if d["class_names"] is None:
+            d["class_names"] = names
+        elif list(d["class_names"]) != names:
+            diff = [f"{i}: store '{x}' vs configuration '{y}'" for i, (x, y) in
+                    enumerate(zip(names, d["class_names"])) if x != y]
+            raise StoreMismatch(f"{path}: class list does not match data.class_names ({len(names)} vs "
+                                f"{len(d['class_names'])} classes; {'; '.join(diff[:3]) or 'length differs'})")
+        embed = np.asarray(st.array("clip/text_embed")[:], dtype=np.float32)
+        sha = text_embed_sha256(embed)
+        if d["text_embed_sha256"] is None:
+            d["text_embed_sha256"] = sha
+        elif d["text_embed_sha256"] != sha:
+            raise StoreMismatch(f"{path}: clip/text_embed (sha256 {sha[:12]}...) differs from the text "
+                                f"embeddings of the configuration (data.text_embed_sha256 "
+                                f"{d['text_embed_sha256'][:12]}...): another CLIP model or prompt set")
+        this = {"class_names": names, "text_embed": torch.from_numpy(embed),
+                "sam_dim": int(st.array("sam/feat").shape[1]), "point_channels": int(st.array("points/feat").shape[1])}
+        if info is None:
+            info = this
+        else:
+            for k in ("sam_dim", "point_channels"):
+                if info[k] != this[k]:
+                    raise StoreMismatch(f"{path}: {k} {this[k]} differs from {paths[0]} ({info[k]})")
+    return info
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, key + ".")
+        elif va != vb and key not in RESUMABLE_KEYS:
+            out.append(f"{key}: {va!r} -> {vb!r}")
+    return out
+
+
+# -- distributed --------------------------------------------------------------------------------------
+def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def _seed_everything(seed: int, epoch: int, rank: int) -> torch.Generator:
+    torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+    np.random.seed((seed * 7919 + epoch * 31 + rank) % (2 ** 32))
+    return torch.Generator().manual_seed(seed * 999_983 + epoch * 131 + rank * 7 + 1)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill during the save never leaves a truncated checkpoint behind
+
+
+def _truncate_metrics(path: Path, global_step: int, epoch: int) -> None:
+    """On resume, drop metric lines a killed run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("step", 0) <= global_step and rec.get("epoch", -1) <= epoch:
+            keep.append(line)
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+class Trainer:
+    def __init__(self, cfg: dict, cache_paths, out_dir, eval_paths=None, device: str | None = None,
+                 resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.rank, self.world, self.device = setup_distributed(device)
+        self.cache_paths = [str(p) for p in cache_paths]
+        self.eval_paths = [str(p) for p in (eval_paths or cache_paths)]
+        self.info = check_stores(self.cache_paths, cfg)
+        check_stores(self.eval_paths, cfg)
+        self.progress = progress and self.rank == 0
+        self.amp = bool(cfg["schedule"]["amp"]) and self.device.type == "cuda"
+        self.ckpt_dir = self.out / "checkpoints"
+        self.start_epoch, self.global_step = 0, 0
+        self._prepare_run_dir(resume)
+
+        in_ch = self.info["point_channels"] + (3 if cfg["data"]["use_xyz"] else 0)
+        self.model = build_model(cfg, in_ch, self.info["text_embed"], self.info["sam_dim"], self.device)
+        self.dataset = CacheFrameDataset(self.cache_paths, cfg, train=True)
+        # one sampler for 1 and N processes: deterministic shuffles by (seed, epoch)
+        self.sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                          seed=int(cfg["seed"]))
+        d = cfg["data"]
+        self.loader = DataLoader(self.dataset, batch_size=int(d["batch_size"]), sampler=self.sampler,
+                                 num_workers=int(d["num_workers"]), collate_fn=collate_offsets,
+                                 worker_init_fn=worker_init, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=False)
+        s = cfg["schedule"]
+        self.steps_per_epoch = len(self.loader)
+        if s["max_steps_per_epoch"]:
+            self.steps_per_epoch = min(self.steps_per_epoch, int(s["max_steps_per_epoch"]))
+        total = max(1, self.steps_per_epoch * int(s["epochs"]))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=float(s["lr"]), momentum=float(s["momentum"]),
+                                         weight_decay=float(s["weight_decay"]))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        if resume:
+            self._load_checkpoint()
+        self.ddp_model = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.global_step or None)
+
+    # -- run directory / checkpoints ------------------------------------------------------------
+    def _prepare_run_dir(self, resume: bool) -> None:
+        dumped = self.out / "config.yaml"
+        if resume and dumped.exists():
+            import yaml
+            before = yaml.safe_load(dumped.read_text())
+            diffs = diff_configs(before, self.cfg)
+            if diffs:
+                raise StoreMismatch(f"--resume with a configuration that differs from {dumped}: "
+                                    + "; ".join(diffs))
+        elif not resume and (self.ckpt_dir / "last.pth").exists():
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose "
+                                  "another --out")
+        if self.rank == 0:
+            dump_config(self.cfg, dumped)
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        if self.rank != 0:
+            return
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        state = {"epoch": epoch, "global_step": self.global_step, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "config": self.cfg}
+        _atomic_save(state, self.ckpt_dir / f"epoch_{epoch + 1:03d}.pth")
+        _atomic_save(state, self.ckpt_dir / "last.pth")
+
+    def _load_checkpoint(self) -> None:
+        path = self.ckpt_dir / "last.pth"
+        if not path.exists():
+            return  # --resume on a fresh directory starts from scratch
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.global_step = int(state["epoch"]) + 1, int(state["global_step"])
+        if self.rank == 0:
+            _truncate_metrics(self.out / "metrics.jsonl", self.global_step, int(state["epoch"]))
+
+    def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.writer is not None:
+            prefix = record["type"]
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, record.get("step", self.global_step))
+
+    # -- one step (Eq. 5-7 are called from here) ------------------------------------------------
+    def training_step(self, batch: dict, stage: int, generator: torch.Generator) -> dict:
+        cfg = self.cfg
+        batch = batch_to(batch, self.device)
+        L = len(cfg["data"]["class_names"])
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            out = self.ddp_model(batch["rgb"], batch["voxel_feat"], batch["voxel_index"], batch["inverse"],
+                                 len(batch["point_offset"]) - 1)
+        with torch.no_grad():
+            pred2d = out["logits2d"].argmax(1) if stage == 2 and "logits2d" in out else None
+            pred3d = out["logits3d"].argmax(1) if stage == 2 else None
+        sources = LabelSources(batch, pred2d, pred3d, L, refine=bool(cfg["labels"]["refine"]))
+        allowed2d, allowed3d = allowed_sources(cfg, stage)
+        target2d, target3d, choices = switch_targets(sources, batch, allowed2d, allowed3d, generator)
+        lw = cfg["loss"]
+        losses = cotraining_loss(out.get("logits2d"), target2d, out["logits3d"], target3d,
+                                 lw["weight_2d"], lw["weight_3d"])
+        clip_pix, clip_pts = sources.get("clip2d") if "clip" in lw["latent_target"] else (None, None)
+        losses.update(latent_losses(out, batch, lw["latent_target"], clip_pix, clip_pts, self.model.text_embed))
+        losses["loss"] = losses["loss"] + lw["weight_latent"] * (losses["latent2d"] + losses["latent3d"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        if cfg["schedule"]["grad_clip"]:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(cfg["schedule"]["grad_clip"]))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        res = {k: float(v.detach()) for k, v in losses.items()}
+        res["choices"] = choices
+        return res
+
+    def train(self, stop_after_epochs: int | None = None) -> list[dict]:
+        from tqdm import tqdm
+        cfg, s = self.cfg, self.cfg["schedule"]
+        epochs, warmup = int(s["epochs"]), int(s["warmup_epochs"])
+        eval_results = []
+        for epoch in range(self.start_epoch, epochs):
+            stage = 1 if epoch < warmup else 2
+            generator = _seed_everything(int(cfg["seed"]), epoch, self.rank)
+            self.dataset.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
+            self.model.train()
+            bar = tqdm(total=self.steps_per_epoch, disable=not self.progress, leave=False,
+                       desc=f"epoch {epoch + 1}/{epochs} stage {stage}", dynamic_ncols=True)
+            wait = busy = 0.0
+            frames = 0
+            t_last = time.perf_counter()
+            for i, batch in enumerate(self.loader):
+                if i >= self.steps_per_epoch:
+                    break
+                t_data = time.perf_counter()
+                res = self.training_step(batch, stage, generator)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t_done = time.perf_counter()
+                wait += t_data - t_last
+                busy += t_done - t_data
+                t_last = t_done
+                frames += len(batch["point_offset"]) - 1
+                self.global_step += 1
+                rate = frames / max(wait + busy, 1e-9)
+                bar.set_postfix(loss=f"{res['loss']:.3f}", frames_s=f"{rate:.2f}")
+                bar.update(1)
+                if self.global_step % int(s["log_interval"]) == 0 or i == self.steps_per_epoch - 1:
+                    self._log({"type": "train", "epoch": epoch, "step": self.global_step, "stage": stage,
+                               "lr": self.scheduler.get_last_lr()[0], "frames_per_s": rate,
+                               "data_wait_share": wait / max(wait + busy, 1e-9),
+                               **{k: v for k, v in res.items() if k != "choices"},
+                               "targets2d": ",".join(res["choices"]["2d"]),
+                               "targets3d": ",".join(res["choices"]["3d"])})
+            bar.close()
+            self.last_epoch_timing = {"wait_s": wait, "busy_s": busy, "frames": frames}
+            self._save_checkpoint(epoch)
+            interval = int(cfg["eval"]["interval"])
+            if (interval and (epoch + 1) % interval == 0) or epoch == epochs - 1:
+                eval_results.append(self.evaluate(epoch))
+            if self.world > 1:
+                dist.barrier()
+            if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
+                break
+        if self.writer is not None:
+            self.writer.flush()
+        return eval_results
+
+    def evaluate(self, epoch: int) -> dict | None:
+        if self.rank != 0:
+            return None
+        from .evaluate import evaluate
+        res = evaluate(self.model, self.eval_paths, self.cfg, self.device, with_baselines=False)
+        rec = {"type": "eval", "epoch": epoch, "step": self.global_step}
+        for key, row in res["rows"].items():
+            rec[f"miou_{key}"] = row["miou"]
+        self._log(rec)
+        return res
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
