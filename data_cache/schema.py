@@ -72,6 +72,8 @@ class ArraySpec:
     doc: str
     when: str | None = None
     value_range: tuple | None = None
+    codec: str = "shuffle"  # a key of CODECS
+
 
     @property
     def ragged_axis(self) -> str | None:
@@ -100,6 +102,16 @@ class ArraySpec:
         return {"shape": shape, "chunks": chunks, "shards": shards}
 
 
+#: Compressors by name (zarr v3 codecs, built by :func:`data_cache.store.compressors`). Blosc's byte shuffle
+#: groups the bytes of multi-byte numbers (xyz, pair indices, SAM features) so zstd finds their redundancy;
+#: bit shuffle suits 8-bit images. Measured on the real nuScenes fixture: points/xyz 60 -> 51 KB per image,
+#: images/rgb 212 -> 189 KB, pairs 25 -> 13 KB against plain zstd.
+CODECS = {
+    "shuffle": {"blosc": {"cname": "zstd", "clevel": 5, "shuffle": "shuffle"}},
+    "bitshuffle": {"blosc": {"cname": "zstd", "clevel": 5, "shuffle": "bitshuffle"}},
+    "default": None,  # zarr's default (strings)
+}
+
 POINT_CHUNK = 1 << 16
 POINT_SHARD = 1 << 20
 IMAGE_SHARD = 16
@@ -107,7 +119,8 @@ IMAGE_SHARD = 16
 ARRAYS: tuple[ArraySpec, ...] = (
     # -- frames -------------------------------------------------------------------------------
     ArraySpec("frames/token", "str", ("F",), ("frame",), (4096,), None, "", "plan",
-              "dataset token of the frame (nuScenes sample_data token of the LiDAR sweep; ScanNet scene id)"),
+              "dataset token of the frame (nuScenes sample_data token of the LiDAR sweep; ScanNet scene id)",
+              codec="default"),
     # -- points -------------------------------------------------------------------------------
     ArraySpec("points/offsets", "int64", ("F+1",), ("frame_edge",), (4096,), None, 0, "plan",
               "frame f owns points[offsets[f]:offsets[f+1]]"),
@@ -124,9 +137,10 @@ ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("images/frame", "int32", ("I",), ("image",), (4096,), None, -1, "plan",
               "frame index of each image"),
     ArraySpec("images/name", "str", ("I",), ("image",), (4096,), None, "", "plan",
-              "camera channel (nuScenes) or posed-frame id (ScanNet) of each image"),
+              "camera channel (nuScenes) or posed-frame id (ScanNet) of each image", codec="default"),
     ArraySpec("images/rgb", "uint8", ("I", "H", "W", 3), ("image", "y", "x", "rgb"), (1, "H", "W", 3),
-              (IMAGE_SHARD, "H", "W", 3), 0, "correspond", "colour image resized to the training resolution"),
+              (IMAGE_SHARD, "H", "W", 3), 0, "correspond", "colour image resized to the training resolution",
+              codec="bitshuffle"),
     ArraySpec("images/gt", "uint8", ("I", "H", "W"), ("image", "y", "x"), (1, "H", "W"), (IMAGE_SHARD, "H", "W"),
               IGNORE_INDEX, "correspond", "2D ground truth at the training resolution (nearest), 255 = unlabelled",
               when="image_gt", value_range=(0, "L-1|255")),
@@ -223,12 +237,12 @@ def markdown_table() -> str:
     def fmt(t):
         return "none" if t is None else "[" + ", ".join(str(x) for x in t) + "]"
 
-    rows = ["| array | dtype | shape | dimension_names | chunks | shards | fill | written by | meaning |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| array | dtype | shape | dimension_names | chunks | shards | fill | codec | written by | meaning |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for a in ARRAYS:
         when = f" (only with `{a.when}`)" if a.when else ""
         rows.append(f"| `{a.name}` | {a.dtype} | {fmt(a.shape)} | {fmt(a.dimension_names)} | {fmt(a.chunks)} | "
-                    f"{fmt(a.shards)} | {a.fill_value!r} | {a.stage} | {a.doc}{when} |")
+                    f"{fmt(a.shards)} | {a.fill_value!r} | {a.codec} | {a.stage} | {a.doc}{when} |")
     return "\n".join(rows)
 
 

@@ -23,7 +23,7 @@ import zarr
 from filelock import FileLock
 
 from . import schema
-from .schema import ArraySpec, RootAttrs
+from .schema import RootAttrs
 
 
 class CacheError(RuntimeError):
@@ -42,6 +42,15 @@ def _atomic_write_json(path: Path, payload: Mapping) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def compressors(name: str):
+    """The zarr compressor list for a codec name of :data:`data_cache.schema.CODECS`."""
+    from zarr.codecs import BloscCodec
+    spec = schema.CODECS[name]
+    if spec is None:
+        return None
+    return [BloscCodec(**spec["blosc"])]
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -136,7 +145,18 @@ class Store:
             kwargs["dtype"] = sp.dtype
             if res["shards"] is not None:
                 kwargs["shards"] = res["shards"]
+        codec = compressors(sp.codec)
+        if codec is not None:
+            kwargs["compressors"] = codec
         return self.group.create_array(name, **kwargs)
+
+    def ensure_arrays(self, names) -> None:
+        """Create each array unless the store holds it with the shape the current dims give (resume-safe)."""
+        dims = self.dims()
+        for name in names:
+            if name in self and tuple(self.array(name).shape) == schema.spec(name).resolve(dims)["shape"]:
+                continue
+            self.create_array(name, overwrite=name in self)
 
     # -- access -----------------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:

@@ -244,7 +244,7 @@ class SamMaskFeatureGenerator:
             m = np.stack([a["segmentation"] for a in anns]) if anns else np.zeros((0, *im.shape[:2]), bool)
             out.append({
                 "masks": m.astype(bool, copy=False),
-                "areas": m.reshape(len(m), -1).sum(1).astype(np.int64),
+                "areas": m.sum(axis=(1, 2), dtype=np.int64),
                 "predicted_iou": np.array([a["predicted_iou"] for a in anns], np.float32),
                 "stability_score": np.array([a["stability_score"] for a in anns], np.float32),
                 "embedding": emb[i, :, :gh, :gw].float().cpu().numpy(),
@@ -271,7 +271,7 @@ def masks_to_id_map(masks: np.ndarray, areas: np.ndarray | None = None) -> np.nd
     if len(masks) == 0:
         return np.full((h, w), -1, np.int32)
     if areas is None:
-        areas = masks.reshape(len(masks), -1).sum(1)
+        areas = masks.sum(axis=(1, 2))
     order = np.argsort(np.asarray(areas), kind="stable")
     stack = masks[order]
     first = stack.argmax(axis=0)  # the smallest mask covering each pixel

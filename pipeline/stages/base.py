@@ -122,6 +122,62 @@ class Stage:
         pass
 
 
+_SHA_CACHE: dict = {}
+
+
+def cached_sha256(path: str) -> str:
+    """sha256 of a checkpoint file, computed once per (path, size, mtime) in this process."""
+    import os
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+# -- shared by the model stages ----------------------------------------------------------------------------
+def image_groups(ctx: ShardContext, max_images: int) -> list[list[tuple[int, str | None, int, int]]]:
+    """The shard's frames in consecutive groups of at most ``max_images`` images (a frame is never split).
+
+    Each entry is ``(frame, token, first_row, stop_row)``; a group's rows are contiguous.
+    """
+    store = ctx.store
+    off = store.offsets("images")
+    f0, f1 = ctx.shard.frame_start, ctx.shard.frame_stop
+    tokens = [str(t) for t in store.array("frames/token")[f0:f1]] if "frames/token" in store else [None] * (f1 - f0)
+    groups, cur, n = [], [], 0
+    for j, f in enumerate(ctx.shard.frames):
+        a, b = int(off[f]), int(off[f + 1])
+        if cur and n + (b - a) > max_images:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append((f, tokens[j], a, b))
+        n += b - a
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def run_group(ctx: ShardContext, group, work) -> bool:
+    """Run ``work(first_row, stop_row)`` on a group's rows; a failure is recorded for each of its frames.
+
+    Batching images across frames means one error cannot be pinned to a frame: every frame of the group
+    is reported failed with it (the shard is then not marked done, and a rerun redoes it).
+    """
+    a0, b0 = group[0][2], group[-1][3]
+    err = None
+    try:
+        if b0 > a0:
+            work(a0, b0)
+    except Exception as e:  # noqa: BLE001 — recorded per frame below
+        err = e
+    for f, token, _, _ in group:
+        with ctx.frame(f, token):
+            if err is not None:
+                raise err
+    return err is None
+
+
 def build_stage(name: str, **config) -> Stage:
     from . import load_builtin  # noqa: F401  (registers the built-in stages)
     return STAGES.get(name)(**config)

@@ -43,13 +43,9 @@ class CorrespondStage(Stage):
 
     def prepare(self, store, adapter) -> None:
         caps = store.attrs.capabilities
-        for name in ("points/xyz", "points/feat", "images/rgb", "images/intrinsics"):
-            if name not in store:
-                store.create_array(name)
-        if "point_gt" in caps and "points/gt" not in store:
-            store.create_array("points/gt")
-        if "image_gt" in caps and "images/gt" not in store:
-            store.create_array("images/gt")
+        store.ensure_arrays(["points/xyz", "points/feat", "images/rgb", "images/intrinsics"]
+                            + (["points/gt"] if "point_gt" in caps else [])
+                            + (["images/gt"] if "image_gt" in caps else []))
 
     def process_shard(self, ctx: ShardContext) -> dict:
         store, adapter = ctx.store, ctx.adapter

@@ -26,79 +26,10 @@ import numpy as np
 
 from data_cache.schema import IMAGE_SHARD
 
-from .base import STAGES, Stage, ShardContext, sha256_file
+from .base import STAGES, ShardContext, Stage, cached_sha256, image_groups, run_group
 
 #: config keys that change speed, never the output (left out of the fingerprint)
 RUNTIME_KEYS = ("batch_size",)
-
-_SHA_CACHE: dict = {}
-
-
-def cached_sha256(path: str) -> str:
-    """sha256 of a checkpoint file, computed once per (path, size, mtime) in this process."""
-    import os
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_file(path)
-    return _SHA_CACHE[key]
-
-
-# -- shared by the model stages ----------------------------------------------------------------------------
-def image_groups(ctx: ShardContext, max_images: int) -> list[list[tuple[int, str | None, int, int]]]:
-    """The shard's frames in consecutive groups of at most ``max_images`` images (a frame is never split).
-
-    Each entry is ``(frame, token, first_row, stop_row)``; a group's rows are contiguous.
-    """
-    store = ctx.store
-    off = store.offsets("images")
-    f0, f1 = ctx.shard.frame_start, ctx.shard.frame_stop
-    tokens = [str(t) for t in store.array("frames/token")[f0:f1]] if "frames/token" in store else [None] * (f1 - f0)
-    groups, cur, n = [], [], 0
-    for j, f in enumerate(ctx.shard.frames):
-        a, b = int(off[f]), int(off[f + 1])
-        if cur and n + (b - a) > max_images:
-            groups.append(cur)
-            cur, n = [], 0
-        cur.append((f, tokens[j], a, b))
-        n += b - a
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-def run_group(ctx: ShardContext, group, work) -> bool:
-    """Run ``work(first_row, stop_row)`` on a group's rows; a failure is recorded for each of its frames.
-
-    Batching images across frames means one error cannot be pinned to a frame: every frame of the group
-    is reported failed with it (the shard is then not marked done, and a rerun redoes it).
-    """
-    a0, b0 = group[0][2], group[-1][3]
-    err = None
-    try:
-        if b0 > a0:
-            work(a0, b0)
-    except Exception as e:  # noqa: BLE001 — recorded per frame below
-        err = e
-    for f, token, _, _ in group:
-        with ctx.frame(f, token):
-            if err is not None:
-                raise err
-    return err is None
-
-
-def ensure_arrays(store, names) -> None:
-    """Create each array unless the store holds it with the shape the current dims give."""
-    from data_cache import schema
-    dims = store.dims()
-    for name in names:
-        want = schema.spec(name).resolve(dims)["shape"]
-        if name in store:
-            if tuple(store.array(name).shape) == want:
-                continue
-            store.create_array(name, overwrite=True)
-        else:
-            store.create_array(name)
 
 
 class _ModelsBySize:
@@ -165,14 +96,21 @@ class MaskCLIPStage(Stage):
         import torch
 
         from ..models.maskclip import text_embeddings
+        import json
         attrs = store.attrs
+        fit_key = json.dumps(self.fingerprint(), sort_keys=True, default=str)
+        if "clip/text_embed" in store and store.array("clip/text_embed").attrs.get("fit_key") == fit_key:
+            store.ensure_arrays(self.arrays)
+            return  # resume: the text embeddings of this very configuration are stored
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pred = self._build(tuple(attrs.image_size), device)
+        pred = self.get_model(device).get(attrs.image_size)  # cached for this process's shards
         text = text_embeddings(pred.model, pred.tokenizer, list(attrs.class_names),
                                descriptive=bool(self.config["descriptive_names"]), dataset=attrs.dataset)
         store.set_dims(L=len(attrs.class_names), E=int(text.shape[1]))
-        ensure_arrays(store, self.arrays)
-        store.array("clip/text_embed")[:] = text.numpy().astype(np.float32)
+        store.ensure_arrays(self.arrays)
+        arr = store.array("clip/text_embed")
+        arr[:] = text.numpy().astype(np.float32)
+        arr.attrs.update({"fit_key": fit_key, "templates": 85, "descriptive_names": self.config["descriptive_names"]})
 
     # -- worker ----------------------------------------------------------------------------------------
     def process_shard(self, ctx: ShardContext) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 from ..datasets.base import Frame, ImageRecord
 from ..datasets.classes import SCANNET20
 from .palettes import pick_colour
-from .primitives import IGNORE_LABEL, Primitives, SceneBuilder, yaw_rotation
+from .primitives import IGNORE_LABEL, Primitives, SceneBuilder
 from .raycast import PinholeCamera, cast
 from .shading import shade
 

@@ -1,0 +1,12 @@
+"""The foundation models behind the label stages: MaskCLIP (dense CLIP labels) and SAM (masks + features).
+
+* :mod:`.maskclip` — :func:`~.maskclip.build_text_embeddings`, :class:`~.maskclip.MaskCLIP`,
+  :class:`~.maskclip.MaskCLIPPredictor`
+* :mod:`.sam` — :func:`~.sam.build_sam`, :class:`~.sam.SamMaskFeatureGenerator`, :func:`~.sam.masks_to_id_map`
+* :mod:`.prompts` — the 85 prompt templates and the per-dataset class names
+* :mod:`.weights` — the checkpoint registry (``python -m pipeline.models.weights`` downloads)
+
+Architectures are JSON files under ``configs/`` (open_clip style): ``configs/clip/*.json`` are registered with
+open_clip's model factory, ``configs/sam/<model_type>.json`` are read by :func:`~.sam.build_sam`.
+Submodules import torch, open_clip and segment-anything lazily: importing this package is cheap.
+"""
