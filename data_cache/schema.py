@@ -109,7 +109,7 @@ class ArraySpec:
 CODECS = {
     "shuffle": {"blosc": {"cname": "zstd", "clevel": 5, "shuffle": "shuffle"}},
     "bitshuffle": {"blosc": {"cname": "zstd", "clevel": 5, "shuffle": "bitshuffle"}},
-    "default": None,  # zarr's default (strings)
+    "default": None,  # zarr's default: zstd (strings; scaled 8-bit values in float32, which shuffling hurts)
 }
 
 POINT_CHUNK = 1 << 16
@@ -127,7 +127,8 @@ ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("points/xyz", "float32", ("P", 3), ("point", "xyz"), (POINT_CHUNK, 3), (POINT_SHARD, 3), 0.0,
               "correspond", "coordinates in metres, LiDAR sensor frame (nuScenes) or scene frame (ScanNet)"),
     ArraySpec("points/feat", "float32", ("P", "C"), ("point", "feature"), (POINT_CHUNK, "C"), (POINT_SHARD, "C"),
-              0.0, "correspond", "per-point input features named by cns.point_features (intensity; rgb/255)"),
+              0.0, "correspond", "per-point input features named by cns.point_features (intensity; rgb/255)",
+              codec="default"),
     ArraySpec("points/gt", "uint8", ("P",), ("point",), (POINT_CHUNK,), (POINT_SHARD,), IGNORE_INDEX,
               "correspond", "ground-truth class index, 255 = unlabelled (evaluation only)", when="point_gt",
               value_range=(0, "L-1|255")),
