@@ -22,7 +22,7 @@ LABELS_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install test test-all labels clean
+.PHONY: help install test test-all labels weights bench bench-stages clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,17 @@ labels:  ## run the pseudo-label stages into CACHE (see variables above)
 	  $(call opt,--shard-size,$(SHARD_SIZE)) $(call opt,--clip-checkpoint,$(CLIP_CKPT)) \
 	  $(call opt,--sam-checkpoint,$(SAM_CKPT)) $(call opt,--sam-model,$(SAM_MODEL)) \
 	  $(call opt,--sam-points-per-side,$(SAM_POINTS)) $(LABELS_ARGS)
+
+weights:  ## download the official CLIP ViT-B/16 and SAM checkpoints into checkpoints/ (needs internet)
+	$(BIN)/python -m pipeline.models.weights --dest checkpoints
+
+bench:  ## the quick benchmarks (correspondences, Eq. 4 refine, synthetic scenes); numbers in the README
+	$(BIN)/python bench/bench_correspond.py
+	$(BIN)/python bench/bench_refine.py
+	$(BIN)/python bench/bench_synthetic.py
+
+bench-stages:  ## model-stage throughput and cache bytes per image (real architectures, random weights; slow on CPU)
+	$(BIN)/python bench/bench_stages.py
 
 clean:  ## remove caches of Python and pytest
 	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache

@@ -1,7 +1,8 @@
 """Throughput of the model stages with the real architectures (random weights), and the cache's bytes per image.
 
-Builds a nuScenes-shaped store (224x416 images: the six camera images of ``../shared/data/nuscenes_sample``
-when present, else synthetic ones), then:
+Builds a nuScenes-shaped store — the ``correspond`` stage on the real keyframe of
+``../shared/data/nuscenes_sample`` when present (six 224x416 images, 34 688 points, their pairs), else
+synthetic images without points — then:
 
 1. ``maskclip`` — open_clip ViT-B/16 at 224x416: images/s and the share of the stage's wall time spent in
    the model's forward passes;
@@ -11,7 +12,7 @@ when present, else synthetic ones), then:
 3. the shared single encoder pass vs the generator followed by a separate ``SamPredictor.set_image`` for the
    features (two encoder passes);
 4. ``refine`` — images/s;
-5. bytes per image of every array of the store (``sam/mask_id`` holds the random model's output, which is
+5. bytes per image of every per-point, per-image and per-pair array of the store (``sam/mask_id`` holds the random model's output, which is
    empty; a SAM-like map — ``--synthetic-masks`` Voronoi regions — is also written and measured, since real
    SAM maps are piecewise constant with ~100 regions).
 
@@ -40,7 +41,9 @@ H, W = 224, 416
 NUSCENES16 = ["barrier", "bicycle", "bus", "car", "construction_vehicle", "motorcycle", "pedestrian",
               "traffic_cone", "trailer", "truck", "driveable_surface", "other_flat", "sidewalk", "terrain",
               "manmade", "vegetation"]
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nuscenes_sample" / "samples"
+FIXTURE = Path(os.environ.get("CNS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \
+    / "nuscenes_sample"
+SAMPLE = FIXTURE / "samples"
 
 
 def camera_images(n: int) -> tuple[np.ndarray, str]:
@@ -66,6 +69,15 @@ def make_store(path: Path, rgb: np.ndarray, frames: int) -> Store:
     store.create_array("images/rgb")
     store.write_rows("images/rgb", 0, rgb)
     return store
+
+
+def correspond_store(tmp: Path) -> Store | None:
+    """The real nuScenes keyframe through the correspond stage (one frame, 6 images), or None without it."""
+    if not (FIXTURE / "v1.0-mini").exists():
+        return None
+    from pipeline.runner import run_labels
+    summary = run_labels("nuscenes", tmp, "correspond", data_root=FIXTURE, split="all", workers=0, progress=False)
+    return Store(summary.store, mode="a")
 
 
 def run_stage(store: Store, name: str, frames: int, **config):
@@ -135,7 +147,9 @@ def main() -> None:
     print(f"CPU: {os.cpu_count()} cores visible, torch threads {a.threads}, torch {torch.__version__}; images: {source}")
     try:
         # -- maskclip ----------------------------------------------------------------------------------------
-        store = make_store(tmp / "nuscenes-bench.zarr", rgb[:a.images], frames=1)
+        store = correspond_store(tmp) if a.images == 6 else None
+        if store is None:
+            store = make_store(tmp / "nuscenes-bench.zarr", rgb[:a.images], frames=1)
         st, wall, prep = run_stage(store, "maskclip", 1, random_init=True, batch_size=a.images)
         print(f"maskclip ViT-B/16 @ {H}x{W}: {st['images'] / wall:6.2f} images/s  "
               f"(model forward {100 * st['model_s'] / wall:5.1f}% of {wall:.2f} s; read {st['read_s']:.3f} s, "
@@ -173,14 +187,16 @@ def main() -> None:
         # -- bytes -------------------------------------------------------------------------------------------
         n = a.images
         print(f"\ncache bytes per {H}x{W} image (zarr defaults of data_cache/schema.py; {n} images):")
+        from data_cache import schema
         total = 0
-        for name in ("images/rgb", "clip/label", "clip/confidence", "clip/label_refined", "sam/mask_id",
-                     "sam/feat"):
-            b = array_bytes(store, name) / n
+        for sp in schema.ARRAYS:
+            if sp.ragged_axis is None or sp.name not in store:
+                continue
+            b = array_bytes(store, sp.name) / n
             total += b
             note = {"sam/mask_id": f" (synthetic {a.synthetic_masks}-region SAM-like map)",
-                    "sam/feat": " (random-weight features)"}.get(name, "")
-            print(f"  {name:20s} {b / 1e3:9.1f} KB{note}")
+                    "sam/feat": " (random-weight features)"}.get(sp.name, "")
+            print(f"  {sp.name:20s} {b / 1e3:9.1f} KB{note}")
         empty = array_bytes(sam_store, "sam/mask_id") / a.sam_images
         print(f"  {'(sam/mask_id empty)':20s} {empty / 1e3:9.1f} KB (what the random model wrote)")
         print(f"  {'total':20s} {total / 1e6:9.3f} MB   (budget 0.6 MB) ; without images/rgb "
