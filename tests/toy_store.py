@@ -116,7 +116,7 @@ def build_toy_store(path: str | Path, num_frames: int = 4, num_images: int = 3, 
                     point_stride: int = 12, label_noise: float = 0.25, seed: int = 0, dataset: str = "toy",
                     point_features=("intensity",), schema_version: int = schema.SCHEMA_VERSION,
                     stages=schema.STAGE_ORDER, text_embed: np.ndarray | None = None,
-                    images_per_frame: list | None = None) -> Path:
+                    images_per_frame: list | None = None, capabilities=("point_gt", "image_gt")) -> Path:
     """Write a toy store at ``path`` and return it. ``stages`` lists the stages marked complete."""
     rng = np.random.default_rng(seed)
     L = len(class_names)
@@ -125,7 +125,7 @@ def build_toy_store(path: str | Path, num_frames: int = 4, num_images: int = 3, 
     frames = [make_toy_frame(rng, n, image_size, L, point_stride) for n in per_frame_images]
     attrs = schema.RootAttrs(dataset=dataset, split="train", class_names=list(class_names),
                              image_size=[h, w], point_features=list(point_features),
-                             capabilities=["point_gt", "image_gt"], num_frames=num_frames,
+                             capabilities=list(capabilities), num_frames=num_frames,
                              schema_version=schema_version, shard_size=2)
     store = Store.create(path, attrs)
     p_off = np.cumsum([0] + [len(f["xyz"]) for f in frames])
@@ -152,14 +152,16 @@ def build_toy_store(path: str | Path, num_frames: int = 4, num_images: int = 3, 
     store.write_rows("points/xyz", 0, xyz)
     feat = (gt[:, None] / L + rng.normal(0, 0.05, (len(gt), 1))).astype(np.float32)
     store.write_rows("points/feat", 0, np.repeat(feat, len(point_features), 1))
-    store.write_rows("points/gt", 0, gt)
+    if "point_gt" in capabilities:
+        store.write_rows("points/gt", 0, gt)
 
     img_cls = cat([np.stack([im["cls"] for im in f["images"]]) for f in frames])
     img_obj = cat([np.stack([im["obj"] for im in f["images"]]) for f in frames])
     palette = rng.integers(0, 256, (256, 3)).astype(np.uint8)
     rgb = np.clip(palette[img_cls].astype(int) + rng.integers(-20, 20, img_cls.shape + (3,)), 0, 255)
     store.write_rows("images/rgb", 0, rgb.astype(np.uint8))
-    store.write_rows("images/gt", 0, img_cls)
+    if "image_gt" in capabilities:
+        store.write_rows("images/gt", 0, img_cls)
     store.write_rows("images/intrinsics", 0, np.stack([f["k"] for f in frames for _ in f["images"]]).astype(np.float32))
 
     # pairs: image index is global
@@ -208,6 +210,8 @@ def build_toy_store(path: str | Path, num_frames: int = 4, num_images: int = 3, 
     refined = sam_max_vote(torch.from_numpy(noisy), torch.from_numpy(mask.astype(np.int64)), L).numpy()
     store.write_rows("clip/label_refined", 0, refined.astype(np.uint8))
 
+    store.update_attrs(stages={stage: {"version": 1, "config": {"toy": True}, "checkpoint_sha256": None}
+                               for stage in stages})
     for stage in stages:
         store.mark_done(stage, "_complete", {"frames": num_frames})
     return Path(path)

@@ -59,6 +59,7 @@ DEFAULTS: dict = {
         "max_steps_per_epoch": 0,   # 0 = the whole dataset (tests and benchmarks cap it)
         "log_interval": 10,
         "grad_clip": 0.0,
+        "keep_checkpoints": 3,      # epoch_NNN.pth files kept besides last.pth (0 = all)
     },
     "labels": {
         "refine": True,             # SAM max-voting (Eq. 4) of every target; false = 'w/o refinement'
@@ -75,6 +76,7 @@ DEFAULTS: dict = {
         "post_refine": False,       # SAM max-voting of the predictions at inference (headline metric)
         "images_per_frame": 0,      # 0 = every image
         "interval": 1,              # evaluate every N epochs (0 = only at the end)
+        "at_end": True,             # evaluate after the last epoch
     },
 }
 

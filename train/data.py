@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from data_cache import schema
 from data_cache.store import Store
@@ -139,8 +139,7 @@ class CacheFrameDataset(Dataset):
             offs = {k: st.offsets(k) for k in ("points", "images", "pairs")}
             attrs = st.attrs
             self.meta.append({"offsets": offs, "image_size": tuple(attrs.image_size),
-                              "has_point_gt": "points/gt" in st, "has_image_gt": "images/gt" in st,
-                              "tokens": None})
+                              "has_point_gt": "points/gt" in st, "has_image_gt": "images/gt" in st})
             self.index += [(s, f) for f in range(len(offs["points"]) - 1)]
         sizes = {m["image_size"] for m in self.meta}
         self.out_size = tuple(cfg["data"]["image_size"] or next(iter(sizes)))
@@ -150,6 +149,7 @@ class CacheFrameDataset(Dataset):
         self._pid = None
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch of plain indices (``0..len-1``); :class:`EpochSampler` indices carry their own."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -170,11 +170,13 @@ class CacheFrameDataset(Dataset):
         return int(self.cfg["data"]["images_per_frame"] if self.train else self.cfg["eval"]["images_per_frame"])
 
     def __getitem__(self, idx: int) -> dict:
+        epoch, idx = divmod(int(idx), len(self.index))  # see EpochSampler
+        epoch += self.epoch
         s, f = self.index[idx]
         st, meta = self.store(s), self.meta[s]
         offs = meta["offsets"]
         dcfg, aug = self.cfg["data"], self.cfg["data"]["augment"]
-        rng = np.random.default_rng([self.seed, self.epoch, idx]) if self.train else None
+        rng = np.random.default_rng([self.seed, epoch, idx]) if self.train else None
 
         # -- points ---------------------------------------------------------------------------
         p0, p1 = int(offs["points"][f]), int(offs["points"][f + 1])
@@ -182,8 +184,9 @@ class CacheFrameDataset(Dataset):
         feat = np.asarray(st.array("points/feat")[p0:p1], dtype=np.float32)
         gt = (np.asarray(st.array("points/gt")[p0:p1]) if meta["has_point_gt"]
               else np.full(p1 - p0, IGNORE, np.uint8))
+        # centred in training and evaluation alike: the coordinates are also input features (use_xyz)
+        coord = coord - coord.mean(0, keepdims=True)
         if rng is not None:
-            coord = coord - coord.mean(0, keepdims=True)
             if aug.get("rotate_z"):
                 t = rng.uniform(0, 2 * np.pi)
                 c, sn = np.cos(t), np.sin(t)
@@ -243,6 +246,29 @@ class CacheFrameDataset(Dataset):
         }
 
 
+class EpochSampler(Sampler):
+    """Wraps a sampler and encodes the epoch in the indices (``index + epoch * len(dataset)``).
+
+    The augmentation of an item is seeded by (seed, epoch, index); passing the epoch inside the index lets
+    the DataLoader keep its workers alive across epochs (``persistent_workers``) -- a worker's copy of the
+    dataset never sees ``set_epoch`` calls made in the main process.
+    """
+
+    def __init__(self, sampler, dataset_len: int):
+        self.sampler, self.n, self.epoch = sampler, dataset_len, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return (int(i) + self.epoch * self.n for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def collate_offsets(samples: list[dict]) -> dict:
     """Concatenate frames without padding (Pointcept style): ``*_offset`` [B+1] splits points, voxels, images.
 
@@ -270,8 +296,6 @@ def collate_offsets(samples: list[dict]) -> dict:
         "pair_uv": cat("pair_uv"), "image_rows": cat("image_rows"), "src_hw": cat("src_hw"),
         "store": torch.tensor([s["store"] for s in samples]), "frame": torch.tensor([s["frame"] for s in samples]),
     }
-    out["pair_frame"] = torch.cat([torch.full((len(s["pair_point"]),), b, dtype=torch.long)
-                                   for b, s in enumerate(samples)])
     return out
 
 

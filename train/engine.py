@@ -23,14 +23,14 @@ from torch.utils.data.distributed import DistributedSampler
 from data_cache import schema
 from data_cache.store import CacheError, Store
 
-from .config import dump_config
-from .data import TRAINING_ARRAYS, CacheFrameDataset, batch_to, collate_offsets, worker_init
+from .config import ConfigError, dump_config
+from .data import TRAINING_ARRAYS, CacheFrameDataset, EpochSampler, batch_to, collate_offsets, worker_init
 from .labels import LabelSources, allowed_sources, switch_targets
 from .losses import cotraining_loss, latent_losses
 from .models import build_model
 
 #: Keys that may change when a run is resumed (they do not change what is computed).
-RESUMABLE_KEYS = ("data.num_workers", "schedule.log_interval", "eval.interval")
+RESUMABLE_KEYS = ("data.num_workers", "schedule.log_interval", "eval.interval", "schedule.keep_checkpoints")
 
 
 class StoreMismatch(CacheError):
@@ -163,16 +163,20 @@ class Trainer:
         self._prepare_run_dir(resume)
 
         in_ch = self.info["point_channels"] + (3 if cfg["data"]["use_xyz"] else 0)
+        torch.manual_seed(int(cfg["seed"]))  # the initial weights: the same on every rank and every run
         self.model = build_model(cfg, in_ch, self.info["text_embed"], self.info["sam_dim"], self.device)
         self.dataset = CacheFrameDataset(self.cache_paths, cfg, train=True)
         # one sampler for 1 and N processes: deterministic shuffles by (seed, epoch)
-        self.sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                          seed=int(cfg["seed"]))
+        self.sampler = EpochSampler(DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
+                                                       shuffle=True, seed=int(cfg["seed"])), len(self.dataset))
         d = cfg["data"]
         self.loader = DataLoader(self.dataset, batch_size=int(d["batch_size"]), sampler=self.sampler,
                                  num_workers=int(d["num_workers"]), collate_fn=collate_offsets,
                                  worker_init_fn=worker_init, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=False)
+                                 persistent_workers=int(d["num_workers"]) > 0,
+                                 # its own generator: drawing the workers' base seed from torch's global one
+                                 # would shift the dropout masks by the number of loader restarts
+                                 generator=torch.Generator().manual_seed(int(cfg["seed"])))
         s = cfg["schedule"]
         self.steps_per_epoch = len(self.loader)
         if s["max_steps_per_epoch"]:
@@ -202,7 +206,7 @@ class Trainer:
             before = yaml.safe_load(dumped.read_text())
             diffs = diff_configs(before, self.cfg)
             if diffs:
-                raise StoreMismatch(f"--resume with a configuration that differs from {dumped}: "
+                raise ConfigError(f"--resume with a configuration that differs from {dumped}: "
                                     + "; ".join(diffs))
         elif not resume and (self.ckpt_dir / "last.pth").exists():
             raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose "
@@ -217,13 +221,20 @@ class Trainer:
         state = {"epoch": epoch, "global_step": self.global_step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "config": self.cfg}
-        _atomic_save(state, self.ckpt_dir / f"epoch_{epoch + 1:03d}.pth")
+        # last.pth first: an epoch file on disk always implies a last.pth at least as new
         _atomic_save(state, self.ckpt_dir / "last.pth")
+        _atomic_save(state, self.ckpt_dir / f"epoch_{epoch + 1:03d}.pth")
+        keep = int(self.cfg["schedule"]["keep_checkpoints"])
+        if keep > 0:  # full-size checkpoints are ~0.5 GB each: keep the newest few
+            for old in sorted(self.ckpt_dir.glob("epoch_*.pth"))[:-keep]:
+                old.unlink()
 
     def _load_checkpoint(self) -> None:
         path = self.ckpt_dir / "last.pth"
-        if not path.exists():
-            return  # --resume on a fresh directory starts from scratch
+        if not path.exists():  # --resume before the first checkpoint: start from scratch
+            if self.rank == 0:
+                _truncate_metrics(self.out / "metrics.jsonl", 0, -1)
+            return
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -284,12 +295,11 @@ class Trainer:
         for epoch in range(self.start_epoch, epochs):
             stage = 1 if epoch < warmup else 2
             generator = _seed_everything(int(cfg["seed"]), epoch, self.rank)
-            self.dataset.set_epoch(epoch)
-            self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)  # the epoch travels inside the indices to the (persistent) workers
             self.model.train()
             bar = tqdm(total=self.steps_per_epoch, disable=not self.progress, leave=False,
                        desc=f"epoch {epoch + 1}/{epochs} stage {stage}", dynamic_ncols=True)
-            wait = busy = 0.0
+            wait = busy = first_wait = 0.0
             frames = 0
             t_last = time.perf_counter()
             for i, batch in enumerate(self.loader):
@@ -302,6 +312,8 @@ class Trainer:
                 t_done = time.perf_counter()
                 wait += t_data - t_last
                 busy += t_done - t_data
+                if i == 0:
+                    first_wait = t_data - t_last
                 t_last = t_done
                 frames += len(batch["point_offset"]) - 1
                 self.global_step += 1
@@ -316,18 +328,30 @@ class Trainer:
                                "targets2d": ",".join(res["choices"]["2d"]),
                                "targets3d": ",".join(res["choices"]["3d"])})
             bar.close()
-            self.last_epoch_timing = {"wait_s": wait, "busy_s": busy, "frames": frames}
+            self.last_epoch_timing = {"wait_s": wait, "busy_s": busy, "frames": frames, "first_wait_s": first_wait,
+                                      "steps": min(i + 1, self.steps_per_epoch)}
             self._save_checkpoint(epoch)
             interval = int(cfg["eval"]["interval"])
-            if (interval and (epoch + 1) % interval == 0) or epoch == epochs - 1:
+            if (interval and (epoch + 1) % interval == 0) or (epoch == epochs - 1 and cfg["eval"]["at_end"]):
                 eval_results.append(self.evaluate(epoch))
             if self.world > 1:
                 dist.barrier()
             if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
                 break
+        if self.world > 1:
+            self.check_replicas_in_sync()
         if self.writer is not None:
             self.writer.flush()
         return eval_results
+
+    def check_replicas_in_sync(self) -> None:
+        """DDP keeps one model on every rank; a divergence (e.g. a rank skipping a step) is an error."""
+        flat = torch.cat([p.detach().float().reshape(-1) for p in self.model.parameters()])
+        checksum = torch.stack([flat.sum(), (flat * (torch.arange(len(flat), device=flat.device) % 97)).sum()])
+        gathered = [torch.zeros_like(checksum) for _ in range(self.world)]
+        dist.all_gather(gathered, checksum)
+        if any(not torch.allclose(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"DDP replicas diverged: parameter checksums {[g.tolist() for g in gathered]}")
 
     def evaluate(self, epoch: int) -> dict | None:
         if self.rank != 0:

@@ -94,10 +94,10 @@ def latent_losses(out: dict, batch: dict, target: str, clip_pixels: torch.Tensor
             grid_hw = out["lat2d"].shape[-2:]
             sam2d = sam_features_at_grid(batch["sam_feat"], batch["affine"], batch["src_hw"], out_hw, grid_hw)
             res["latent2d"] = res["latent2d"] + latent_consistency(out["lat2d"].movedim(1, -1), sam2d.movedim(1, -1))
-        if len(batch["pair_point"]):
-            sam3d = sam_features_at_pairs(batch["sam_feat"], batch["affine"], batch["src_hw"],
-                                          batch["pair_image"], batch["pair_uv"])
-            res["latent3d"] = res["latent3d"] + latent_consistency(out["lat3d"][batch["pair_point"]], sam3d)
+        # computed even without pairs (an empty mean is 0): DDP needs phi_f in every rank's graph
+        sam3d = sam_features_at_pairs(batch["sam_feat"], batch["affine"], batch["src_hw"],
+                                      batch["pair_image"], batch["pair_uv"])
+        res["latent3d"] = res["latent3d"] + latent_consistency(out["lat3d"][batch["pair_point"]], sam3d)
     if "clip" in target:
         t = text_embed.float()
         if has_images:

@@ -1,0 +1,49 @@
+"""Evaluation pieces: the confusion matrix by hand, the 3D-labels-only 2D protocol, import hygiene."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_cache.store import Store
+from tests.toy_store import build_toy_store
+from train.config import load_config
+from train.engine import check_stores
+from train.evaluate import ConfusionMatrix, evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_confusion_matrix_hand_case():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 1, 1, 255, 2, 0]), torch.tensor([0, 0, 1, 1, 2, 255]))
+    # class 0: tp 1, fn 1 -> 1/2; class 1: tp 1, fp 1 (a 0 predicted as 1), fn 1 (no prediction) -> 1/3; class 2: 1
+    assert cm.iou().tolist() == pytest.approx([0.5, 1 / 3, 1.0])
+    s = cm.summary(["a", "b", "c"])
+    assert s["miou"] == pytest.approx(100 * (0.5 + 1 / 3 + 1) / 3) and s["counted"] == 5
+    empty = ConfusionMatrix(2)
+    empty.update(torch.tensor([0]), torch.tensor([0]))
+    assert np.isnan(empty.iou()[1]) and empty.summary(["a", "b"])["miou"] == 100.0  # absent classes skipped
+
+
+def test_2d_scored_on_labelled_points_pixels_without_image_gt(tmp_path):
+    path = build_toy_store(tmp_path / "lidar_only.zarr", num_frames=2, num_images=3, capabilities=("point_gt",))
+    cfg = load_config("synthetic_street_cpu")
+    check_stores([path], cfg)
+    res = evaluate(None, [path], cfg, "cpu")
+    st = Store(path)
+    uv, img = st.array("pairs/uv")[:], st.array("pairs/image")[:]
+    # every paired point is labelled in the toy; distinct pixels (several points may share one)
+    pixels = {(int(i), int(u), int(v)) for i, (u, v) in zip(img, uv)}
+    assert res["rows"]["clip_2d"]["counted"] == len(pixels)
+    assert res["rows"]["clip_3d"]["counted"] == st.offsets("points")[-1]  # every point, paired or not
+    assert res["rows"]["wo_cns_3d"]["miou"] > res["rows"]["clip_3d"]["miou"]
+
+
+def test_training_never_imports_the_foundation_models():
+    code = ("import sys, train.engine, train.commands, train.evaluate, train.models, train.data; "
+            "bad = [m for m in ('open_clip', 'segment_anything') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -1,0 +1,147 @@
+"""``cns-cli train`` and ``cns-cli eval`` (registered in ``cli.py`` with ``main.add_command``).
+
+Also runnable without the top-level CLI, e.g. under torchrun:
+``torchrun --nproc_per_node 2 -m train.commands train --cache STORE --config nuscenes --out RUN``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, available_configs, dump_config, load_config, parse_overrides
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e))
+
+
+@click.command("train", context_settings={"show_default": True})
+@click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="a cache store (repeat for several)")
+@click.option("--config", "config_file", default=None,
+              help=f"YAML file or name in configs/train ({', '.join(available_configs())})")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@click.option("--seed", type=int, default=None, help="seed (a CPU run with one seed is repeatable)")
+@click.option("--eval-cache", "eval_caches", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="store(s) evaluated after each epoch (default: the training stores)")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@click.option("--no-pretrained-2d", is_flag=True, help="train the 2D backbone from scratch")
+@click.option("--stop-after-epochs", type=int, default=None, hidden=True,
+              help="stop after this many epochs of the schedule (the schedule length is unchanged)")
+@click.argument("overrides", nargs=-1)
+def train(caches, config_file, out, resume, seed, eval_caches, device, no_pretrained_2d, stop_after_epochs,
+          overrides):
+    """Co-train the 2D and 3D networks on cached pseudo-labels (paper section 3.2).
+
+    OVERRIDES are key=value pairs, e.g. schedule.epochs=10 ablation=no_cross_training
+    """
+    from .engine import StoreMismatch, Trainer, cleanup_distributed
+    from data_cache.store import CacheError
+    try:
+        ov = parse_overrides(overrides)
+        if seed is not None:
+            ov["seed"] = seed
+        if no_pretrained_2d:
+            ov["model.pretrained_2d"] = False
+        run_cfg = Path(out) / "config.yaml"
+        if resume and config_file is None and run_cfg.exists():
+            config_file = str(run_cfg)
+        cfg = load_config(config_file, ov)
+        trainer = Trainer(cfg, list(caches), out, eval_paths=list(eval_caches) or None, device=device,
+                          resume=resume)
+    except (ConfigError, StoreMismatch, CacheError, FileExistsError) as e:
+        _fail(e)
+    try:
+        results = trainer.train(stop_after_epochs=stop_after_epochs)
+        if trainer.rank == 0 and results:
+            from .evaluate import format_tables
+            click.echo(format_tables(results[-1]))
+    finally:
+        cleanup_distributed()
+
+
+@click.command("eval", context_settings={"show_default": True})
+@click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="a training run (its config.yaml and checkpoints/last.pth); without it: baselines only")
+@click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="a checkpoint other than RUN/checkpoints/last.pth")
+@click.option("--config", "config_file", default=None, help="configuration when evaluating without --run")
+@click.option("--classes", default=None,
+              help="comma-separated class names: open-vocabulary evaluation, re-embedded with CLIP's text tower")
+@click.option("--clip-model", default="ViT-B-16", help="open_clip model for --classes")
+@click.option("--clip-pretrained", default="openai", help="open_clip weights tag for --classes")
+@click.option("--clip-checkpoint", default=None, help="local open_clip checkpoint for --classes")
+@click.option("--post-refine/--no-post-refine", default=None,
+              help="SAM max-voting of the predictions (default: the run's eval.post_refine)")
+@click.option("--export", "export_dir", default=None, type=click.Path(file_okay=False),
+              help="write per-point .bin and per-image PNG predictions here")
+@click.option("--out", "out_json", default=None, type=click.Path(dir_okay=False),
+              help="metrics JSON (default RUN/eval/metrics.json)")
+@click.option("--device", default=None)
+@click.argument("overrides", nargs=-1)
+def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip_pretrained, clip_checkpoint,
+             post_refine, export_dir, out_json, device, overrides):
+    """mIoU of the trained networks and of the label-only baselines, with the paper's numbers for reference."""
+    import torch
+
+    from data_cache.store import CacheError
+    from .engine import StoreMismatch, check_stores
+    from .evaluate import evaluate, format_tables, open_vocabulary_embeddings, write_result
+    from .models import build_model
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        ov = parse_overrides(overrides)
+        if run_dir is not None:
+            state_path = Path(checkpoint or Path(run_dir) / "checkpoints" / "last.pth")
+            cfg = load_config(Path(run_dir) / "config.yaml", ov)
+        else:
+            state_path = Path(checkpoint) if checkpoint else None
+            cfg = load_config(config_file, ov)
+        info = check_stores(list(caches), cfg)
+    except (ConfigError, StoreMismatch, CacheError) as e:
+        _fail(e)
+    model = None
+    if state_path is not None:
+        if not state_path.exists():
+            _fail(FileNotFoundError(f"no checkpoint at {state_path}"))
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        cfg_model = dict(cfg, model=dict(cfg["model"], pretrained_2d=False))  # the checkpoint has the weights
+        in_ch = info["point_channels"] + (3 if cfg["data"]["use_xyz"] else 0)
+        model = build_model(cfg_model, in_ch, info["text_embed"], info["sam_dim"], device)
+        model.load_state_dict(state["model"])
+    eval_classes, text_embed = None, None
+    if classes:
+        if model is None:
+            _fail(click.UsageError("--classes needs a trained run (--run or --checkpoint)"))
+        eval_classes = [c.strip() for c in classes.split(",") if c.strip()]
+        text_embed = open_vocabulary_embeddings(eval_classes, {"model": clip_model, "pretrained": clip_pretrained,
+                                                               "checkpoint": clip_checkpoint}, device)
+    result = evaluate(model, list(caches), cfg, device, with_baselines=True, eval_classes=eval_classes,
+                      text_embed=text_embed, export_dir=export_dir, post_refine=post_refine)
+    click.echo(format_tables(result))
+    target = Path(out_json) if out_json else (Path(run_dir) / "eval" / "metrics.json" if run_dir else None)
+    if target is None and export_dir:
+        target = Path(export_dir) / "metrics.json"
+    if target is not None:
+        write_result(result, target)
+        dump_config(cfg, target.with_name("config.yaml"))  # the resolved config next to every output
+        click.echo(f"metrics written to {target}")
+
+
+eval = eval_cmd  # noqa: A001  (the lead registers ``train.commands.eval``)
+
+
+@click.group()
+def _main():
+    """Standalone entry (torchrun -m train.commands ...)."""
+
+
+_main.add_command(train)
+_main.add_command(eval_cmd)
+
+if __name__ == "__main__":
+    sys.exit(_main())
