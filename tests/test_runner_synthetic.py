@@ -19,7 +19,7 @@ from pipeline.runner import run_labels
 REPO = Path(__file__).resolve().parents[1]
 STAGES = "correspond,maskclip,sam,refine"
 DATASET_OPTIONS = {"num_scenes": 3, "seed": 7}
-TINY = {"maskclip": {"tiny": True}, "sam": {"tiny": True, "feat_dim": 16}}
+TINY = {"maskclip": {"tiny": True}, "sam": {"tiny": True}}
 
 
 def _run(cache, workers=0):
@@ -64,7 +64,6 @@ def test_two_worker_cluster_equals_sequential(sequential_store, tmp_path):
 def _cli(cache) -> list[str]:
     return [sys.executable, "-m", "cli", "labels", "--dataset", "synthetic", "--cache", str(cache),
             "--stages", STAGES, "--workers", "0", "--shard-size", "1", "--no-progress", "--test-tiny-models",
-            "--stage-option", "sam.feat_dim=16",
             "--dataset-option", f"num_scenes={DATASET_OPTIONS['num_scenes']}",
             "--dataset-option", f"seed={DATASET_OPTIONS['seed']}"]
 

@@ -20,10 +20,10 @@ from .labels import IGNORE, pixels_to_points, points_to_pixels, refine_points_th
 
 #: Label-free mIoU reported in the paper (Chen et al. 2023), printed for reference next to measured rows.
 PAPER_REFERENCE = {
-    "scannet": [("CNS (paper), 2D", 28.4), ("CNS (paper), 3D", 33.5), ("CLIP2Scene (paper), 3D", 25.1),
-                ("MaskCLIP (paper), 2D", 17.3)],
+    "scannet": [("CNS (paper), ScanNet 2D", 28.4), ("CNS (paper), ScanNet 3D", 33.5),
+                ("CLIP2Scene (paper), ScanNet 3D", 25.1), ("MaskCLIP (paper), ScanNet 2D", 17.3)],
     "nuscenes": [("CNS (paper), nuImages 2D", 22.1), ("CNS (paper), nuScenes 3D", 26.8),
-                 ("CLIP2Scene (paper), 3D", 20.8)],
+                 ("CLIP2Scene (paper), nuScenes 3D", 20.8)],
 }
 
 
@@ -195,7 +195,7 @@ def format_tables(result: dict) -> str:
         lines.append(f"{ROW_TITLES[k]:<{width}}  {r['miou']:6.1f}  {ious}")
     ref = PAPER_REFERENCE.get(result.get("dataset", ""), [x for v in PAPER_REFERENCE.values() for x in v])
     lines.append("")
-    lines.append(f"reported in the paper (label-free mIoU, full datasets; for reference only):")
+    lines.append("reported in the paper (label-free mIoU, full datasets; for reference only):")
     for title, v in ref:
         lines.append(f"  {title:<{width - 2}}  {v:6.1f}")
     return "\n".join(lines)

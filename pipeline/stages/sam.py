@@ -24,7 +24,8 @@ Config keys (defaults in :attr:`SAMStage.defaults`; ``None`` = the model config'
 ``points_per_batch``, ``pred_iou_thresh``, ``stability_score_thresh``, ``stability_score_offset``,
 ``box_nms_thresh``, ``crop_n_layers``, ``crop_nms_thresh``, ``crop_overlap_ratio``,
 ``crop_n_points_downscale_factor``, ``min_mask_region_area``   the generator's options
-``feat_dim``              D, channels kept by the projection (64)
+``feat_dim``              D, channels kept by the projection (default 64, the paper's; capped at the embedding
+                          width when that is smaller, as for the tiny test model)
 ``pca_sample_images``     images the projection is fitted on (32)
 ``proj_store``            path of a store whose ``sam/proj`` to reuse instead of fitting
 ``batch_size``            images per encoder pass (not part of the fingerprint)
@@ -42,6 +43,7 @@ from data_cache.schema import IMAGE_SHARD
 from .base import STAGES, ShardContext, Stage, cached_sha256, image_groups, run_group
 
 RUNTIME_KEYS = ("batch_size", "points_per_batch")
+PAPER_FEAT_DIM = 64  # D of Eq. 7
 GENERATOR_KEYS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
                   "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh",
                   "crop_overlap_ratio", "crop_n_points_downscale_factor", "min_mask_region_area")
@@ -53,7 +55,7 @@ class SAMStage(Stage):
     version = 1
     defaults = {
         "model_type": "vit_h", "checkpoint": None, **{k: None for k in GENERATOR_KEYS},
-        "feat_dim": 64, "pca_sample_images": 32, "proj_store": None, "batch_size": 4,
+        "feat_dim": None, "pca_sample_images": 32, "proj_store": None, "batch_size": 4,
         "tiny": False, "random_init": False,
     }
     arrays = ("sam/mask_id", "sam/feat", "sam/proj", "sam/proj_mean")
@@ -85,15 +87,23 @@ class SAMStage(Stage):
     def fingerprint_config(self) -> dict:
         c = {k: v for k, v in self.config.items() if k not in RUNTIME_KEYS and k != "checkpoint"}
         c.update({k: v for k, v in self.generator_options().items() if k not in RUNTIME_KEYS})
+        c["feat_dim"] = self.feat_dim()
         return c
+
+    def feat_dim(self) -> int:
+        """D: the configured value, else the paper's 64 capped at the embedding width."""
+        if self.config["feat_dim"] is not None:
+            return int(self.config["feat_dim"])
+        from ..models.sam import sam_config
+        return min(PAPER_FEAT_DIM, int(sam_config(self.weights_source()["model_type"])["prompt_embed_dim"]))
 
     # -- model -----------------------------------------------------------------------------------------
     def build_model(self, device: str):
         from ..models.sam import SamMaskFeatureGenerator, build_sam
         c = self.config
         sam, info = build_sam(c["model_type"], c["checkpoint"], c["tiny"], c["random_init"], device=device)
-        if c["feat_dim"] > info["embed_dim"]:
-            raise ValueError(f"feat_dim {c['feat_dim']} exceeds the SAM embedding's {info['embed_dim']} channels")
+        if self.feat_dim() > info["embed_dim"]:
+            raise ValueError(f"feat_dim {self.feat_dim()} exceeds the SAM embedding's {info['embed_dim']} channels")
         gen = SamMaskFeatureGenerator(sam, **self.generator_options())
         gen.info = info
         return gen
@@ -107,7 +117,7 @@ class SAMStage(Stage):
         from ..models.sam import feature_grid, sam_config
         cfg = sam_config(self.weights_source()["model_type"])
         h, w = feature_grid(store.attrs.image_size, cfg["image_size"], cfg["vit_patch_size"])
-        store.set_dims(h=h, w=w, S=cfg["prompt_embed_dim"], D=int(self.config["feat_dim"]))
+        store.set_dims(h=h, w=w, S=cfg["prompt_embed_dim"], D=self.feat_dim())
         store.ensure_arrays(self.arrays)
         fit_key = json.dumps(self.fingerprint(), sort_keys=True, default=str)
         proj = store.array("sam/proj")
@@ -148,7 +158,7 @@ class SAMStage(Stage):
             emb, _ = gen.encode(images[i:i + bs])
             e = emb[:, :, :h, :w].float().cpu().numpy()
             samples.append(e.transpose(0, 2, 3, 1).reshape(-1, e.shape[1]))
-        p, m = fit_pca(np.concatenate(samples), int(self.config["feat_dim"]))
+        p, m = fit_pca(np.concatenate(samples), self.feat_dim())
         return p, m, {"fitted_on_rows": rows.tolist()}
 
     # -- worker ----------------------------------------------------------------------------------------
