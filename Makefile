@@ -20,14 +20,23 @@ SAM_MODEL ?=
 SAM_POINTS ?=
 LABELS_ARGS ?=
 
+# make train / make eval variables (passed through to `cns-cli train` / `cns-cli eval`)
+STORE ?= $(CACHE)/$(DATASET)-train.zarr
+EVAL_STORE ?= $(CACHE)/$(DATASET)-val.zarr
+CONFIG ?= $(DATASET)
+RUN ?= runs/$(DATASET)
+TRAIN_ARGS ?=
+EVAL_ARGS ?=
+
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install test test-all labels weights bench bench-stages clean
+.PHONY: help install test test-all labels train eval weights bench bench-stages clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  labels variables: DATASET=nuscenes|scannet|synthetic DATA_ROOT=... SPLIT=... CACHE=$(CACHE) STAGES=$(STAGES)"
 	@echo "                    WORKERS=N SCHEDULER=tcp://host:port SHARD_SIZE=N CLIP_CKPT=... SAM_CKPT=... SAM_MODEL=vit_h|vit_l|vit_b SAM_POINTS=32"
+	@echo "  train/eval variables: STORE=... EVAL_STORE=... CONFIG=... RUN=... TRAIN_ARGS='key=value ...' EVAL_ARGS=..."
 
 install:  ## create .venv and install the project with every dependency
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +55,12 @@ labels:  ## run the pseudo-label stages into CACHE (see variables above)
 	  $(call opt,--shard-size,$(SHARD_SIZE)) $(call opt,--clip-checkpoint,$(CLIP_CKPT)) \
 	  $(call opt,--sam-checkpoint,$(SAM_CKPT)) $(call opt,--sam-model,$(SAM_MODEL)) \
 	  $(call opt,--sam-points-per-side,$(SAM_POINTS)) $(LABELS_ARGS)
+
+train:  ## co-train the 2D and 3D networks on STORE (CONFIG=nuscenes|scannet|synthetic_street_cpu|..., RUN=dir)
+	$(CLI) train --cache $(STORE) --config $(CONFIG) --out $(RUN) $(TRAIN_ARGS)
+
+eval:  ## mIoU tables of RUN and the baselines on EVAL_STORE
+	$(CLI) eval --cache $(EVAL_STORE) --run $(RUN) $(EVAL_ARGS)
 
 weights:  ## download the official CLIP ViT-B/16 and SAM checkpoints into checkpoints/ (needs internet)
 	$(BIN)/python -m pipeline.models.weights --dest checkpoints
