@@ -82,9 +82,15 @@ class ShardContext:
 class Stage:
     name: str = ""
     version: int = 1
+    defaults: dict = {}  # every configuration key the stage takes, with its default
+    runtime_keys: tuple = ()  # keys that change speed, never the output: left out of the fingerprint
 
     def __init__(self, **config):
-        self.config = config
+        unknown = set(config) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"unknown {self.name} option(s) {sorted(unknown)} "
+                            f"(known: {', '.join(sorted(self.defaults)) or 'none'})")
+        self.config = {**self.defaults, **config}
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -98,8 +104,8 @@ class Stage:
                 "checkpoint_sha256": self.checkpoint_sha256()}
 
     def fingerprint_config(self) -> dict:
-        """The configuration that determines the stage's output (excludes devices, workers, paths of caches)."""
-        return dict(self.config)
+        """The configuration that determines the stage's output (without ``runtime_keys``)."""
+        return {k: v for k, v in self.config.items() if k not in self.runtime_keys}
 
     def prepare(self, store, adapter) -> None:
         pass

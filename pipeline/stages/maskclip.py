@@ -28,8 +28,6 @@ from data_cache.schema import IMAGE_SHARD
 
 from .base import STAGES, ShardContext, Stage, cached_sha256, image_groups, run_group
 
-#: config keys that change speed, never the output (left out of the fingerprint)
-RUNTIME_KEYS = ("batch_size",)
 
 
 class _ModelsBySize:
@@ -54,13 +52,8 @@ class MaskCLIPStage(Stage):
         "key_smoothing": 0.0, "prompt_denoising": 0.0, "logit_scale": 100.0, "batch_size": 8,
         "tiny": False, "random_init": False,
     }
+    runtime_keys = ("batch_size",)
     arrays = ("clip/text_embed", "clip/label", "clip/confidence")
-
-    def __init__(self, **config):
-        unknown = set(config) - set(self.defaults)
-        if unknown:
-            raise TypeError(f"unknown maskclip option(s) {sorted(unknown)} (known: {sorted(self.defaults)})")
-        super().__init__(**{**self.defaults, **config})
 
     # -- identity --------------------------------------------------------------------------------------
     def weights_source(self) -> dict:
@@ -74,7 +67,7 @@ class MaskCLIPStage(Stage):
 
     def fingerprint_config(self) -> dict:
         # the checkpoint's content enters through checkpoint_sha256, not its path
-        return {k: v for k, v in self.config.items() if k not in RUNTIME_KEYS and k != "checkpoint"}
+        return {k: v for k, v in self.config.items() if k not in self.runtime_keys and k != "checkpoint"}
 
     # -- model -----------------------------------------------------------------------------------------
     def _build(self, image_size, device: str):

@@ -18,7 +18,6 @@ from data_cache.schema import IGNORE_INDEX, IMAGE_SHARD
 
 from .base import STAGES, ShardContext, Stage, image_groups, run_group
 
-RUNTIME_KEYS = ("batch_size",)
 
 
 @STAGES.register("refine")
@@ -26,16 +25,8 @@ class RefineStage(Stage):
     name = "refine"
     version = 1
     defaults = {"batch_size": 64}
+    runtime_keys = ("batch_size",)
     arrays = ("clip/label_refined",)
-
-    def __init__(self, **config):
-        unknown = set(config) - set(self.defaults)
-        if unknown:
-            raise TypeError(f"unknown refine option(s) {sorted(unknown)} (known: {sorted(self.defaults)})")
-        super().__init__(**{**self.defaults, **config})
-
-    def fingerprint_config(self) -> dict:
-        return {k: v for k, v in self.config.items() if k not in RUNTIME_KEYS}
 
     def prepare(self, store, adapter) -> None:
         store.ensure_arrays(self.arrays)

@@ -42,7 +42,6 @@ from data_cache.schema import IMAGE_SHARD
 
 from .base import STAGES, ShardContext, Stage, cached_sha256, image_groups, run_group
 
-RUNTIME_KEYS = ("batch_size", "points_per_batch")
 PAPER_FEAT_DIM = 64  # D of Eq. 7
 GENERATOR_KEYS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
                   "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh",
@@ -58,13 +57,8 @@ class SAMStage(Stage):
         "feat_dim": None, "pca_sample_images": 32, "proj_store": None, "batch_size": 4,
         "tiny": False, "random_init": False,
     }
+    runtime_keys = ("batch_size", "points_per_batch")
     arrays = ("sam/mask_id", "sam/feat", "sam/proj", "sam/proj_mean")
-
-    def __init__(self, **config):
-        unknown = set(config) - set(self.defaults)
-        if unknown:
-            raise TypeError(f"unknown sam option(s) {sorted(unknown)} (known: {sorted(self.defaults)})")
-        super().__init__(**{**self.defaults, **config})
 
     # -- identity --------------------------------------------------------------------------------------
     def weights_source(self) -> dict:
@@ -85,8 +79,8 @@ class SAMStage(Stage):
         return cached_sha256(src["path"]) if src["source"] == "checkpoint" else None
 
     def fingerprint_config(self) -> dict:
-        c = {k: v for k, v in self.config.items() if k not in RUNTIME_KEYS and k != "checkpoint"}
-        c.update({k: v for k, v in self.generator_options().items() if k not in RUNTIME_KEYS})
+        c = {k: v for k, v in self.config.items() if k not in self.runtime_keys and k != "checkpoint"}
+        c.update({k: v for k, v in self.generator_options().items() if k not in self.runtime_keys})
         c["feat_dim"] = self.feat_dim()
         return c
 
