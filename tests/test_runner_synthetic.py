@@ -96,3 +96,30 @@ def test_kill_and_resume_equals_uninterrupted(sequential_store, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert validate_store(store).ok
     _assert_same_arrays(_arrays(sequential_store), _arrays(store))
+
+
+def test_indoor_rooms_store(tmp_path):
+    summary = run_labels("synthetic", tmp_path, "correspond", split="val", workers=0, progress=False,
+                         dataset_options={"kind": "indoor", "num_scenes": 1, "frames_per_room": 4})
+    assert not summary.failed_frames
+    assert validate_store(summary.store).ok
+    store = Store(summary.store)
+    assert store.attrs.image_size == [240, 320] and len(store.attrs.class_names) == 20
+    assert store.array("images/rgb").shape[0] == 4 and "images/gt" in store
+
+
+def test_existing_dask_scheduler(tmp_path):
+    from distributed import LocalCluster
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        summary = run_labels("synthetic", tmp_path, "correspond", dataset_options={"num_scenes": 1},
+                             scheduler=cluster.scheduler_address, progress=False)
+    assert not summary.failed_frames and validate_store(summary.store).ok
+
+
+def test_nuscenes_fixture_all_stages(nuscenes_root, tmp_path):
+    summary = run_labels("nuscenes", tmp_path, STAGES, data_root=nuscenes_root, split="all", stage_options=TINY,
+                         workers=0, progress=False)
+    assert not summary.failed_frames
+    report = validate_store(summary.store)
+    assert report.ok, report.errors
+    assert Store(summary.store).array("sam/feat").shape[0] == 6
