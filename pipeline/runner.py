@@ -210,8 +210,8 @@ def task_shard(stage, store_dir: str, adapter_spec: dict, shard: Shard, device: 
     if missing:
         return {**base, "skipped": f"prerequisite {missing} not done for shard {shard.index}"}
     dev = _device(device)
-    ctx = ShardContext(store=store, shard=shard, adapter=_adapter(adapter_spec) if stage.name == "correspond"
-                       else None, model=stage.get_model(dev), device=dev)
+    ctx = ShardContext(store=store, shard=shard, adapter=_adapter(adapter_spec) if stage.reads_dataset else None,
+                       model=stage.get_model(dev), device=dev)
     stats = stage.process_shard(ctx)
     stats = {**base, **(stats or {}), "seconds": time.perf_counter() - t0,
              "timings": {k: round(v, 4) for k, v in ctx.timings.items()}}
@@ -385,7 +385,7 @@ def _submit_graph(executor, stage_objs, store, store_dir, adapter_spec, shards, 
     for name, stage in stage_objs.items():
         waits_for = [final_futs[r] for r in stage.requires if r in final_futs]
         prep = track(executor.submit(task_prepare, stage, store_dir, adapter_spec, threads, *waits_for,
-                                     key=f"prepare-{name}-{time.time_ns()}", gpu=name != "correspond"),
+                                     key=f"prepare-{name}-{time.time_ns()}", gpu=stage.uses_gpu),
                      "prepare", name)
         shard_futs[name] = {}
         for sh in shards:
@@ -395,7 +395,7 @@ def _submit_graph(executor, stage_objs, store, store_dir, adapter_spec, shards, 
                              if r in shard_futs and sh.index in shard_futs[r]]
             shard_futs[name][sh.index] = track(executor.submit(
                 task_shard, stage, store_dir, adapter_spec, sh, device, threads, *deps,
-                key=f"{name}-{sh.index:05d}-{time.time_ns()}", gpu=name != "correspond"), "shard", name)
+                key=f"{name}-{sh.index:05d}-{time.time_ns()}", gpu=stage.uses_gpu), "shard", name)
         if not store.stage_complete(name):
             final_futs[name] = track(executor.submit(task_finalize, stage, store_dir, len(shards),
                                                      *shard_futs[name].values(),

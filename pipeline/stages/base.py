@@ -84,6 +84,8 @@ class Stage:
     version: int = 1
     defaults: dict = {}  # every configuration key the stage takes, with its default
     runtime_keys: tuple = ()  # keys that change speed, never the output: left out of the fingerprint
+    reads_dataset: bool = False  # True for a stage that reads the dataset itself (gets the adapter in its context)
+    uses_gpu: bool = False  # True for a model stage: on a cluster whose workers offer a "GPU" resource it takes one
 
     def __init__(self, **config):
         unknown = set(config) - set(self.defaults)

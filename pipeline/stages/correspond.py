@@ -37,6 +37,7 @@ def resize_labels(labels: np.ndarray, size_hw) -> np.ndarray:
 class CorrespondStage(Stage):
     name = "correspond"
     version = 1
+    reads_dataset = True
 
     def fingerprint_config(self) -> dict:
         return {}  # everything that shapes the output is the dataset's configuration, fingerprinted at plan time

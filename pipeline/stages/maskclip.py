@@ -52,6 +52,7 @@ class MaskCLIPStage(Stage):
         "key_smoothing": 0.0, "prompt_denoising": 0.0, "logit_scale": 100.0, "batch_size": 8,
         "tiny": False, "random_init": False,
     }
+    uses_gpu = True
     runtime_keys = ("batch_size",)
     arrays = ("clip/text_embed", "clip/label", "clip/confidence")
 

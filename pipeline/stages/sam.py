@@ -57,6 +57,7 @@ class SAMStage(Stage):
         "feat_dim": None, "pca_sample_images": 32, "proj_store": None, "batch_size": 4,
         "tiny": False, "random_init": False,
     }
+    uses_gpu = True
     runtime_keys = ("batch_size", "points_per_batch")
     arrays = ("sam/mask_id", "sam/feat", "sam/proj", "sam/proj_mean")
 
