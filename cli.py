@@ -30,6 +30,8 @@ def main(verbose: bool) -> None:
     \b
     cns-cli labels     precompute CLIP/SAM pseudo-labels and correspondences into a Zarr cache
     cns-cli cache      status / validate a cache store
+    cns-cli train      co-train the 2D and 3D networks from cache stores
+    cns-cli eval       mIoU tables of a run and the baselines
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
