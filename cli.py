@@ -1,7 +1,6 @@
 """``cns-cli``: the command-line entry point (thin: parsing here, work in pipeline/, train/, data_cache/)."""
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
@@ -144,20 +143,10 @@ def cache_validate(store, no_checkpoint_hash):
     sys.exit(1)
 
 
-def _register_optional(module: str, names) -> None:
-    """Verbs from other packages (train, eval, inspect) join the group when their module is present."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if not module.startswith(e.name or "\0"):
-            raise
-        return
-    for name in names:
-        if hasattr(mod, name):
-            main.add_command(getattr(mod, name))
+from train.commands import eval as eval_command, train as train_command  # noqa: E402  (verbs defined with the trainer)
 
-
-_register_optional("train.commands", ("train", "eval"))
+main.add_command(train_command)
+main.add_command(eval_command)
 
 if __name__ == "__main__":
     main()
