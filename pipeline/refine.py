@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = 255
+from data_cache.schema import IGNORE_INDEX
 
 
 def mask_majority(group: torch.Tensor, labels: torch.Tensor, num_groups: int, num_classes: int,

@@ -17,6 +17,8 @@ from typing import Iterable, Mapping
 
 import yaml
 
+from data_cache.schema import SCHEMA_VERSION
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 
 #: The four stage-2 label sources of Eq. 6 (paper section 3.2).
@@ -34,7 +36,7 @@ DEFAULTS: dict = {
         "batch_size": 2,            # frames per step and process
         "class_names": None,        # null = the first store's; fixed in the dump so a resume checks it
         "text_embed_sha256": None,  # idem for clip/text_embed
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "augment": {
             "rotate_z": True,       # random rotation about z in [0, 2 pi)
             "flip_xy": True,        # random flips of the x and y axes

@@ -92,7 +92,7 @@ def evaluate(model, store_paths, cfg: dict, device, with_baselines: bool = True,
     names = list(eval_classes) if eval_classes is not None else store_classes
     open_vocab = eval_classes is not None and list(eval_classes) != store_classes
     lut = _gt_lut(store_classes, names).to(device)
-    L_store, L = len(store_classes), len(names)
+    L = len(names)
     post_refine = cfg["eval"]["post_refine"] if post_refine is None else post_refine
     ds = CacheFrameDataset(store_paths, cfg, train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, collate_fn=collate_offsets,

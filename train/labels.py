@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from data_cache.schema import IGNORE_INDEX as IGNORE
 from pipeline.refine import apply_majority, mask_majority, per_image_groups, sam_max_vote
-
-IGNORE = 255
 
 
 def first_pair_of_point(pair_point: torch.Tensor, num_points: int) -> torch.Tensor:

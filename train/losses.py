@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import affine_grid
+from data_cache.schema import IGNORE_INDEX as IGNORE
 
-IGNORE = 255
+from .data import affine_grid
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

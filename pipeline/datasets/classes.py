@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-IGNORE_INDEX = 255
+from data_cache.schema import IGNORE_INDEX
 
 
 def _devkit_mapper():

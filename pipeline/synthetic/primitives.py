@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_cache.schema import IGNORE_INDEX as IGNORE_LABEL
+
 BOX, CYLINDER, ELLIPSOID = 0, 1, 2
 #: surface patterns the shader knows (see :mod:`pipeline.synthetic.shading`)
 PLAIN, WINDOWS = 0, 1
-IGNORE_LABEL = 255
 
 # corner i of a local bounding box has signs (bit2, bit1, bit0) -> (x, y, z); edges join corners one bit apart
 _CORNER_SIGNS = np.array([[(i >> 2) & 1, (i >> 1) & 1, i & 1] for i in range(8)], dtype=np.float64) * 2 - 1
