@@ -257,9 +257,36 @@ class SequentialExecutor:
         pass
 
 
+def import_stage_modules() -> None:
+    """Import every stage's model code (open_clip, segment-anything, torchvision) once per worker process.
+
+    A worker runs several tasks on threads; two of them importing torchvision for the first time at once
+    deadlock on Python's module locks (seen with ``--threads-per-worker 2``), so the imports happen before
+    any task.
+    """
+    import importlib
+    for module in ("pipeline.datasets.load_builtin", "pipeline.stages.load_builtin", "pipeline.models.maskclip",
+                   "pipeline.models.sam"):
+        importlib.import_module(module)
+
+
+def _worker_plugin():
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class ImportStageModules(WorkerPlugin):
+        name = "cns-import-stage-modules"
+
+        def setup(self, worker):
+            import_stage_modules()
+
+    return ImportStageModules()
+
+
 class DaskExecutor:
     def __init__(self, workers: int, threads_per_worker: int, scheduler: str | None):
         from distributed import Client, LocalCluster
+        if not log.isEnabledFor(logging.INFO):  # dask's start/stop chatter only with `cns-cli -v`
+            logging.getLogger("distributed").setLevel(logging.WARNING)
         if scheduler:
             self.cluster = None
             self.client = Client(scheduler)
@@ -267,6 +294,7 @@ class DaskExecutor:
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                                         silence_logs=logging.WARNING)
             self.client = Client(self.cluster)
+        self.client.register_plugin(_worker_plugin())  # also runs on workers that join later
         workers_info = self.client.scheduler_info().get("workers", {})
         self.gpu_resource = bool(workers_info) and all("GPU" in w.get("resources", {})
                                                        for w in workers_info.values())

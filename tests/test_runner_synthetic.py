@@ -61,6 +61,14 @@ def test_two_worker_cluster_equals_sequential(sequential_store, tmp_path):
     _assert_same_arrays(_arrays(sequential_store), _arrays(summary.store))
 
 
+def test_threaded_worker_equals_sequential(sequential_store, tmp_path):
+    # two tasks of one worker process used to import torchvision at once and deadlock on its module locks
+    summary = run_labels("synthetic", tmp_path, STAGES, dataset_options=DATASET_OPTIONS, stage_options=TINY,
+                         shard_size=1, workers=1, threads_per_worker=2, progress=False)
+    assert not summary.failed_frames, summary.failed_frames[0]["error"]
+    _assert_same_arrays(_arrays(sequential_store), _arrays(summary.store))
+
+
 def _cli(cache) -> list[str]:
     return [sys.executable, "-m", "cli", "labels", "--dataset", "synthetic", "--cache", str(cache),
             "--stages", STAGES, "--workers", "0", "--shard-size", "1", "--no-progress", "--test-tiny-models",
