@@ -53,14 +53,18 @@ def compressors(name: str):
     return [BloscCodec(**spec["blosc"])]
 
 
-def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    """The sha256 of a file (checkpoint fingerprints)."""
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", block: int = 1 << 22) -> str:
+    """Hex digest of a file, read in blocks (checkpoint fingerprints and download checks)."""
     import hashlib
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha256")
 
 
 def _json_default(o):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import prompts, weights
+from .weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,6 @@ RANDOM_SEED = 0
 
 WEIGHTS_HELP = ("get weights with `make weights` (python -m pipeline.models.weights), then pass "
                 "--clip-checkpoint PATH, or let open_clip download them with --clip-pretrained openai")
-
-
-class WeightsError(RuntimeError):
-    """No usable weight source was given (the stages never fall back to random weights)."""
 
 
 def _register_configs() -> None:

@@ -28,6 +28,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from . import weights
+from .weights import WeightsError
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "sam"
 #: seed of every random-weight build (driver and workers build the same random model)
@@ -50,10 +51,6 @@ GENERATOR_DEFAULTS = {
 
 WEIGHTS_HELP = ("get weights with `make weights` (python -m pipeline.models.weights --sam vit_h), then pass "
                 "--sam-checkpoint PATH")
-
-
-class WeightsError(RuntimeError):
-    """No usable SAM weights were given (the stages never fall back to random weights)."""
 
 
 @lru_cache(maxsize=None)

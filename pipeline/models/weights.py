@@ -15,7 +15,6 @@ checkpoint path is given, so ``make weights`` is enough to run them.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import tempfile
@@ -23,12 +22,19 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_cache.store import file_digest
+
 #: CLIP's image normalisation (OpenAI; open_clip's ``OPENAI_DATASET_MEAN``/``_STD``), on 0..1 pixels.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: SAM's image normalisation (``Sam.pixel_mean``/``pixel_std``), on 0..255 pixels.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+
+class WeightsError(RuntimeError):
+    """No usable weight source was given (the stages never fall back to random weights)."""
 
 
 @dataclass(frozen=True)
@@ -113,14 +119,6 @@ def find_local(kind: str, model: str, dest: str | os.PathLike | None = None) -> 
         return None
     p = checkpoint_dir(dest) / ck.filename
     return p if p.is_file() else None
-
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256", block: int = 1 << 22) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(path: str | os.PathLike, ck: Checkpoint) -> None:
