@@ -29,3 +29,26 @@ def test_labels_train_eval_on_a_pipeline_store(tmp_path, monkeypatch):
         assert row in evaluation.output, row
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["rows"]["cns_3d"]["miou"] <= 100.0
+
+
+def test_open_vocabulary_uses_the_stores_text_tower(tmp_path, monkeypatch):
+    """--classes embeds new names with the CLIP that made the store (here the tiny test CLIP, recorded in the
+    store's fingerprint), so no weights are needed and the embedding width fits the trained heads."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    runner = CliRunner()
+    assert runner.invoke(main, ["labels", "--dataset", "synthetic", "--cache", str(tmp_path), "--workers", "0",
+                                "--test-tiny-models", "--dataset-option", "num_scenes=1",
+                                "--no-progress"]).exit_code == 0
+    store, run = tmp_path / "synthetic-train.zarr", tmp_path / "run"
+    train = runner.invoke(main, ["train", "--cache", str(store), "--config", "synthetic_street_cpu", "--out", str(run),
+                                 "schedule.epochs=1", "schedule.warmup_epochs=1"])
+    assert train.exit_code == 0, train.output
+    ov = runner.invoke(main, ["eval", "--cache", str(store), "--run", str(run), "--classes", "car,road,tree",
+                              "--out", str(tmp_path / "ov.json")])
+    assert ov.exit_code == 0, ov.output
+    result = json.loads((tmp_path / "ov.json").read_text())
+    assert result["open_vocabulary"] and result["class_names"] == ["car", "road", "tree"]
+    assert "CNS 3D net" in ov.output
+    missing = runner.invoke(main, ["eval", "--cache", str(store), "--run", str(run), "--classes", "car,road",
+                                   "--clip-checkpoint", str(tmp_path / "nope.pt")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output and "Traceback" not in missing.output

@@ -72,9 +72,11 @@ def train(caches, config_file, out, resume, seed, eval_caches, device, no_pretra
 @click.option("--config", "config_file", default=None, help="configuration when evaluating without --run")
 @click.option("--classes", default=None,
               help="comma-separated class names: open-vocabulary evaluation, re-embedded with CLIP's text tower")
-@click.option("--clip-model", default="ViT-B-16", help="open_clip model for --classes")
-@click.option("--clip-pretrained", default="openai", help="open_clip weights tag for --classes")
-@click.option("--clip-checkpoint", default=None, help="local open_clip checkpoint for --classes")
+@click.option("--clip-model", default=None,
+              help="open_clip model for --classes (default: the one the store's labels were made with)")
+@click.option("--clip-pretrained", default=None, help="open_clip weights tag for --classes (default: the store's)")
+@click.option("--clip-checkpoint", default=None,
+              help="local CLIP checkpoint for --classes (default: the registry's file in checkpoints/)")
 @click.option("--post-refine/--no-post-refine", default=None,
               help="SAM max-voting of the predictions (default: the run's eval.post_refine)")
 @click.option("--export", "export_dir", default=None, type=click.Path(file_okay=False),
@@ -90,7 +92,7 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
 
     from data_cache.store import CacheError
     from .engine import StoreMismatch, check_stores
-    from .evaluate import evaluate, format_tables, open_vocabulary_embeddings, write_result
+    from .evaluate import evaluate, format_tables, open_vocabulary_embeddings, store_text_tower, write_result
     from .models import build_model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -118,8 +120,19 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
         if model is None:
             _fail(click.UsageError("--classes needs a trained run (--run or --checkpoint)"))
         eval_classes = [c.strip() for c in classes.split(",") if c.strip()]
-        text_embed = open_vocabulary_embeddings(eval_classes, {"model": clip_model, "pretrained": clip_pretrained,
-                                                               "checkpoint": clip_checkpoint}, device)
+        tower = store_text_tower(caches[0])
+        overrides_given = {k: v for k, v in (("model", clip_model), ("pretrained", clip_pretrained),
+                                             ("checkpoint", clip_checkpoint)) if v is not None}
+        clip_cfg = {"model": "ViT-B-16", **tower, **overrides_given}
+        if overrides_given:
+            clip_cfg["tiny"] = False  # a tower named on the command line is a real one
+        if clip_cfg.get("tiny") and not overrides_given:
+            click.secho("WARNING: the store's labels come from the tiny random test CLIP; so do these embeddings",
+                        fg="yellow", err=True)
+        try:
+            text_embed = open_vocabulary_embeddings(eval_classes, clip_cfg, device)
+        except (RuntimeError, ValueError, OSError) as e:  # no weights, a failed download, a wrong checkpoint
+            _fail(e)
     result = evaluate(model, list(caches), cfg, device, with_baselines=True, eval_classes=eval_classes,
                       text_embed=text_embed, export_dir=export_dir, post_refine=post_refine)
     click.echo(format_tables(result))

@@ -67,12 +67,40 @@ def _gt_lut(store_classes, eval_classes) -> torch.Tensor:
     return lut
 
 
+def store_text_tower(store_path) -> dict:
+    """The CLIP text tower that made a store's text space, from its ``maskclip`` fingerprint ({} if none).
+
+    New class names must be embedded by the same tower, or their embeddings do not live in the space the
+    networks' heads were trained against.
+    """
+    from data_cache.store import Store
+    fp = Store(store_path).raw_attrs.get("stages", {}).get("maskclip")
+    if not fp:
+        return {}
+    c = fp.get("config", {})
+    return {"model": c.get("model"), "pretrained": c.get("pretrained"), "tiny": bool(c.get("tiny")),
+            "checkpoint_sha256": fp.get("checkpoint_sha256")}
+
+
 def open_vocabulary_embeddings(class_names, clip_cfg: dict, device) -> torch.Tensor:
     """Embed new class names with the CLIP text tower (evaluation only; the import is deliberately lazy so
-    that training never loads open_clip)."""
+    that training never loads open_clip).
+
+    ``clip_cfg``: ``model``, ``pretrained``, ``checkpoint``, ``tiny`` and, from the store, the
+    ``checkpoint_sha256`` its labels were made with: a checkpoint that hashes differently is refused.
+    """
     from pipeline.models.maskclip import build_text_embeddings
+    want_sha = clip_cfg.get("checkpoint_sha256")
+    if want_sha:
+        from pipeline.models.maskclip import resolve_weights
+        from pipeline.stages.base import cached_sha256
+        src = resolve_weights(clip_cfg.get("model"), clip_cfg.get("pretrained"), clip_cfg.get("checkpoint"))
+        if src["source"] == "checkpoint" and cached_sha256(src["path"]) != want_sha:
+            raise ValueError(f"CLIP checkpoint {src['path']} is not the one the store's labels were made with "
+                             f"(sha256 {want_sha[:12]}...); pass that one with --clip-checkpoint")
     emb = build_text_embeddings(list(class_names), model=clip_cfg.get("model"), pretrained=clip_cfg.get("pretrained"),
-                                checkpoint=clip_cfg.get("checkpoint"), tiny=False, device=str(device))
+                                checkpoint=clip_cfg.get("checkpoint"), tiny=bool(clip_cfg.get("tiny")),
+                                device=str(device))
     emb = torch.as_tensor(emb, dtype=torch.float32)
     return emb / emb.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
