@@ -57,7 +57,7 @@ labels:  ## run the pseudo-label stages into CACHE (see variables above)
 	  $(call opt,--sam-points-per-side,$(SAM_POINTS)) $(LABELS_ARGS)
 
 train:  ## co-train the 2D and 3D networks on STORE (CONFIG=nuscenes|scannet|synthetic_street_cpu|..., RUN=dir)
-	$(CLI) train --cache $(STORE) --config $(CONFIG) --out $(RUN) $(TRAIN_ARGS)
+	$(CLI) train --cache $(STORE) --config $(CONFIG) --out $(RUN) $(call opt,--eval-cache,$(wildcard $(EVAL_STORE))) $(TRAIN_ARGS)
 
 eval:  ## mIoU tables of RUN and the baselines on EVAL_STORE
 	$(CLI) eval --cache $(EVAL_STORE) --run $(RUN) $(EVAL_ARGS)

@@ -10,7 +10,10 @@ def test_every_shipped_config_loads():
     for n in names:
         load_config(n)
     assert load_config("scannet")["data"]["images_per_frame"] == 16
-    assert load_config("nuscenes")["schedule"]["warmup_epochs"] == 20
+    nus = load_config("nuscenes")["schedule"]  # paper sec. 4: 20 epochs, stage 2 after ten of stage 1
+    assert (nus["epochs"], nus["warmup_epochs"]) == (20, 10)
+    scan = load_config("scannet")["schedule"]  # 30 epochs, stage 2 after ten
+    assert (scan["epochs"], scan["warmup_epochs"]) == (30, 10)
     indoor = load_config("synthetic_indoor_cpu")  # _base_ inheritance
     assert indoor["data"]["voxel_size"] == 0.05 and indoor["model"]["net3d"] == "spunet_small"
 
@@ -38,3 +41,23 @@ def test_ablation_presets_set_keys_and_explicit_overrides_win():
     assert set(ABLATIONS) >= {"no_refine", "no_cross_training", "no_self_cross_training", "no_clip_stage2",
                               "pred2d_only", "pred3d_only", "latent_sam", "latent_clip", "latent_sam_clip",
                               "latent_none", "post_refine", "images_8", "images_16", "images_32"}
+
+
+def test_table2_presets_mean_what_the_paper_means():
+    def keys(name):
+        cfg = load_config(None, [f"ablation={name}"])
+        return cfg["labels"], cfg["loss"]["latent_target"], cfg["eval"]["post_refine"]
+
+    # 'w 2D' / 'w 3D': one network's predictions train both, no CLIP labels in stage 2
+    assert keys("pred2d_only")[0]["stage2_sources"] == ["pred2d"]
+    assert keys("pred3d_only")[0]["stage2_sources"] == ["pred3d"]
+    # 'Base+CLIP': raw CLIP labels, no refinement, no switching, no latent term; '+LSC' adds Eq. 7 with SAM
+    labels, latent, _ = keys("base_clip")
+    assert labels["refine"] is False and labels["stage2_sources"] == ["clip2d"] and latent == "none"
+    labels, latent, _ = keys("base_clip_lsc")
+    assert labels["refine"] is False and labels["stage2_sources"] == ["clip2d"] and latent == "sam"
+    assert keys("no_clip_stage2")[0]["stage2_sources"] == ["pred2d", "pred3d"]
+    assert keys("no_self_cross_training")[0]["stage2_sources"] == ["clip2d", "clip3d"]
+    assert keys("none")[0]["switch"] == "pair" and keys("switch_frame")[0]["switch"] == "frame"
+    with pytest.raises(ConfigError, match="labels.switch"):
+        load_config(None, ["labels.switch=image"])

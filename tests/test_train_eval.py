@@ -47,3 +47,16 @@ def test_training_never_imports_the_foundation_models():
             "bad = [m for m in ('open_clip', 'segment_anything') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_projected_3d_baselines_over_all_points_and_paired_points_only(tmp_path):
+    path = build_toy_store(tmp_path / "toy.zarr", num_frames=2, num_images=3)
+    cfg = load_config("synthetic_street_cpu", ["eval.images_per_frame=1"])  # one camera: many points unpaired
+    check_stores([path], cfg)
+    rows = evaluate(None, [path], cfg, "cpu")["rows"]
+    st = Store(path)
+    gt = np.asarray(st.array("points/gt")[:])
+    assert rows["clip_3d"]["counted"] == int((gt != 255).sum())
+    assert 0 < rows["clip_3d_paired"]["counted"] < rows["clip_3d"]["counted"]
+    for key in ("clip", "wo_cns"):  # an unpaired point is a miss in one row and absent from the other
+        assert rows[f"{key}_3d_paired"]["miou"] > rows[f"{key}_3d"]["miou"]

@@ -6,7 +6,7 @@ import torch
 
 from train.data import affine_grid
 from train.losses import (cotraining_loss, latent_consistency, latent_losses, masked_cross_entropy,
-                          sam_features_at_grid, sam_features_at_pairs)
+                          features_at_grid, features_at_pairs)
 from train.models import CNSModel
 
 
@@ -44,54 +44,63 @@ def test_eq7_latent_consistency_hand_case():
     assert t.grad is None and p.grad is not None  # the SAM side is frozen
 
 
-def test_sam_features_at_pairs_identity_and_flip():
+def test_features_at_pairs_identity_and_flip():
     feat = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)  # D=2 grid 3x4 == image 3x4
     src_hw = torch.tensor([[3, 4]])
     ident = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
     uv = torch.tensor([[0, 0], [3, 2], [1, 2]])
     img = torch.zeros(3, dtype=torch.long)
-    got = sam_features_at_pairs(feat, ident, src_hw, img, uv)
+    got = features_at_pairs(feat, ident, src_hw, img, uv)
     assert torch.allclose(got, feat[0, :, uv[:, 1], uv[:, 0]].T)
     flip = torch.tensor([[-1.0, 4.0, 1.0, 0.0]])  # x_src = 4 - x_out
-    got = sam_features_at_pairs(feat, flip, src_hw, img, uv)
+    got = features_at_pairs(feat, flip, src_hw, img, uv)
     assert torch.allclose(got, feat[0, :, uv[:, 1], 3 - uv[:, 0]].T)
     # a coarser SAM grid (half resolution): the pixel centre (1.5, 0.5) of a 2x4 image on a 1x2 grid
     coarse = torch.tensor([[[[0.0, 10.0]]]])
-    v = sam_features_at_pairs(coarse, ident, torch.tensor([[2, 4]]), torch.zeros(1, dtype=torch.long),
+    v = features_at_pairs(coarse, ident, torch.tensor([[2, 4]]), torch.zeros(1, dtype=torch.long),
                               torch.tensor([[1, 0]]))
     assert v.item() == pytest.approx(2.5)  # grid x = 1.5 / 4 * 2 - 0.5 = 0.25 -> 0.75*0 + 0.25*10
 
 
-def test_sam_features_at_grid_identity_and_crop():
+def test_features_at_grid_identity_and_crop():
     feat = torch.randn(1, 3, 4, 6)
     ident = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
-    got = sam_features_at_grid(feat, ident, torch.tensor([[8, 12]]), (8, 12), (4, 6))
+    got = features_at_grid(feat, ident, torch.tensor([[8, 12]]), (8, 12), (4, 6))
     assert torch.allclose(got, feat, atol=1e-5)
     # the right half of the image, resized to the full output: output cell 1 (centre x = 3) is source x = 7.5, SAM cell 3.25
     crop = torch.tensor([[0.5, 6.0, 1.0, 0.0]])
-    got = sam_features_at_grid(feat, crop, torch.tensor([[8, 12]]), (8, 12), (4, 6))
+    got = features_at_grid(feat, crop, torch.tensor([[8, 12]]), (8, 12), (4, 6))
     assert torch.allclose(got[..., 1], 0.75 * feat[..., 3] + 0.25 * feat[..., 4], atol=1e-5)
     g = affine_grid(ident, torch.tensor([[8, 12]]), (8, 12))
     assert g.shape == (1, 8, 12, 2) and g[0, 0, 0].tolist() == pytest.approx([-1 + 1 / 12, -1 + 1 / 8])
 
 
 def test_latent_targets_switch_terms():
+    """Eq. 7 with the SAM feature, the dense CLIP feature, both (one concatenated target) or none."""
     torch.manual_seed(0)
-    out = {"logits3d": torch.randn(5, 3), "logits2d": torch.randn(1, 3, 4, 4), "lat2d": torch.randn(1, 2, 2, 2),
-           "lat3d": torch.randn(5, 2), "emb2d": torch.randn(1, 4, 2, 2), "emb3d": torch.randn(5, 4)}
-    batch = {"rgb": torch.zeros(1, 3, 4, 4), "sam_feat": torch.randn(1, 2, 2, 2), "affine": torch.tensor([[1.0, 0, 1, 0]]),
-             "src_hw": torch.tensor([[4, 4]]), "pair_point": torch.tensor([0, 3]), "pair_image": torch.tensor([0, 0]),
+    out = {"logits3d": torch.randn(5, 3), "logits2d": torch.randn(1, 3, 4, 4)}
+    batch = {"rgb": torch.zeros(1, 3, 4, 4), "sam_feat": torch.randn(1, 2, 2, 2), "clip_feat": torch.randn(1, 3, 2, 2),
+             "affine": torch.tensor([[1.0, 0, 1, 0]]), "src_hw": torch.tensor([[4, 4]]),
+             "pair_point": torch.tensor([0, 3]), "pair_image": torch.tensor([0, 0]),
              "pair_uv": torch.tensor([[0, 0], [3, 3]])}
-    text = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
-    clip_pix, clip_pts = torch.randint(0, 3, (1, 4, 4)), torch.tensor([0, 1, 255, 2, 1])
-    none = latent_losses(out, batch, "none", clip_pix, clip_pts, text)
-    sam = latent_losses(out, batch, "sam", clip_pix, clip_pts, text)
-    clip = latent_losses(out, batch, "clip", clip_pix, clip_pts, text)
-    both = latent_losses(out, batch, "sam+clip", clip_pix, clip_pts, text)
+    none = latent_losses(dict(out), batch, "none")
     assert none["latent3d"].item() == 0 and none["latent2d"].item() == 0
-    assert sam["latent3d"].item() > 0 and clip["latent3d"].item() > 0
-    assert both["latent3d"].item() == pytest.approx(sam["latent3d"].item() + clip["latent3d"].item(), rel=1e-5)
-    # CLIP target of a point = the text embedding of its CLIP label (the point labelled 255 is skipped)
-    keep = torch.tensor([0, 1, 3, 4])
-    expect = (1 - torch.nn.functional.cosine_similarity(out["emb3d"][keep], text[clip_pts[keep]])).mean()
-    assert clip["latent3d"].item() == pytest.approx(expect.item(), rel=1e-5)
+    sam = latent_losses(dict(out, lat2d=torch.randn(1, 2, 2, 2), lat3d=torch.randn(5, 2)), batch, "sam")
+    assert sam["latent3d"].item() > 0 and sam["latent2d"].item() > 0
+    # the CLIP target is clip/feat at the paired pixel: a head equal to it gives 0 loss at the pairs
+    clip_at_pairs = features_at_pairs(batch["clip_feat"], batch["affine"], batch["src_hw"], batch["pair_image"],
+                                      batch["pair_uv"])
+    lat3d = torch.randn(5, 3)
+    lat3d[batch["pair_point"]] = 2.5 * clip_at_pairs  # cosine ignores the scale
+    grid = features_at_grid(batch["clip_feat"], batch["affine"], batch["src_hw"], (4, 4), (2, 2))
+    clip = latent_losses(dict(out, lat2d=grid.clone(), lat3d=lat3d), batch, "clip")
+    assert clip["latent3d"].item() == pytest.approx(0, abs=1e-6) and clip["latent2d"].item() == pytest.approx(0, abs=1e-6)
+    # sam+clip: one target, the concatenation of the two normalised features (width 2 + 3)
+    sam_at_pairs = features_at_pairs(batch["sam_feat"], batch["affine"], batch["src_hw"], batch["pair_image"],
+                                     batch["pair_uv"])
+    head = torch.randn(5, 5)
+    both = latent_losses(dict(out, lat2d=torch.randn(1, 5, 2, 2), lat3d=head), batch, "sam+clip")
+    target = torch.cat([torch.nn.functional.normalize(sam_at_pairs, dim=-1),
+                        torch.nn.functional.normalize(clip_at_pairs, dim=-1)], -1)
+    expect = (1 - torch.nn.functional.cosine_similarity(head[batch["pair_point"]], target)).mean()
+    assert both["latent3d"].item() == pytest.approx(expect.item(), rel=1e-5)

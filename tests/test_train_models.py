@@ -47,7 +47,7 @@ def test_small_3d_variant_and_the_cpu_algorithm():
 def test_2d_nets_and_eq5_heads(name):
     text = torch.nn.functional.normalize(torch.randn(5, 16), dim=1)
     net2d = MODELS_2D.get(name)(pretrained=False)
-    model = CNSModel(net2d, MODELS_3D.get("spunet_small")(4), text, sam_dim=8).eval()
+    model = CNSModel(net2d, MODELS_3D.get("spunet_small")(4), text, latent_dim=8).eval()
     index, feat = _voxels(100, batch=1)
     inverse = torch.arange(len(index)).repeat(2)  # two points per voxel
     rgb = torch.randint(0, 255, (2, 3, 32, 48), dtype=torch.uint8)

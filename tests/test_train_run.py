@@ -71,8 +71,12 @@ def test_short_run_both_stages_and_eval_tables(straight_run, toy):
     stages = {r["stage"] for r in recs if r["type"] == "train"}
     assert stages == {1, 2}
     stage2 = [r for r in recs if r["type"] == "train" and r["stage"] == 2]
-    drawn = set(",".join(r["targets2d"] + "," + r["targets3d"] for r in stage2).split(","))
-    assert drawn - {"clip2d"}, "stage 2 never drew a source other than clip2d"
+    stage1 = [r for r in recs if r["type"] == "train" and r["stage"] == 1]
+    assert all(r["share2d_clip2d"] > 0.5 and "share2d_pred3d" not in r for r in stage1)
+    for r in stage2:  # every source supervises part of each step (per-pair switching), none dominates
+        for dim in ("2d", "3d"):
+            shares = [r[f"share{dim}_{n}"] for n in ("clip2d", "clip3d", "pred2d", "pred3d")]
+            assert min(shares) > 0.05 and sum(shares) + r[f"share{dim}_none"] == pytest.approx(1)
     assert all(np.isfinite(r["loss"]) for r in recs if r["type"] == "train")
     assert any(r["type"] == "eval" for r in recs)
     assert "CNS 3D net" in output and "CNS 2D net" in output
@@ -90,8 +94,9 @@ def test_short_run_both_stages_and_eval_tables(straight_run, toy):
     res = CliRunner().invoke(eval_cmd, ["--cache", str(toy), "--run", str(run), "--device", "cpu",
                                         "--export", str(run / "pred")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    for title in ("CLIP labels (MaskCLIP), 2D", "CLIP labels projected to points, 3D", "w/o CNS",
-                  "CNS 3D net", "CNS 2D net", "reported in the paper"):
+    for title in ("CLIP labels (MaskCLIP), 2D", "CLIP labels projected, 3D, all points",
+                  "CLIP labels projected, 3D, paired points only", "w/o CNS", "CNS 3D net", "CNS 2D net",
+                  "reported in the paper", "evaluated on: toy-train", "2D ground truth: images/gt"):
         assert title in res.output
     result = json.loads((run / "eval" / "metrics.json").read_text())
     # the toy's CLIP labels are 20-25 % noisy and its SAM masks are the true regions
@@ -149,6 +154,56 @@ def test_kill_and_resume_matches_the_straight_run(straight_run, toy, tmp_path):
     assert steps == sorted(set(steps)) == list(range(1, 7))  # no duplicated lines from the killed epoch
 
 
+def test_batchnorm_statistics_are_recalibrated_before_evaluation(straight_run, toy, tmp_path):
+    """After a short run the running statistics (momentum 0.01 in MobileNetV3) are still mostly their initial
+    values; re-estimated before the final checkpoint, eval mode scores like the batch statistics do."""
+    from train.evaluate import evaluate
+    run, _ = straight_run
+    cfg = load_config(run / "config.yaml")
+
+    def scores(model, batch_statistics):
+        rows = evaluate(model, [toy], cfg, "cpu", with_baselines=False, batch_statistics=batch_statistics)["rows"]
+        return np.array([rows["cns_2d"]["miou"], rows["cns_3d"]["miou"]])
+
+    def model_of(path):
+        from train.models import build_model
+        state = torch.load(path / "checkpoints" / "last.pth", map_location="cpu", weights_only=False)
+        info = check_stores([toy], cfg, for_training=False)
+        m = build_model(dict(cfg, model=dict(cfg["model"], pretrained_2d=False)), info["point_channels"] + 3,
+                        info["text_embed"], state["feature_dims"], "cpu")
+        m.load_state_dict(state["model"])
+        return m, state
+
+    model, state = model_of(run)
+    assert state["bn_recalibration"]["images"] == 12  # all 4 frames x 3 images (fewer than 256)
+    assert [r["bn_recalibration_images"] for r in _metrics(run) if r["type"] == "eval"] == [12]
+    assert np.abs(scores(model, False) - scores(model, True)).max() < 2.0
+    # the same run without the re-estimation: eval mode falls well behind the batch statistics (3D)
+    cfg0 = load_config("synthetic_street_cpu", RUN_ARGS + ["seed=3", "eval.bn_recalibration_images=0",
+                                                           "eval.at_end=false"])
+    Trainer(cfg0, [toy], tmp_path / "stale", device="cpu", progress=False).train()
+    stale, _ = model_of(tmp_path / "stale")
+    assert (scores(stale, True) - scores(stale, False)).max() > 5.0
+
+
+def test_training_evaluates_on_the_val_store_beside_the_training_store(tmp_path):
+    train_store = build_toy_store(tmp_path / "toy-train.zarr", num_frames=2, num_images=2)
+    args = ["--cache", str(train_store), "--config", "synthetic_street_cpu", "--device", "cpu",
+            "schedule.epochs=1", "schedule.warmup_epochs=1", "eval.bn_recalibration_images=2"]
+    res = CliRunner().invoke(train, args + ["--out", str(tmp_path / "no_val")], catch_exceptions=False)
+    assert res.exit_code == 0 and "evaluating on toy-train -- the training stores themselves" in res.output
+    ev = [r for r in _metrics(tmp_path / "no_val") if r["type"] == "eval"]
+    assert ev[0]["eval_stores"] == "toy-train" and ev[0]["held_out"] is False
+    from data_cache.store import Store
+    build_toy_store(tmp_path / "toy-val.zarr", num_frames=1, num_images=2, seed=4, split="val",
+                    text_embed=np.asarray(Store(train_store).array("clip/text_embed")[:]))
+    res = CliRunner().invoke(train, args + ["--out", str(tmp_path / "val")], catch_exceptions=False)
+    assert res.exit_code == 0 and "evaluating on toy-val" in res.output
+    ev = [r for r in _metrics(tmp_path / "val") if r["type"] == "eval"]
+    assert ev[0]["eval_stores"] == "toy-val" and ev[0]["held_out"] is True
+    assert "evaluated on: toy-val" in res.output
+
+
 def test_resume_with_another_configuration_is_refused(straight_run, toy):
     run, _ = straight_run
     res = CliRunner().invoke(train, ["--cache", str(toy), "--out", str(run), "--resume", "--device", "cpu",
@@ -185,8 +240,13 @@ def test_every_ablation_switch_runs(ablation, two_frames, tmp_path):
     rec = [r for r in _metrics(tmp_path / ablation) if r["type"] == "train"][0]
     if ablation == "latent_none":
         assert rec["latent2d"] == 0 and rec["latent3d"] == 0
-    if ablation == "no_clip_stage2":
-        assert set(rec["targets2d"].split(",")) <= {"pred2d", "pred3d"}
+    shares = {k for k in rec if k.startswith("share2d_") and k != "share2d_none"}
+    allowed = {"no_clip_stage2": {"pred2d", "pred3d"}, "pred2d_only": {"pred2d"}, "pred3d_only": {"pred3d"},
+               "base_clip": {"clip2d"}, "base_clip_lsc": {"clip2d"}}
+    if ablation in allowed:
+        assert shares == {f"share2d_{n}" for n in allowed[ablation]}
+    if ablation == "switch_frame":
+        assert len(rec["targets2d"].split(",")) == 2  # one draw per frame
 
 
 # -- refusals ---------------------------------------------------------------------------------------

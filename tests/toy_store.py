@@ -116,14 +116,15 @@ def build_toy_store(path: str | Path, num_frames: int = 4, num_images: int = 3, 
                     point_stride: int = 12, label_noise: float = 0.25, seed: int = 0, dataset: str = "toy",
                     point_features=("intensity",), schema_version: int = schema.SCHEMA_VERSION,
                     stages=schema.STAGE_ORDER, text_embed: np.ndarray | None = None,
-                    images_per_frame: list | None = None, capabilities=("point_gt", "image_gt")) -> Path:
+                    images_per_frame: list | None = None, capabilities=("point_gt", "image_gt"),
+                    split: str = "train") -> Path:
     """Write a toy store at ``path`` and return it. ``stages`` lists the stages marked complete."""
     rng = np.random.default_rng(seed)
     L = len(class_names)
     h, w = image_size
     per_frame_images = images_per_frame or [num_images] * num_frames
     frames = [make_toy_frame(rng, n, image_size, L, point_stride) for n in per_frame_images]
-    attrs = schema.RootAttrs(dataset=dataset, split="train", class_names=list(class_names),
+    attrs = schema.RootAttrs(dataset=dataset, split=split, class_names=list(class_names),
                              image_size=[h, w], point_features=list(point_features),
                              capabilities=list(capabilities), num_frames=num_frames,
                              schema_version=schema_version, shard_size=2)

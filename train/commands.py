@@ -26,7 +26,8 @@ def _fail(e: Exception) -> None:
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--seed", type=int, default=None, help="seed (a CPU run with one seed is repeatable)")
 @click.option("--eval-cache", "eval_caches", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="store(s) evaluated after each epoch (default: the training stores)")
+              help="store(s) evaluated during training (default: the val store beside each training store, "
+                   "<dataset>-val.zarr, when it exists; else the training stores)")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--no-pretrained-2d", is_flag=True, help="train the 2D backbone from scratch")
 @click.option("--stop-after-epochs", type=int, default=None, hidden=True,
@@ -54,6 +55,9 @@ def train(caches, config_file, out, resume, seed, eval_caches, device, no_pretra
                           resume=resume)
     except (ConfigError, StoreMismatch, CacheError, FileExistsError) as e:
         _fail(e)
+    if trainer.rank == 0:
+        note = "" if trainer.eval_held_out else " -- the training stores themselves: no val store found"
+        click.echo(f"evaluating on {trainer.eval_label}{note}", err=True)
     try:
         results = trainer.train(stop_after_epochs=stop_after_epochs)
         if trainer.rank == 0 and results:
@@ -103,7 +107,7 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
         else:
             state_path = Path(checkpoint) if checkpoint else None
             cfg = load_config(config_file, ov)
-        info = check_stores(list(caches), cfg)
+        info = check_stores(list(caches), cfg, for_training=False)
     except (ConfigError, StoreMismatch, CacheError) as e:
         _fail(e)
     model = None
@@ -113,7 +117,9 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
         state = torch.load(state_path, map_location=device, weights_only=False)
         cfg_model = dict(cfg, model=dict(cfg["model"], pretrained_2d=False))  # the checkpoint has the weights
         in_ch = info["point_channels"] + (3 if cfg["data"]["use_xyz"] else 0)
-        model = build_model(cfg_model, in_ch, info["text_embed"], info["sam_dim"], device)
+        # the Eq. 7 heads' width: as trained (an evaluation store need not hold the feature grids)
+        model = build_model(cfg_model, in_ch, info["text_embed"], state.get("feature_dims", info["feature_dims"]),
+                            device)
         model.load_state_dict(state["model"])
     eval_classes, text_embed = None, None
     if classes:

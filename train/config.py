@@ -23,6 +23,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 
 #: The four stage-2 label sources of Eq. 6 (paper section 3.2).
 LABEL_SOURCES = ("clip2d", "clip3d", "pred2d", "pred3d")
+#: Units of the Eq. 6 draw: ``pair`` (the paper's R*_i: one draw per pixel-point pair, shared by the 2D and
+#: the 3D term) or ``frame`` (one draw per frame and network).
+SWITCH_UNITS = ("pair", "frame")
 
 DEFAULTS: dict = {
     "seed": 0,
@@ -67,11 +70,12 @@ DEFAULTS: dict = {
         "refine": True,             # SAM max-voting (Eq. 4) of every target; false = 'w/o refinement'
         "stage2_sources": list(LABEL_SOURCES),
         "cross_training": True,     # false: each net learns only from its own modality's sources
+        "switch": "pair",           # Eq. 6 draw unit: pair (one draw per pixel-point pair, the paper) | frame
     },
     "loss": {
         "weight_2d": 1.0,
         "weight_3d": 1.0,
-        "latent_target": "sam",     # Eq. 7 target: sam | clip | sam+clip | none
+        "latent_target": "sam",     # Eq. 7 target: sam | clip (clip/feat) | sam+clip (both, concatenated) | none
         "weight_latent": 1.0,
     },
     "eval": {
@@ -79,18 +83,27 @@ DEFAULTS: dict = {
         "images_per_frame": 0,      # 0 = every image
         "interval": 1,              # evaluate every N epochs (0 = only at the end)
         "at_end": True,             # evaluate after the last epoch
+        "bn_recalibration_images": 256,  # re-estimate BatchNorm statistics on this many training images
+                                          # before each evaluation and the final checkpoint (0 = never)
     },
 }
 
-#: ``ablation=<name>`` -> the keys it sets (paper Table 2).
+#: ``ablation=<name>`` -> the keys it sets: one preset per trained row of the paper's Table 2 (the rows
+#: 'Baseline' and 'w/o CNS' train nothing: they are the ``clip_*`` and ``wo_cns_*`` rows of every evaluation).
 ABLATIONS: dict[str, dict] = {
-    "none": {},
+    "none": {},                     # the full method ('Ours')
+    # 'Base+CLIP': both nets self-trained on the raw CLIP labels: no SAM refinement, no switching, no Eq. 7
+    "base_clip": {"labels.refine": False, "labels.stage2_sources": ["clip2d"], "loss.latent_target": "none"},
+    # 'Base+CLIP+LSC': the same plus the latent space consistency with SAM (Eq. 7)
+    "base_clip_lsc": {"labels.refine": False, "labels.stage2_sources": ["clip2d"], "loss.latent_target": "sam"},
     "no_refine": {"labels.refine": False},
     "no_cross_training": {"labels.cross_training": False},
     "no_self_cross_training": {"labels.stage2_sources": ["clip2d", "clip3d"]},
     "no_clip_stage2": {"labels.stage2_sources": ["pred2d", "pred3d"]},
-    "pred2d_only": {"labels.stage2_sources": ["clip2d", "clip3d", "pred2d"]},
-    "pred3d_only": {"labels.stage2_sources": ["clip2d", "clip3d", "pred3d"]},
+    # 'w 2D' / 'w 3D': one network's prediction supervises both networks in stage 2, no CLIP labels (the
+    # paper's numbers collapse like 'w/o CLIP')
+    "pred2d_only": {"labels.stage2_sources": ["pred2d"]},
+    "pred3d_only": {"labels.stage2_sources": ["pred3d"]},
     "latent_sam": {"loss.latent_target": "sam"},
     "latent_clip": {"loss.latent_target": "clip"},
     "latent_sam_clip": {"loss.latent_target": "sam+clip"},
@@ -99,6 +112,7 @@ ABLATIONS: dict[str, dict] = {
     "images_8": {"data.images_per_frame": 8},
     "images_16": {"data.images_per_frame": 16},
     "images_32": {"data.images_per_frame": 32},
+    "switch_frame": {"labels.switch": "frame"},  # not a paper row: one draw per frame and network
 }
 
 
@@ -199,6 +213,8 @@ def validate(cfg: dict) -> None:
     if cfg["loss"]["latent_target"] not in ("sam", "clip", "sam+clip", "none"):
         raise ConfigError(f"loss.latent_target must be sam, clip, sam+clip or none, got "
                           f"'{cfg['loss']['latent_target']}'")
+    if cfg["labels"]["switch"] not in SWITCH_UNITS:
+        raise ConfigError(f"labels.switch must be one of {SWITCH_UNITS}, got '{cfg['labels']['switch']}'")
     s = cfg["schedule"]
     if not 0 <= s["warmup_epochs"] <= s["epochs"]:
         raise ConfigError(f"schedule.warmup_epochs ({s['warmup_epochs']}) must lie in 0..epochs ({s['epochs']})")

@@ -26,9 +26,21 @@ from data_cache.store import Store
 
 IGNORE = schema.IGNORE_INDEX
 
-#: Arrays of a store that training reads; the stage that writes each is what a user must run.
+#: Arrays of a store that training and evaluation read; the stage that writes each is what a user must run.
 TRAINING_ARRAYS = ("points/xyz", "points/feat", "images/rgb", "pairs/point", "pairs/image", "pairs/uv",
-                   "clip/text_embed", "clip/label", "sam/mask_id", "sam/feat", "clip/label_refined")
+                   "clip/text_embed", "clip/label", "sam/mask_id", "clip/label_refined")
+
+
+#: What 2D evaluation scores against: a store's ``images/gt`` or, without it, the pixels labelled 3D points
+#: project to, with the point's label.
+IMAGE_GT_SOURCES = {"images/gt": "images/gt (per-pixel labels)",
+                    "projected": "projected 3D labels (pixels of labelled points only)"}
+
+
+def latent_feature_arrays(cfg: dict) -> tuple[str, ...]:
+    """The cached feature grids the Eq. 7 target of ``loss.latent_target`` needs (``sam/feat``, ``clip/feat``)."""
+    from .losses import LATENT_FEATURES
+    return tuple(f"{name}/feat" for name in LATENT_FEATURES[cfg["loss"]["latent_target"]])
 
 
 def _read_rows(arr, rows: np.ndarray) -> np.ndarray:
@@ -126,10 +138,15 @@ def warp_pairs(uv: np.ndarray, image: np.ndarray, affines: np.ndarray, out_hw) -
 class CacheFrameDataset(Dataset):
     """One item per frame of the given stores (frames of several stores are concatenated)."""
 
-    def __init__(self, store_paths, cfg: dict, train: bool = True):
+    def __init__(self, store_paths, cfg: dict, train: bool = True, images_per_frame: int | None = None):
+        """``train``: random augmentations and ``data.images_per_frame``; otherwise none and
+        ``eval.images_per_frame`` (or ``images_per_frame`` when given). Training items carry the cached
+        feature grids of the latent target."""
         self.paths = [str(p) for p in store_paths]
         self.cfg = cfg
         self.train = train
+        self.images_per_frame = images_per_frame
+        self.feature_arrays = latent_feature_arrays(cfg) if train else ()
         self.epoch = 0
         self.seed = int(cfg.get("seed", 0))
         self.index: list[tuple[int, int]] = []
@@ -138,8 +155,10 @@ class CacheFrameDataset(Dataset):
             st = Store(path)
             offs = {k: st.offsets(k) for k in ("points", "images", "pairs")}
             attrs = st.attrs
+            has_image_gt = "images/gt" in st
             self.meta.append({"offsets": offs, "image_size": tuple(attrs.image_size),
-                              "has_point_gt": "points/gt" in st, "has_image_gt": "images/gt" in st})
+                              "has_point_gt": "points/gt" in st, "has_image_gt": has_image_gt,
+                              "image_gt_source": IMAGE_GT_SOURCES["images/gt" if has_image_gt else "projected"]})
             self.index += [(s, f) for f in range(len(offs["points"]) - 1)]
         sizes = {m["image_size"] for m in self.meta}
         self.out_size = tuple(cfg["data"]["image_size"] or next(iter(sizes)))
@@ -167,6 +186,8 @@ class CacheFrameDataset(Dataset):
         return self._stores[s]
 
     def _images_per_frame(self) -> int:
+        if self.images_per_frame is not None:
+            return int(self.images_per_frame)
         return int(self.cfg["data"]["images_per_frame"] if self.train else self.cfg["eval"]["images_per_frame"])
 
     def __getitem__(self, idx: int) -> dict:
@@ -221,7 +242,7 @@ class CacheFrameDataset(Dataset):
                 maps[key] = np.full((len(rows),) + self.out_size, IGNORE, np.uint8)
                 continue
             maps[key] = warp_nearest(_read_rows(st.array(name), rows), affines, self.out_size)
-        sam_feat = _read_rows(st.array("sam/feat"), rows)
+        feats = {f"{name.split('/')[0]}_feat": _read_rows(st.array(name), rows) for name in self.feature_arrays}
 
         # -- pairs: keep those on a sampled image and inside its crop ----------------------------
         k0, k1 = int(offs["pairs"][f]), int(offs["pairs"][f + 1])
@@ -237,7 +258,7 @@ class CacheFrameDataset(Dataset):
         return {
             "coord": coord.astype(np.float32), "point_gt": gt.astype(np.int64), "inverse": inverse,
             "voxel_coord": voxel_coord, "voxel_feat": voxel_feat,
-            "rgb": rgb, "affine": affines.astype(np.float32), "sam_feat": sam_feat,
+            "rgb": rgb, "affine": affines.astype(np.float32), **feats,
             "clip_label": maps["clip_label"], "clip_refined": maps["clip_refined"],
             "mask_id": maps["mask_id"].astype(np.int64), "image_gt": maps["image_gt"],
             "pair_point": pair_point[inside], "pair_image": pair_image[inside], "pair_uv": pair_uv[inside],
@@ -288,7 +309,8 @@ def collate_offsets(samples: list[dict]) -> dict:
         "inverse": torch.cat([torch.from_numpy(s["inverse"]) + v_off[b] for b, s in enumerate(samples)]),
         "voxel_index": torch.cat([torch.cat([torch.full((len(s["voxel_coord"]), 1), b, dtype=torch.int32),
                                              torch.from_numpy(s["voxel_coord"])], 1) for b, s in enumerate(samples)]),
-        "rgb": cat("rgb"), "affine": cat("affine"), "sam_feat": cat("sam_feat"),
+        "rgb": cat("rgb"), "affine": cat("affine"),
+        **{k: cat(k) for k in ("sam_feat", "clip_feat") if k in samples[0]},
         "clip_label": cat("clip_label"), "clip_refined": cat("clip_refined"), "mask_id": cat("mask_id"),
         "image_gt": cat("image_gt"),
         "pair_point": torch.cat([torch.from_numpy(s["pair_point"]) + p_off[b] for b, s in enumerate(samples)]),

@@ -24,7 +24,8 @@ from data_cache import schema
 from data_cache.store import CacheError, Store
 
 from .config import ConfigError, dump_config
-from .data import TRAINING_ARRAYS, CacheFrameDataset, EpochSampler, batch_to, collate_offsets, worker_init
+from .data import (TRAINING_ARRAYS, CacheFrameDataset, EpochSampler, batch_to, collate_offsets, latent_feature_arrays,
+                   worker_init)
 from .labels import LabelSources, allowed_sources, switch_targets
 from .losses import cotraining_loss, latent_losses
 from .models import build_model
@@ -41,11 +42,13 @@ def text_embed_sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
 
 
-def check_stores(paths, cfg: dict) -> dict:
+def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
     """Refuse stores that do not fit ``cfg``; fill ``data.class_names``/``data.text_embed_sha256`` from the
     first store when the configuration leaves them null (so the dump pins them for resume and eval).
+    ``for_training``: the stores must also hold the feature grids of the Eq. 7 target.
 
-    Returns ``{"class_names", "text_embed" [L, E], "sam_dim", "point_channels"}``.
+    Returns ``{"class_names", "text_embed" [L, E], "feature_dims" {"sam": D, "clip": D} (those present),
+    "point_channels"}``.
     """
     if not paths:
         raise StoreMismatch("no cache store given (--cache)")
@@ -62,7 +65,8 @@ def check_stores(paths, cfg: dict) -> dict:
         if missing:
             raise StoreMismatch(f"{path}: stage(s) {', '.join(missing)} not complete; run "
                                 f"`make labels CACHE={Path(path).parent} STAGES={','.join(missing)}`")
-        absent = [n for n in TRAINING_ARRAYS if n not in st]
+        needed = TRAINING_ARRAYS + (latent_feature_arrays(cfg) if for_training else ())
+        absent = [n for n in needed if n not in st]
         if absent:
             stages = sorted({schema.spec(n).stage for n in absent}, key=schema.STAGE_ORDER.index)
             raise StoreMismatch(f"{path}: missing array(s) {', '.join(absent)}; run "
@@ -83,15 +87,83 @@ def check_stores(paths, cfg: dict) -> dict:
             raise StoreMismatch(f"{path}: clip/text_embed (sha256 {sha[:12]}...) differs from the text "
                                 f"embeddings of the configuration (data.text_embed_sha256 "
                                 f"{d['text_embed_sha256'][:12]}...): another CLIP model or prompt set")
-        this = {"class_names": names, "text_embed": torch.from_numpy(embed),
-                "sam_dim": int(st.array("sam/feat").shape[1]), "point_channels": int(st.array("points/feat").shape[1])}
+        dims = {name: int(st.array(f"{name}/feat").shape[1]) for name in ("sam", "clip") if f"{name}/feat" in st}
+        this = {"class_names": names, "text_embed": torch.from_numpy(embed), "feature_dims": dims,
+                "point_channels": int(st.array("points/feat").shape[1])}
         if info is None:
             info = this
         else:
-            for k in ("sam_dim", "point_channels"):
+            for k in ("feature_dims", "point_channels"):
                 if info[k] != this[k]:
                     raise StoreMismatch(f"{path}: {k} {this[k]} differs from {paths[0]} ({info[k]})")
     return info
+
+
+def default_eval_stores(train_paths) -> list[str]:
+    """Held-out stores for the evaluation during training: the val store beside each training store
+    (``<dataset>-train.zarr`` -> ``<dataset>-val.zarr``) when every one exists; else the training stores."""
+    val = []
+    for p in map(Path, train_paths):
+        stem = p.name[: -len(schema.STORE_SUFFIX)] if p.name.endswith(schema.STORE_SUFFIX) else p.name
+        if not stem.endswith("-train"):
+            return [str(q) for q in train_paths]
+        cand = p.with_name(stem[: -len("-train")] + "-val" + schema.STORE_SUFFIX)
+        if not cand.exists():
+            return [str(q) for q in train_paths]
+        val.append(str(cand))
+    return val
+
+
+class _BatchForward(torch.nn.Module):
+    """``model(batch)`` for :func:`torch.optim.swa_utils.update_bn`, which calls its module on each batch."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, amp: bool):
+        super().__init__()
+        self.model, self.device, self.amp = model, device, amp
+
+    def forward(self, batch: dict):
+        b = batch_to(batch, self.device)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            return self.model(b["rgb"], b["voxel_feat"], b["voxel_index"], b["inverse"], len(b["point_offset"]) - 1)
+
+
+def recalibrate_batchnorm(model: torch.nn.Module, store_paths, cfg: dict, device: torch.device, amp: bool = False,
+                          num_images: int | None = None) -> dict:
+    """Re-estimate every BatchNorm's running statistics of both networks on training images.
+
+    torchvision's MobileNetV3 uses BatchNorm momentum 0.01, so after a short run the running statistics are
+    still mostly their initial values: evaluated in eval mode such a net predicts little but the majority
+    classes. ``torch.optim.swa_utils.update_bn`` resets them and takes the cumulative average over forward
+    passes in train mode without gradients. The frames are spread evenly over the stores, read without
+    augmentation (the evaluation's view of an image) with ``data.images_per_frame`` images each, in batches
+    of ``data.batch_size`` frames, until ``num_images`` (``eval.bn_recalibration_images``) images are seen.
+    Deterministic: the same frames every time, and no global random state is consumed.
+
+    Returns ``{"images": n, "frames": m}`` (zeros when disabled).
+    """
+    from torch.optim.swa_utils import update_bn
+    want = int(cfg["eval"]["bn_recalibration_images"] if num_images is None else num_images)
+    if want <= 0:
+        return {"images": 0, "frames": 0}
+    ds = CacheFrameDataset(store_paths, cfg, train=False, images_per_frame=int(cfg["data"]["images_per_frame"]))
+    n_want = int(cfg["data"]["images_per_frame"])
+    per_frame = []
+    for s, f in ds.index:
+        offs = ds.meta[s]["offsets"]["images"]
+        n_avail = int(offs[f + 1] - offs[f])
+        per_frame.append(n_avail if n_want <= 0 else min(n_avail, n_want))
+    mean_images = max(1.0, float(np.mean(per_frame))) if per_frame else 1.0
+    n_frames = min(len(ds), max(1, math.ceil(want / mean_images)))
+    frames = np.unique(np.linspace(0, len(ds) - 1, n_frames).round().astype(np.int64)).tolist()
+    loader = DataLoader(torch.utils.data.Subset(ds, frames), batch_size=int(cfg["data"]["batch_size"]),
+                        shuffle=False, num_workers=int(cfg["data"]["num_workers"]), collate_fn=collate_offsets,
+                        worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0))
+    cpu_state = torch.get_rng_state()  # dropout in train mode draws from torch's generator: leave it untouched
+    try:
+        update_bn(loader, _BatchForward(model, device, amp))
+    finally:
+        torch.set_rng_state(cpu_state)
+    return {"images": int(sum(per_frame[i] for i in frames)), "frames": len(frames)}
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -153,18 +225,22 @@ class Trainer:
         self.out = Path(out_dir)
         self.rank, self.world, self.device = setup_distributed(device)
         self.cache_paths = [str(p) for p in cache_paths]
-        self.eval_paths = [str(p) for p in (eval_paths or cache_paths)]
+        self.eval_paths = [str(p) for p in (eval_paths or default_eval_stores(self.cache_paths))]
         self.info = check_stores(self.cache_paths, cfg)
-        check_stores(self.eval_paths, cfg)
+        check_stores(self.eval_paths, cfg, for_training=False)
+        from .evaluate import store_label
+        self.eval_label = store_label(self.eval_paths)
+        self.eval_held_out = not set(map(os.path.abspath, self.eval_paths)) & set(map(os.path.abspath, self.cache_paths))
         self.progress = progress and self.rank == 0
         self.amp = bool(cfg["schedule"]["amp"]) and self.device.type == "cuda"
         self.ckpt_dir = self.out / "checkpoints"
         self.start_epoch, self.global_step = 0, 0
+        self.bn_recalibration = {"images": 0, "frames": 0}
         self._prepare_run_dir(resume)
 
         in_ch = self.info["point_channels"] + (3 if cfg["data"]["use_xyz"] else 0)
         torch.manual_seed(int(cfg["seed"]))  # the initial weights: the same on every rank and every run
-        self.model = build_model(cfg, in_ch, self.info["text_embed"], self.info["sam_dim"], self.device)
+        self.model = build_model(cfg, in_ch, self.info["text_embed"], self.info["feature_dims"], self.device)
         self.dataset = CacheFrameDataset(self.cache_paths, cfg, train=True)
         # one sampler for 1 and N processes: deterministic shuffles by (seed, epoch)
         self.sampler = EpochSampler(DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
@@ -220,7 +296,8 @@ class Trainer:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         state = {"epoch": epoch, "global_step": self.global_step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "config": self.cfg}
+                 "scaler": self.scaler.state_dict(), "config": self.cfg,
+                 "bn_recalibration": self.bn_recalibration, "feature_dims": self.info["feature_dims"]}
         # last.pth first: an epoch file on disk always implies a last.pth at least as new
         _atomic_save(state, self.ckpt_dir / "last.pth")
         _atomic_save(state, self.ckpt_dir / f"epoch_{epoch + 1:03d}.pth")
@@ -241,6 +318,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.global_step = int(state["epoch"]) + 1, int(state["global_step"])
+        self.bn_recalibration = state.get("bn_recalibration", self.bn_recalibration)
         if self.rank == 0:
             _truncate_metrics(self.out / "metrics.jsonl", self.global_step, int(state["epoch"]))
 
@@ -268,12 +346,12 @@ class Trainer:
             pred3d = out["logits3d"].argmax(1) if stage == 2 else None
         sources = LabelSources(batch, pred2d, pred3d, L, refine=bool(cfg["labels"]["refine"]))
         allowed2d, allowed3d = allowed_sources(cfg, stage)
-        target2d, target3d, choices = switch_targets(sources, batch, allowed2d, allowed3d, generator)
+        target2d, target3d, choices = switch_targets(sources, batch, allowed2d, allowed3d, generator,
+                                                     unit=cfg["labels"]["switch"])
         lw = cfg["loss"]
         losses = cotraining_loss(out.get("logits2d"), target2d, out["logits3d"], target3d,
                                  lw["weight_2d"], lw["weight_3d"])
-        clip_pix, clip_pts = sources.get("clip2d") if "clip" in lw["latent_target"] else (None, None)
-        losses.update(latent_losses(out, batch, lw["latent_target"], clip_pix, clip_pts, self.model.text_embed))
+        losses.update(latent_losses(out, batch, lw["latent_target"]))
         losses["loss"] = losses["loss"] + lw["weight_latent"] * (losses["latent2d"] + losses["latent3d"])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
@@ -321,18 +399,25 @@ class Trainer:
                 bar.set_postfix(loss=f"{res['loss']:.3f}", frames_s=f"{rate:.2f}")
                 bar.update(1)
                 if self.global_step % int(s["log_interval"]) == 0 or i == self.steps_per_epoch - 1:
+                    ch = res["choices"]
+                    shares = {f"share{dim}_{name}": v for dim in ("2d", "3d")
+                              for name, v in ch[f"share{dim}"].items()}
                     self._log({"type": "train", "epoch": epoch, "step": self.global_step, "stage": stage,
                                "lr": self.scheduler.get_last_lr()[0], "frames_per_s": rate,
                                "data_wait_share": wait / max(wait + busy, 1e-9),
-                               **{k: v for k, v in res.items() if k != "choices"},
-                               "targets2d": ",".join(res["choices"]["2d"]),
-                               "targets3d": ",".join(res["choices"]["3d"])})
+                               **{k: v for k, v in res.items() if k != "choices"}, **shares,
+                               **({"targets2d": ",".join(ch["2d"]), "targets3d": ",".join(ch["3d"])}
+                                  if "2d" in ch else {})})
             bar.close()
             self.last_epoch_timing = {"wait_s": wait, "busy_s": busy, "frames": frames, "first_wait_s": first_wait,
                                       "steps": min(i + 1, self.steps_per_epoch)}
-            self._save_checkpoint(epoch)
             interval = int(cfg["eval"]["interval"])
-            if (interval and (epoch + 1) % interval == 0) or (epoch == epochs - 1 and cfg["eval"]["at_end"]):
+            last = epoch == epochs - 1
+            do_eval = bool(interval and (epoch + 1) % interval == 0) or (last and cfg["eval"]["at_end"])
+            if do_eval or last:  # before the checkpoint, so a resumed run holds the same statistics
+                self.bn_recalibration = recalibrate_batchnorm(self.model, self.cache_paths, cfg, self.device, self.amp)
+            self._save_checkpoint(epoch)
+            if do_eval:
                 eval_results.append(self.evaluate(epoch))
             if self.world > 1:
                 dist.barrier()
@@ -358,7 +443,8 @@ class Trainer:
             return None
         from .evaluate import evaluate
         res = evaluate(self.model, self.eval_paths, self.cfg, self.device, with_baselines=False)
-        rec = {"type": "eval", "epoch": epoch, "step": self.global_step}
+        rec = {"type": "eval", "epoch": epoch, "step": self.global_step, "eval_stores": self.eval_label,
+               "held_out": self.eval_held_out, "bn_recalibration_images": self.bn_recalibration["images"]}
         for key, row in res["rows"].items():
             rec[f"miou_{key}"] = row["miou"]
         self._log(rec)

@@ -16,7 +16,7 @@ import torch
 from pipeline.refine import sam_max_vote
 
 from .data import CacheFrameDataset, batch_to, collate_offsets, worker_init
-from .labels import IGNORE, pixels_to_points, points_to_pixels, refine_points_through_pairs
+from .labels import IGNORE, first_pair_of_point, pixels_to_points, points_to_pixels, refine_points_through_pairs
 
 #: Label-free mIoU reported in the paper (Chen et al. 2023), printed for reference next to measured rows.
 PAPER_REFERENCE = {
@@ -108,13 +108,17 @@ def open_vocabulary_embeddings(class_names, clip_cfg: dict, device) -> torch.Ten
 @torch.no_grad()
 def evaluate(model, store_paths, cfg: dict, device, with_baselines: bool = True, eval_classes=None,
              text_embed: torch.Tensor | None = None, export_dir: str | Path | None = None,
-             post_refine: bool | None = None) -> dict:
+             post_refine: bool | None = None, batch_statistics: bool = False) -> dict:
     """mIoU rows: ``cns_3d``/``cns_2d`` (and ``cns_refined_*``: post-refinement by SAM max-voting), and
     with ``with_baselines`` ``clip_2d``, ``clip_3d`` (CLIP labels projected to points), ``wo_cns_2d``/
     ``wo_cns_3d`` (SAM-refined CLIP labels, no training). ``model=None`` evaluates the baselines only.
+    The projected 3D baselines come twice: ``*_3d`` over every labelled point (a point no camera sees is
+    a miss) and ``*_3d_paired`` over the points with a pair only (the paper does not say which it used).
 
     ``eval_classes`` + ``text_embed``: open vocabulary -- predict among new class names; ground truth of
     store classes absent from the list is ignored, and the baselines (store classes) are not computed.
+    ``batch_statistics``: a diagnostic -- BatchNorm normalises with each frame's own statistics instead of
+    the running ones (the running statistics are left untouched).
     """
     store_classes = list(cfg["data"]["class_names"])
     names = list(eval_classes) if eval_classes is not None else store_classes
@@ -133,6 +137,13 @@ def evaluate(model, store_paths, cfg: dict, device, with_baselines: bool = True,
     if model is not None:
         was_training = model.training
         model.eval()
+        bn_momenta = {}
+        if batch_statistics:  # train-mode BatchNorm with momentum 0: batch statistics, running ones kept
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    bn_momenta[m] = m.momentum
+                    m.momentum = 0.0
+                    m.train()
         saved_text = model.text_embed.clone()
         if text_embed is not None:
             model.set_text_embeddings(text_embed.to(device))
@@ -150,9 +161,13 @@ def evaluate(model, store_paths, cfg: dict, device, with_baselines: bool = True,
             else:  # 3D labels only: score the pixels labelled points project to
                 gt2d = lut[points_to_pixels(b["point_gt"], *pairs, b["mask_id"].shape)]
             if with_baselines and not open_vocab:
+                paired = first_pair_of_point(b["pair_point"], len(b["coord"])) >= 0
+                gt3d_paired = torch.where(paired, gt3d, torch.full_like(gt3d, IGNORE))
                 for key, maps in (("clip", b["clip_label"]), ("wo_cns", b["clip_refined"])):
                     add(f"{key}_2d", maps.long(), gt2d)
-                    add(f"{key}_3d", pixels_to_points(maps, *pairs, len(b["coord"])), gt3d)
+                    projected = pixels_to_points(maps, *pairs, len(b["coord"]))
+                    add(f"{key}_3d", projected, gt3d)
+                    add(f"{key}_3d_paired", projected, gt3d_paired)
             if model is None:
                 continue
             with torch.autocast(torch.device(device).type, dtype=torch.float16, enabled=amp):
@@ -172,6 +187,8 @@ def evaluate(model, store_paths, cfg: dict, device, with_baselines: bool = True,
     finally:
         if model is not None:
             model.set_text_embeddings(saved_text)
+            for m, momentum in bn_momenta.items():
+                m.momentum = momentum
             model.train(was_training)
     summary = {k: v.summary(names) for k, v in rows.items()}
     if model is not None:  # the headline rows follow eval.post_refine
@@ -179,13 +196,21 @@ def evaluate(model, store_paths, cfg: dict, device, with_baselines: bool = True,
             src = f"cns_refined_{dim}" if post_refine else f"cns_{dim}"
             if src in summary:
                 summary[f"headline_{dim}"] = summary[src]
+    gt2d_sources = sorted({m["image_gt_source"] for m in ds.meta})
     return {"rows": summary, "class_names": names, "post_refine": bool(post_refine),
-            "dataset": _dataset_name(store_paths[0]), "open_vocabulary": open_vocab}
+            "dataset": _dataset_name(store_paths[0]), "stores": store_label(store_paths), "open_vocabulary": open_vocab,
+            "gt2d": " + ".join(gt2d_sources), "batch_statistics": bool(batch_statistics)}
 
 
 def _dataset_name(path) -> str:
     from data_cache.store import Store
     return Store(path).attrs.dataset
+
+
+def store_label(paths) -> str:
+    """How an evaluation names the stores it ran on: ``<dataset>-<split>`` of each, e.g. ``synthetic-val``."""
+    from data_cache.store import Store
+    return "+".join(f"{a.dataset}-{a.split}" for a in (Store(p).attrs for p in paths))
 
 
 def _export(root: Path, ds: CacheFrameDataset, s: int, frame: int, pred3d, pred2d, image_rows) -> None:
@@ -203,8 +228,12 @@ def _export(root: Path, ds: CacheFrameDataset, s: int, frame: int, pred3d, pred2
 
 
 ROW_TITLES = {
-    "clip_2d": "CLIP labels (MaskCLIP), 2D", "clip_3d": "CLIP labels projected to points, 3D",
-    "wo_cns_2d": "w/o CNS (SAM-refined CLIP), 2D", "wo_cns_3d": "w/o CNS (SAM-refined, projected), 3D",
+    "clip_2d": "CLIP labels (MaskCLIP), 2D",
+    "clip_3d": "CLIP labels projected, 3D, all points (unpaired = miss)",
+    "clip_3d_paired": "CLIP labels projected, 3D, paired points only",
+    "wo_cns_2d": "w/o CNS (SAM-refined CLIP), 2D",
+    "wo_cns_3d": "w/o CNS (refined, projected), 3D, all points",
+    "wo_cns_3d_paired": "w/o CNS (refined, projected), 3D, paired points only",
     "cns_2d": "CNS 2D net", "cns_3d": "CNS 3D net",
     "cns_refined_2d": "CNS 2D net + post-refinement", "cns_refined_3d": "CNS 3D net + post-refinement",
 }
@@ -221,6 +250,10 @@ def format_tables(result: dict) -> str:
         r = result["rows"][k]
         ious = " ".join(f"{'-' if r['iou'][n] is None else format(r['iou'][n], '.1f'):>8}" for n in names)
         lines.append(f"{ROW_TITLES[k]:<{width}}  {r['miou']:6.1f}  {ious}")
+    if result.get("stores"):
+        lines.append(f"evaluated on: {result['stores']}")
+    if result.get("gt2d"):
+        lines.append(f"2D ground truth: {result['gt2d']}")
     ref = PAPER_REFERENCE.get(result.get("dataset", ""), [x for v in PAPER_REFERENCE.values() for x in v])
     lines.append("")
     lines.append("reported in the paper (label-free mIoU, full datasets; for reference only):")

@@ -10,6 +10,9 @@ pred2d      the 2D net's own prediction, max-voted per SAM mask (Eq. 4 per image
 pred3d      the 3D net's own prediction, refined through the pairs like clip3d
 ==========  =====================================================================================
 
+A point without a pair gets no target (255) from any source: the paper supervises the 3D net only through
+pixel-point pairs, and a net's own argmax as its target would be entropy minimisation it never asks for.
+
 With ``labels.refine: false`` ('w/o refinement') no voting happens: clip2d uses ``clip/label`` and the
 3D sources reach pixels only where a point projects. All voting is the shared Eq. 4 code of
 :mod:`pipeline.refine`; nothing here counts votes itself.
@@ -35,6 +38,8 @@ def first_pair_of_point(pair_point: torch.Tensor, num_points: int) -> torch.Tens
 def pixels_to_points(pixel_labels: torch.Tensor, pair_point: torch.Tensor, pair_image: torch.Tensor,
                      pair_uv: torch.Tensor, num_points: int) -> torch.Tensor:
     """Point labels read at each point's first paired pixel; 255 where a point has no pair."""
+    if len(pair_point) == 0:  # e.g. every pair cropped away: nothing to read
+        return torch.full((num_points,), IGNORE, dtype=torch.long, device=pixel_labels.device)
     first = first_pair_of_point(pair_point, num_points)
     has = first >= 0
     k = first.clamp(min=0)
@@ -104,8 +109,10 @@ class LabelSources:
             elif name == "pred2d":
                 pix = sam_max_vote(self.pred2d, b["mask_id"], self.L) if self.refine else self.pred2d
                 self._cache[name] = self._from_pixels(pix)
-            elif name == "pred3d":
-                self._cache[name] = self._from_points(self.pred3d)
+            elif name == "pred3d":  # unpaired points: no target, like every other source
+                paired = first_pair_of_point(b["pair_point"], self.num_points) >= 0
+                own = torch.where(paired, self.pred3d.long(), torch.full_like(self.pred3d.long(), IGNORE))
+                self._cache[name] = self._from_points(own)
             else:
                 raise KeyError(name)
         return self._cache[name]
@@ -128,23 +135,91 @@ def allowed_sources(cfg: dict, stage: int) -> tuple[list[str], list[str]]:
     return own2d, own3d
 
 
-def switch_targets(sources: LabelSources, batch: dict, allowed2d: list[str], allowed3d: list[str],
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Label switching: for each sample (frame) and each network, draw one allowed source with equal
-    probability; the 2D target of a frame's images and the 3D target of its points come from that source.
+def _pick_per_element(labels: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each element (column of ``labels`` [S, N]) pick, with the uniform variate ``u`` [N], one of the
+    sources that label it, with equal probability; 255 where none does.
 
-    Returns ``(target2d [I, H, W], target3d [P], choices)`` with ``choices`` = the drawn names per frame.
+    Returns ``(target [N], source index [N], -1 where no source labels the element)``."""
+    valid = labels != IGNORE
+    count = valid.sum(0)
+    k = (u * count).long().clamp(max=(count - 1).clamp(min=0))  # the k-th labelling source
+    rank = valid.long().cumsum(0) - 1
+    chosen = valid & (rank == k.unsqueeze(0))
+    src = torch.where(count > 0, chosen.long().argmax(0), torch.full_like(count, -1))
+    target = labels.gather(0, src.clamp(min=0).unsqueeze(0))[0]
+    return torch.where(src >= 0, target, torch.full_like(target, IGNORE)), src
+
+
+def _shares(src: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """The realised share of each source among all elements (``none``: elements left without target)."""
+    n = max(int(src.numel()), 1)
+    counts = torch.bincount(src.reshape(-1) + 1, minlength=len(names) + 1).tolist()
+    return {"none": counts[0] / n, **{name: c / n for name, c in zip(names, counts[1:])}}
+
+
+def switch_targets(sources: LabelSources, batch: dict, allowed2d: list[str], allowed3d: list[str],
+                   generator: torch.Generator, unit: str = "pair") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """**Eq. 6** label switching: the target of each supervised element is drawn with equal probability
+    among the allowed sources.
+
+    ``unit="pair"`` (the paper's R*_i): one uniform variate per point and per pixel; a pixel that a point
+    projects to takes the variate of that point (of the lowest-indexed one), so a pixel and its paired point
+    draw the same source -- with cross-training the same label source in the 2D and the 3D term; without it
+    the same kind (CLIP or prediction) of each net's own modality. An unpaired pixel draws on its own; an
+    unpaired point has no target from any source. The draw is among the allowed sources that *label* the
+    element (a 3D source reaches a pixel only through a pair or, refined, a SAM mask with votes), so a 255
+    in one source never turns an element into 'no supervision' while another allowed source labels it.
+
+    ``unit="frame"``: for each frame and each network one source, drawn with equal probability; the
+    frame's images / points take that source's labels, 255 included.
+
+    Returns ``(target2d [I, H, W], target3d [P], info)``: ``info["share2d"]``/``["share3d"]`` hold the
+    realised share of each allowed source among all pixels / points (``none``: left without target), and
+    for ``frame`` ``info["2d"]``/``["3d"]`` the names drawn per frame.
     """
+    if unit == "frame":
+        return _switch_per_frame(sources, batch, allowed2d, allowed3d, generator)
+    if unit != "pair":
+        raise ValueError(f"unknown label switching unit '{unit}' (pair | frame)")
+    mask_id = batch["mask_id"]
+    dev = mask_id.device
+    num_images, H, W = mask_id.shape
+    num_points = len(batch["coord"])
+    u_point = torch.rand(num_points, generator=generator).to(dev)
+    u_pixel = torch.rand(num_images * H * W, generator=generator).to(dev)
+    pair_point, pair_image, pair_uv = batch["pair_point"], batch["pair_image"], batch["pair_uv"]
+    if len(pair_point):
+        flat = (pair_image * H + pair_uv[:, 1]) * W + pair_uv[:, 0]
+        owner = torch.full((num_images * H * W,), num_points, dtype=torch.long, device=dev)
+        owner.scatter_reduce_(0, flat, pair_point, reduce="amin")
+        paired = owner < num_points
+        u_pixel[paired] = u_point[owner[paired]]
+    pix = torch.stack([sources.get(n)[0].reshape(-1) for n in allowed2d])
+    pts = torch.stack([sources.get(n)[1] for n in allowed3d])
+    target2d, src2d = _pick_per_element(pix, u_pixel)
+    target3d, src3d = _pick_per_element(pts, u_point)
+    info = {"share2d": _shares(src2d, allowed2d), "share3d": _shares(src3d, allowed3d)}
+    return target2d.view(num_images, H, W), target3d, info
+
+
+def _switch_per_frame(sources: LabelSources, batch: dict, allowed2d: list[str], allowed3d: list[str],
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
     num_frames = len(batch["point_offset"]) - 1
     draw2d = torch.randint(len(allowed2d), (num_frames,), generator=generator).tolist()
     draw3d = torch.randint(len(allowed3d), (num_frames,), generator=generator).tolist()
     p_off, i_off = batch["point_offset"].tolist(), batch["image_offset"].tolist()
     target2d = torch.full(batch["mask_id"].shape, IGNORE, dtype=torch.long, device=batch["mask_id"].device)
     target3d = torch.full((len(batch["coord"]),), IGNORE, dtype=torch.long, device=batch["coord"].device)
+    src2d = torch.full(target2d.shape, -1, dtype=torch.long, device=target2d.device)
+    src3d = torch.full(target3d.shape, -1, dtype=torch.long, device=target3d.device)
     for f in range(num_frames):
         pix, _ = sources.get(allowed2d[draw2d[f]])
         target2d[i_off[f]:i_off[f + 1]] = pix[i_off[f]:i_off[f + 1]]
         _, pts = sources.get(allowed3d[draw3d[f]])
         target3d[p_off[f]:p_off[f + 1]] = pts[p_off[f]:p_off[f + 1]]
-    choices = {"2d": [allowed2d[i] for i in draw2d], "3d": [allowed3d[i] for i in draw3d]}
-    return target2d, target3d, choices
+        src2d[i_off[f]:i_off[f + 1]] = draw2d[f]
+        src3d[p_off[f]:p_off[f + 1]] = draw3d[f]
+    src2d = torch.where(target2d == IGNORE, torch.full_like(src2d, -1), src2d)
+    src3d = torch.where(target3d == IGNORE, torch.full_like(src3d, -1), src3d)
+    return target2d, target3d, {"2d": [allowed2d[i] for i in draw2d], "3d": [allowed3d[i] for i in draw3d],
+                                "share2d": _shares(src2d, allowed2d), "share3d": _shares(src3d, allowed3d)}

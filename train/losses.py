@@ -4,7 +4,8 @@
 * **Eq. 6**: :func:`cotraining_loss`, cross-entropy of the 2D net on pixels and of the 3D net on points
   against the switched targets of :mod:`train.labels`.
 * **Eq. 7**: :func:`latent_consistency`, 1 - cos between the projected network features and the frozen,
-  normalised SAM features (sampled at the pixels, or at the paired pixels of the points).
+  normalised SAM (or dense CLIP) features, sampled at the pixels or at the paired pixels of the points
+  (:func:`latent_losses`).
 """
 from __future__ import annotations
 
@@ -41,74 +42,68 @@ def latent_consistency(pred: torch.Tensor, target: torch.Tensor, valid: torch.Te
     return (1 - cos).mean() if cos.numel() else pred.sum() * 0
 
 
-def sam_features_at_grid(sam_feat: torch.Tensor, affine: torch.Tensor, src_hw: torch.Tensor, out_hw,
+def features_at_grid(feat: torch.Tensor, affine: torch.Tensor, src_hw: torch.Tensor, out_hw,
                          grid_hw) -> torch.Tensor:
-    """SAM features [I, D, gh, gw] at the centres of a (gh, gw) grid laid over the augmented output images.
+    """A cached feature grid [I, D, h, w] (``sam/feat``, ``clip/feat``: each grid spans its whole image)
+    sampled at the centres of a (gh, gw) grid laid over the augmented output images: [I, D, gh, gw].
 
-    The 2D latent loss runs at the network's feature grid (stride 8): the SAM grid (64x36 for 16:9) is no
-    finer than that, so sampling at every output pixel would add memory and no information.
+    The 2D latent loss runs at the network's feature grid (stride 8): the SAM grid (64x36 for 16:9) and the
+    CLIP patch grid (stride 16) are no finer, so sampling at every output pixel would add memory and no
+    information.
     """
     scaled = affine.clone().float()
     scaled[:, 0] *= out_hw[1] / grid_hw[1]
     scaled[:, 2] *= out_hw[0] / grid_hw[0]
     grid = affine_grid(scaled, src_hw, grid_hw)
-    return F.grid_sample(sam_feat.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(feat.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def sam_features_at_pairs(sam_feat: torch.Tensor, affine: torch.Tensor, src_hw: torch.Tensor,
+def features_at_pairs(feat: torch.Tensor, affine: torch.Tensor, src_hw: torch.Tensor,
                           pair_image: torch.Tensor, pair_uv: torch.Tensor) -> torch.Tensor:
-    """Bilinear SAM features [K, D] at the (augmented) pixel of each pair."""
+    """Bilinear features [K, D] of a cached grid [I, D, h, w] at the (augmented) pixel of each pair."""
     a = affine[pair_image].float()
     hw = src_hw[pair_image].float()
     x_src = a[:, 0] * (pair_uv[:, 0].float() + 0.5) + a[:, 1]
     y_src = a[:, 2] * (pair_uv[:, 1].float() + 0.5) + a[:, 3]
-    h, w = sam_feat.shape[-2:]
+    h, w = feat.shape[-2:]
     x = (x_src / hw[:, 1] * w - 0.5).clamp(0, w - 1)
     y = (y_src / hw[:, 0] * h - 0.5).clamp(0, h - 1)
     x0, y0 = x.floor().long(), y.floor().long()
     x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
     wx, wy = (x - x0).unsqueeze(1), (y - y0).unsqueeze(1)
-    f = sam_feat.float()
+    f = feat.float()
     g = lambda yy, xx: f[pair_image, :, yy, xx]  # noqa: E731  [K, D]
     return (g(y0, x0) * (1 - wx) * (1 - wy) + g(y0, x1) * wx * (1 - wy)
             + g(y1, x0) * (1 - wx) * wy + g(y1, x1) * wx * wy)
 
 
-def latent_losses(out: dict, batch: dict, target: str, clip_pixels: torch.Tensor, clip_points: torch.Tensor,
-                  text_embed: torch.Tensor) -> dict:
+#: ``loss.latent_target`` -> the foundation models whose cached feature grid (store array ``<name>/feat``,
+#: batch key ``<name>_feat``) its Eq. 7 target is built from.
+LATENT_FEATURES = {"sam": ("sam",), "clip": ("clip",), "sam+clip": ("sam", "clip"), "none": ()}
+
+
+def latent_losses(out: dict, batch: dict, target: str) -> dict:
     """The Eq. 7 terms for ``loss.latent_target`` in {sam, clip, sam+clip, none}.
 
-    * SAM: theta_f(x) against the SAM feature at each pixel; phi_f(p) against the SAM feature at the point's
-      paired pixel (every pair counts).
-    * CLIP: the store caches CLIP's labels, not its dense features, so the CLIP-space target of a pixel or
-      point is the text embedding t_y of its (refined) CLIP label y; theta_s / phi_s are compared to it.
+    theta_f(x) is compared with the target feature at each pixel (at the 2D net's feature grid), phi_f(p)
+    with the target feature at the point's paired pixel (every pair counts). The target phi_f(s) is the
+    cached, frozen feature: ``sam/feat`` (SAM's image embedding through the store's fixed PCA) for ``sam``,
+    ``clip/feat`` (MaskCLIP's dense features, likewise projected) for ``clip``. ``sam+clip`` uses one target,
+    the concatenation of the two L2-normalised features (each half weighs the same), against a head of
+    the summed width.
     """
     zero = out["logits3d"].sum() * 0
     res = {"latent2d": zero, "latent3d": zero}
-    if target == "none":
+    keys = LATENT_FEATURES[target]
+    if not keys:
         return res
-    out_hw = batch["rgb"].shape[-2:]
-    has_images = "logits2d" in out
-    if "sam" in target:
-        if has_images:
-            grid_hw = out["lat2d"].shape[-2:]
-            sam2d = sam_features_at_grid(batch["sam_feat"], batch["affine"], batch["src_hw"], out_hw, grid_hw)
-            res["latent2d"] = res["latent2d"] + latent_consistency(out["lat2d"].movedim(1, -1), sam2d.movedim(1, -1))
-        # computed even without pairs (an empty mean is 0): DDP needs phi_f in every rank's graph
-        sam3d = sam_features_at_pairs(batch["sam_feat"], batch["affine"], batch["src_hw"],
-                                      batch["pair_image"], batch["pair_uv"])
-        res["latent3d"] = res["latent3d"] + latent_consistency(out["lat3d"][batch["pair_point"]], sam3d)
-    if "clip" in target:
-        t = text_embed.float()
-        if has_images:
-            grid_hw = out["emb2d"].shape[-2:]
-            ys = ((torch.arange(grid_hw[0], device=t.device) + 0.5) * out_hw[0] / grid_hw[0]).long()
-            xs = ((torch.arange(grid_hw[1], device=t.device) + 0.5) * out_hw[1] / grid_hw[1]).long()
-            lab = clip_pixels[:, ys][:, :, xs]
-            valid = lab != IGNORE
-            res["latent2d"] = res["latent2d"] + latent_consistency(
-                out["emb2d"].movedim(1, -1), t[lab.clamp(max=len(t) - 1)], valid)
-        valid = clip_points != IGNORE
-        res["latent3d"] = res["latent3d"] + latent_consistency(out["emb3d"], t[clip_points.clamp(max=len(t) - 1)],
-                                                               valid)
+    if "logits2d" in out:
+        out_hw, grid_hw = batch["rgb"].shape[-2:], out["lat2d"].shape[-2:]
+        tgt = torch.cat([F.normalize(features_at_grid(batch[f"{k}_feat"], batch["affine"], batch["src_hw"], out_hw, grid_hw),
+                                     dim=1) for k in keys], 1)
+        res["latent2d"] = latent_consistency(out["lat2d"].movedim(1, -1), tgt.movedim(1, -1))
+    # computed even without pairs (an empty mean is 0): DDP needs phi_f in every rank's graph
+    tgt = torch.cat([F.normalize(features_at_pairs(batch[f"{k}_feat"], batch["affine"], batch["src_hw"], batch["pair_image"],
+                                                   batch["pair_uv"]), dim=-1) for k in keys], -1)
+    res["latent3d"] = latent_consistency(out["lat3d"][batch["pair_point"]], tgt)
     return res

@@ -181,21 +181,21 @@ class CNSModel(nn.Module):
 
     * theta_s / phi_s: linear maps of the 2D / 3D features into the CLIP text space (width E); the logits
       are dot products with the frozen class text embeddings t_l (**Eq. 5**, :meth:`text_logits`).
-    * theta_f / phi_f: linear maps to the SAM feature space (width D) for the latent consistency of
-      **Eq. 7** (built only when the latent target uses SAM).
+    * theta_f / phi_f: linear maps to the latent target's space for the latent consistency of **Eq. 7**
+      (width D of ``sam/feat`` or ``clip/feat``, their sum for ``sam+clip``; absent without a latent term).
 
     The text embeddings are a non-persistent buffer: they come from the store (``clip/text_embed``), and
     open-vocabulary evaluation swaps them (:meth:`set_text_embeddings`) without touching trained weights.
     """
 
-    def __init__(self, net2d: nn.Module, net3d: nn.Module, text_embed: torch.Tensor, sam_dim: int | None):
+    def __init__(self, net2d: nn.Module, net3d: nn.Module, text_embed: torch.Tensor, latent_dim: int | None):
         super().__init__()
         self.net2d, self.net3d = net2d, net3d
         E = text_embed.shape[1]
         self.theta_s = nn.Conv2d(net2d.out_channels, E, 1)
         self.phi_s = nn.Linear(net3d.out_channels, E)
-        self.theta_f = nn.Conv2d(net2d.out_channels, sam_dim, 1) if sam_dim else None
-        self.phi_f = nn.Linear(net3d.out_channels, sam_dim) if sam_dim else None
+        self.theta_f = nn.Conv2d(net2d.out_channels, latent_dim, 1) if latent_dim else None
+        self.phi_f = nn.Linear(net3d.out_channels, latent_dim) if latent_dim else None
         self.register_buffer("text_embed", text_embed.float().clone(), persistent=False)
 
     def set_text_embeddings(self, text_embed: torch.Tensor) -> None:
@@ -220,21 +220,23 @@ class CNSModel(nn.Module):
             # the dot product with t_l and the bilinear upsampling are both linear: upsampling the L-channel
             # logits equals upsampling the E-channel embedding first, at a fraction of the memory
             out["logits2d"] = F.interpolate(small, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
-            out["emb2d"] = emb2  # at the feature grid (used by the CLIP latent target)
             if self.theta_f is not None:
                 out["lat2d"] = self.theta_f(f2)
         f3 = self.net3d(voxel_feat, voxel_index, batch_size)
         emb3 = self.phi_s(f3)
         out["logits3d"] = self.text_logits(emb3, self.text_embed, 1)[inverse]
-        out["emb3d"] = emb3[inverse]
         if self.phi_f is not None:
             out["lat3d"] = self.phi_f(f3)[inverse]
         return out
 
 
-def build_model(cfg: dict, in_channels: int, text_embed: torch.Tensor, sam_dim: int, device) -> CNSModel:
+def build_model(cfg: dict, in_channels: int, text_embed: torch.Tensor, feature_dims: dict, device) -> CNSModel:
+    """Both networks and their heads. ``feature_dims``: the channels of the cached latent targets
+    (``{"sam": D, "clip": D}``, from the stores); the Eq. 7 heads are as wide as ``loss.latent_target`` needs."""
+    from .losses import LATENT_FEATURES
     m = cfg["model"]
     net2d = MODELS_2D.get(m["net2d"])(pretrained=bool(m["pretrained_2d"]))
     net3d = MODELS_3D.get(m["net3d"])(in_channels, device=device)
-    uses_sam = "sam" in cfg["loss"]["latent_target"]
-    return CNSModel(net2d, net3d, text_embed, sam_dim if uses_sam else None).to(device)
+    keys = LATENT_FEATURES[cfg["loss"]["latent_target"]]
+    latent_dim = sum(int(feature_dims[k]) for k in keys)
+    return CNSModel(net2d, net3d, text_embed, latent_dim or None).to(device)
