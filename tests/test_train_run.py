@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from tests.toy_store import TOY_CLASSES, build_toy_store
 from train.commands import eval_cmd, train
-from train.config import ABLATIONS, load_config
+from train.config import ABLATIONS, ConfigError, load_config
 from train.engine import StoreMismatch, Trainer, check_stores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +202,41 @@ def test_training_evaluates_on_the_val_store_beside_the_training_store(tmp_path)
     ev = [r for r in _metrics(tmp_path / "val") if r["type"] == "eval"]
     assert ev[0]["eval_stores"] == "toy-val" and ev[0]["held_out"] is True
     assert "evaluated on: toy-val" in res.output
+
+
+def test_init_from_a_shared_stage1_run_equals_the_straight_ablation_run(toy, tmp_path):
+    """A Table 2 row that differs only in stage 2, forked from the full method's stage-1 checkpoint, ends with
+    the weights of the same row trained from scratch (the per-epoch reseeding makes them bitwise equal)."""
+    parent = tmp_path / "stage1"
+    cfg = load_config("synthetic_street_cpu", RUN_ARGS + ["seed=3", "eval.at_end=false"])
+    Trainer(cfg, [toy], parent, device="cpu", progress=False).train(stop_after_epochs=1)  # stage 1 only
+    child_args = RUN_ARGS + ["seed=3", "eval.at_end=false", "ablation=no_clip_stage2"]
+    straight = tmp_path / "straight"
+    Trainer(load_config("synthetic_street_cpu", child_args), [toy], straight, device="cpu", progress=False).train()
+    fork = tmp_path / "fork"
+    res = CliRunner().invoke(train, ["--cache", str(toy), "--config", "synthetic_street_cpu", "--out", str(fork),
+                                     "--device", "cpu", "--init-from", str(parent / "checkpoints" / "last.pth"),
+                                     *child_args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    a, b = _weights(straight), _weights(fork)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in _metrics(fork) if r["type"] == "train"]
+    assert steps == [3, 4, 5, 6]  # epochs 2 and 3 only: epoch 1 came from the parent
+    dumped = yaml.safe_load((fork / "config.yaml").read_text())
+    assert dumped["init_from"]["epochs_done"] == 1 and dumped["init_from"]["parent_ablation"] == "none"
+    assert dumped["init_from"]["changed_keys"] == ["ablation: 'none' -> 'no_clip_stage2'",
+                                                   "labels.stage2_sources: ['clip2d', 'clip3d', 'pred2d', "
+                                                   "'pred3d'] -> ['pred2d', 'pred3d']"]
+    # a child with another head (no latent term) takes the shared weights and starts SGD afresh
+    other = load_config("synthetic_street_cpu", RUN_ARGS + ["seed=3", "eval.at_end=false", "ablation=latent_none"])
+    t = Trainer(other, [toy], tmp_path / "nohead", device="cpu", progress=False,
+                init_from=parent / "checkpoints" / "last.pth")
+    assert t.start_epoch == 1 and t.model.phi_f is None
+    assert torch.equal(t.model.state_dict()["phi_s.weight"], _weights(parent)["phi_s.weight"])
+    short = load_config("synthetic_street_cpu", ["schedule.epochs=1", "schedule.warmup_epochs=1"])
+    with pytest.raises(ConfigError, match="has done 1 epochs"):
+        Trainer(short, [toy], tmp_path / "short", device="cpu", progress=False,
+                init_from=parent / "checkpoints" / "last.pth")
 
 
 def test_resume_with_another_configuration_is_refused(straight_run, toy):

@@ -24,6 +24,9 @@ def _fail(e: Exception) -> None:
               help=f"YAML file or name in configs/train ({', '.join(available_configs())})")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@click.option("--init-from", "init_from", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="start this new run from another run's checkpoint (weights, optimizer, epoch) with its own "
+                   "configuration, e.g. a shared stage-1 run for several stage-2 ablations")
 @click.option("--seed", type=int, default=None, help="seed (a CPU run with one seed is repeatable)")
 @click.option("--eval-cache", "eval_caches", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="store(s) evaluated during training (default: the val store beside each training store, "
@@ -33,8 +36,8 @@ def _fail(e: Exception) -> None:
 @click.option("--stop-after-epochs", type=int, default=None, hidden=True,
               help="stop after this many epochs of the schedule (the schedule length is unchanged)")
 @click.argument("overrides", nargs=-1)
-def train(caches, config_file, out, resume, seed, eval_caches, device, no_pretrained_2d, stop_after_epochs,
-          overrides):
+def train(caches, config_file, out, resume, init_from, seed, eval_caches, device, no_pretrained_2d,
+          stop_after_epochs, overrides):
     """Co-train the 2D and 3D networks on cached pseudo-labels (paper section 3.2).
 
     OVERRIDES are key=value pairs, e.g. schedule.epochs=10 ablation=no_cross_training
@@ -51,9 +54,12 @@ def train(caches, config_file, out, resume, seed, eval_caches, device, no_pretra
         if resume and config_file is None and run_cfg.exists():
             config_file = str(run_cfg)
         cfg = load_config(config_file, ov)
+        if init_from and resume:
+            raise ConfigError("--init-from starts a new run; --resume continues one (its config.yaml already "
+                              "records the parent)")
         trainer = Trainer(cfg, list(caches), out, eval_paths=list(eval_caches) or None, device=device,
-                          resume=resume)
-    except (ConfigError, StoreMismatch, CacheError, FileExistsError) as e:
+                          resume=resume, init_from=init_from)
+    except (ConfigError, StoreMismatch, CacheError, FileExistsError, FileNotFoundError) as e:
         _fail(e)
     if trainer.rank == 0:
         note = "" if trainer.eval_held_out else " -- the training stores themselves: no val store found"

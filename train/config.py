@@ -30,6 +30,8 @@ SWITCH_UNITS = ("pair", "frame")
 DEFAULTS: dict = {
     "seed": 0,
     "ablation": "none",
+    "init_from": None,              # set by --init-from: the parent checkpoint this run started from
+
     "data": {
         "voxel_size": 0.1,          # metres; 0.1 nuScenes / synthetic street, 0.05 ScanNet / synthetic indoor
         "images_per_frame": 0,      # 0 = every image of the frame (nuScenes: the 6 cameras); ScanNet: 8/16/32

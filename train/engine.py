@@ -30,6 +30,18 @@ from .labels import LabelSources, allowed_sources, switch_targets
 from .losses import cotraining_loss, latent_losses
 from .models import build_model
 
+def describe_parent(checkpoint, cfg: dict) -> dict:
+    """What ``config.yaml`` records of a run started with ``--init-from CHECKPOINT``: the checkpoint (path and
+    sha256), how far its run had come, its ablation and the configuration keys this run changes."""
+    from data_cache.store import file_digest
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    parent = dict(state["config"], init_from=None)
+    return {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_digest(checkpoint),
+            "epochs_done": int(state["epoch"]) + 1, "global_step": int(state["global_step"]),
+            "parent_ablation": parent.get("ablation"),
+            "changed_keys": diff_configs(parent, dict(cfg, init_from=None), ignore=())}
+
+
 #: Keys that may change when a run is resumed (they do not change what is computed).
 RESUMABLE_KEYS = ("data.num_workers", "schedule.log_interval", "eval.interval", "schedule.keep_checkpoints")
 
@@ -166,14 +178,14 @@ def recalibrate_batchnorm(model: torch.nn.Module, store_paths, cfg: dict, device
     return {"images": int(sum(per_frame[i] for i in frames)), "frames": len(frames)}
 
 
-def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
+def diff_configs(a: dict, b: dict, prefix: str = "", ignore=RESUMABLE_KEYS) -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
         key = f"{prefix}{k}"
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_configs(va, vb, key + ".")
-        elif va != vb and key not in RESUMABLE_KEYS:
+            out += diff_configs(va, vb, key + ".", ignore)
+        elif va != vb and key not in ignore:
             out.append(f"{key}: {va!r} -> {vb!r}")
     return out
 
@@ -220,7 +232,10 @@ def _truncate_metrics(path: Path, global_step: int, epoch: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: dict, cache_paths, out_dir, eval_paths=None, device: str | None = None,
-                 resume: bool = False, progress: bool = True):
+                 resume: bool = False, progress: bool = True, init_from: str | Path | None = None):
+        """``init_from``: a checkpoint of another run to start from (``--init-from``): its weights, its
+        optimizer state where the parameters match, its epoch and step; this run's own configuration. The
+        parent is recorded in ``config.yaml`` (``init_from``)."""
         self.cfg = cfg
         self.out = Path(out_dir)
         self.rank, self.world, self.device = setup_distributed(device)
@@ -236,6 +251,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.start_epoch, self.global_step = 0, 0
         self.bn_recalibration = {"images": 0, "frames": 0}
+        if init_from is not None:  # after check_stores: the class list etc. are filled in as in the parent
+            cfg["init_from"] = describe_parent(init_from, cfg)
         self._prepare_run_dir(resume)
 
         in_ch = self.info["point_channels"] + (3 if cfg["data"]["use_xyz"] else 0)
@@ -263,7 +280,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        if resume:
+        if resume and (self.ckpt_dir / "last.pth").exists():
+            self._load_checkpoint()
+        elif cfg["init_from"]:
+            self._init_from_parent(cfg["init_from"])
+        elif resume:
             self._load_checkpoint()
         self.ddp_model = self.model
         if self.world > 1:
@@ -321,6 +342,38 @@ class Trainer:
         self.bn_recalibration = state.get("bn_recalibration", self.bn_recalibration)
         if self.rank == 0:
             _truncate_metrics(self.out / "metrics.jsonl", self.global_step, int(state["epoch"]))
+
+    def _init_from_parent(self, parent: dict) -> None:
+        """Start from another run's checkpoint (a fork): Table 2 rows that differ only in stage 2 share one
+        stage-1 run. Weights whose name and shape match are loaded (a head this configuration lacks is
+        dropped, one it adds keeps its initialisation); the optimizer state is loaded when the parameters are
+        the same, else SGD starts with empty momentum; the learning rate continues on this run's schedule at
+        the parent's step."""
+        from data_cache.store import file_digest
+        path = parent["checkpoint"]
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--init-from checkpoint {path} does not exist")
+        if file_digest(path) != parent["sha256"]:
+            raise ConfigError(f"--init-from checkpoint {path} changed since this run recorded it "
+                              f"(sha256 {parent['sha256'][:12]}...)")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        own = self.model.state_dict()
+        bad = [k for k, v in state["model"].items() if k in own and own[k].shape != v.shape]
+        if bad:
+            raise ConfigError(f"--init-from {path}: weights of another shape for {', '.join(bad[:5])} "
+                              "(another network or store)")
+        result = self.model.load_state_dict(state["model"], strict=False)
+        if not result.missing_keys and not result.unexpected_keys:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.global_step = int(state["epoch"]) + 1, int(state["global_step"])
+        if self.start_epoch >= int(self.cfg["schedule"]["epochs"]):
+            raise ConfigError(f"--init-from {path}: the parent has done {self.start_epoch} epochs, this "
+                              f"configuration has schedule.epochs={self.cfg['schedule']['epochs']}")
+        self.scheduler.last_epoch = self.global_step
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(self.global_step)
+        self.bn_recalibration = state.get("bn_recalibration", self.bn_recalibration)
 
     def _log(self, record: dict) -> None:
         if self.rank != 0:
