@@ -213,3 +213,20 @@ def test_switch_per_pair_without_cross_training_shares_the_kind_of_source():
     at_pairs = t2[0, b["pair_uv"][:, 1], b["pair_uv"][:, 0]]
     assert torch.equal(at_pairs, t3[:350])  # CLIP for the pixel <=> CLIP for its point
     assert 0.35 < (t3 == 0).float().mean().item() < 0.65
+
+
+def test_oracle_source_is_the_ground_truth():
+    b = _batch()
+    b["coord"] = torch.zeros(9, 3)
+    b["point_offset"] = torch.tensor([0, 4, 9])
+    b["point_gt"] = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    image_gt = torch.full((2, 2, 3), IGNORE, dtype=torch.long)
+    image_gt[0] = torch.tensor([[2, 2, 1], [0, 0, 1]])  # the second image has no 2D labels
+    b["image_gt"] = image_gt
+    src = LabelSources(b, None, None, num_classes=3, refine=True)
+    pix, pts = src.get("gt")
+    assert torch.equal(pix[0], image_gt[0]) and torch.equal(pts, b["point_gt"])  # the unpaired point too
+    # without 2D labels: the labels of the points projecting there (points 4..7 at the frame's pairs)
+    assert pix[1].tolist() == [[1, 2, 1], [0, IGNORE, IGNORE]]
+    assert allowed_sources(load_config(None, ["ablation=oracle"]), 1) == (["gt"], ["gt"])
+    assert allowed_sources(load_config(None, ["ablation=oracle"]), 2) == (["gt"], ["gt"])

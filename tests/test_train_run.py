@@ -277,7 +277,7 @@ def test_every_ablation_switch_runs(ablation, two_frames, tmp_path):
         assert rec["latent2d"] == 0 and rec["latent3d"] == 0
     shares = {k for k in rec if k.startswith("share2d_") and k != "share2d_none"}
     allowed = {"no_clip_stage2": {"pred2d", "pred3d"}, "pred2d_only": {"pred2d"}, "pred3d_only": {"pred3d"},
-               "base_clip": {"clip2d"}, "base_clip_lsc": {"clip2d"}}
+               "base_clip": {"clip2d"}, "base_clip_lsc": {"clip2d"}, "oracle": {"gt"}}
     if ablation in allowed:
         assert shares == {f"share2d_{n}" for n in allowed[ablation]}
     if ablation == "switch_frame":

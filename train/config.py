@@ -73,6 +73,7 @@ DEFAULTS: dict = {
         "stage2_sources": list(LABEL_SOURCES),
         "cross_training": True,     # false: each net learns only from its own modality's sources
         "switch": "pair",           # Eq. 6 draw unit: pair (one draw per pixel-point pair, the paper) | frame
+        "oracle": False,            # sanity row, not the method: every target is the store's ground truth
     },
     "loss": {
         "weight_2d": 1.0,
@@ -115,6 +116,9 @@ ABLATIONS: dict[str, dict] = {
     "images_16": {"data.images_per_frame": 16},
     "images_32": {"data.images_per_frame": 32},
     "switch_frame": {"labels.switch": "frame"},  # not a paper row: one draw per frame and network
+    # not a paper row: the same networks and schedule trained on the ground truth (the upper bound a
+    # benchmark must reach before its noisy rows mean anything)
+    "oracle": {"labels.oracle": True},
 }
 
 

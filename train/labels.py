@@ -8,6 +8,9 @@ clip3d      the raw MaskCLIP labels projected to the points, then max-voted thro
             SAM mask and spread to the mask's pixels and points (:func:`refine_points_through_pairs`)
 pred2d      the 2D net's own prediction, max-voted per SAM mask (Eq. 4 per image); points via the pairs
 pred3d      the 3D net's own prediction, refined through the pairs like clip3d
+gt          (``labels.oracle``, a sanity row, not the method) the ground truth: ``images/gt`` where the
+            store has it, else the labels of the points projecting to a pixel; ``points/gt`` for
+            every point, paired or not
 ==========  =====================================================================================
 
 A point without a pair gets no target (255) from any source: the paper supervises the 3D net only through
@@ -109,6 +112,10 @@ class LabelSources:
             elif name == "pred2d":
                 pix = sam_max_vote(self.pred2d, b["mask_id"], self.L) if self.refine else self.pred2d
                 self._cache[name] = self._from_pixels(pix)
+            elif name == "gt":
+                projected = points_to_pixels(b["point_gt"], *self._pairs(), b["mask_id"].shape)
+                image_gt = b["image_gt"].long()
+                self._cache[name] = (torch.where(image_gt != IGNORE, image_gt, projected), b["point_gt"].long())
             elif name == "pred3d":  # unpaired points: no target, like every other source
                 paired = first_pair_of_point(b["pair_point"], self.num_points) >= 0
                 own = torch.where(paired, self.pred3d.long(), torch.full_like(self.pred3d.long(), IGNORE))
@@ -122,9 +129,12 @@ def allowed_sources(cfg: dict, stage: int) -> tuple[list[str], list[str]]:
     """The sources each network may draw its target from: ``(for the 2D net, for the 3D net)``.
 
     Stage 1 trains both on the refined CLIP labels (for the 3D net: transferred to the paired points).
+    ``labels.oracle`` trains both on the ground truth in both stages.
     Stage 2 draws from ``labels.stage2_sources``; without cross-training a network keeps only its own
     modality's sources (2D: clip2d/pred2d, 3D: clip3d/pred3d), falling back to its own CLIP labels.
     """
+    if cfg["labels"].get("oracle"):
+        return ["gt"], ["gt"]
     if stage == 1:
         return ["clip2d"], ["clip2d"]
     sources = list(cfg["labels"]["stage2_sources"])
