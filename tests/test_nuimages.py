@@ -69,6 +69,11 @@ def test_adapter_frames_classes_and_mapping(nuimages_root):
     for ignored in ("vehicle.ego", "vehicle.emergency.police", "animal", "human.pedestrian.stroller"):
         assert adapter.category_to_class[ignored] == 255, ignored
     assert set(adapter.category_to_class) == set(CATEGORIES)
+    # class names and prompts as for nuScenes
+    from pipeline.models.prompts import class_texts
+    assert class_texts(adapter.class_names, descriptive=True, dataset="nuimages") == \
+        class_texts(nuscenes16(), descriptive=True, dataset="nuscenes")
+    assert class_texts(adapter.class_names, descriptive=True, dataset="nuimages")[10] == ("road",)
 
 
 def test_ground_truth_matches_the_devkits_segmentation(nuimages_root):
@@ -105,6 +110,8 @@ def test_all_label_stages_through_make_write_a_store_without_points(nuimages_roo
     path = cache / "nuimages-mini.zarr"
     validated = CliRunner().invoke(main, ["cache", "validate", str(path)])
     assert validated.exit_code == 0 and "OK" in validated.output, validated.output
+    status = CliRunner().invoke(main, ["cache", "status", str(path)])
+    assert status.exit_code == 0 and status.output.count("complete") == 4, status.output
     store = Store(path)
     attrs = store.attrs
     assert attrs.modalities == ["images"] and attrs.image_gt_source == "nuimages_annotations"
