@@ -50,6 +50,13 @@ STAGE_REQUIRES = {
 #: Which ragged axis each per-item dimension indexes, and the offsets array that splits it into frames.
 RAGGED_AXES = {"P": "points/offsets", "I": "images/offsets", "K": "pairs/offsets"}
 
+#: What a store can hold (``cns.modalities``). Every store has images; a 2D-only dataset (nuImages) has no
+#: points, and then no array of the points modality exists at all (not even an empty one).
+MODALITIES = ("points", "images")
+#: The groups (and symbolic dimensions) that belong to the points modality: points and pixel-point pairs.
+POINT_GROUPS = ("points", "pairs")
+POINT_DIMS = ("P", "K")
+
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -74,6 +81,14 @@ class ArraySpec:
     value_range: tuple | None = None
     codec: str = "shuffle"  # a key of CODECS
 
+
+    @property
+    def modality(self) -> str | None:
+        """``"points"`` for an array that exists only in a store with points (``points/*``, ``pairs/*`` and
+        anything indexed by P or K); ``None`` for the rest, which every store may hold."""
+        if self.name.split("/")[0] in POINT_GROUPS or any(d in POINT_DIMS for d in self.shape):
+            return "points"
+        return None
 
     @property
     def ragged_axis(self) -> str | None:
@@ -188,6 +203,11 @@ def arrays_of_stage(stage: str) -> tuple[ArraySpec, ...]:
     return tuple(a for a in ARRAYS if a.stage == stage)
 
 
+def array_in_store(sp: ArraySpec, modalities, capabilities) -> bool:
+    """Whether a store with these ``modalities`` and ``capabilities`` holds ``sp`` once its stage has run."""
+    return (sp.modality is None or sp.modality in modalities) and (sp.when is None or sp.when in capabilities)
+
+
 def spec(name: str) -> ArraySpec:
     try:
         return ARRAYS_BY_NAME[name]
@@ -205,6 +225,8 @@ class RootAttrs:
     image_size: list  # [H, W] of the training resolution
     point_features: list
     capabilities: list  # e.g. ["point_gt", "image_gt"]
+    modalities: list = field(default_factory=lambda: list(MODALITIES))  # ["images"]: a store without points
+    image_gt_source: str | None = None  # which 2D ground truth the store has (see SCHEMA.md)
     dataset_config: dict = field(default_factory=dict)
     shard_size: int = 8
     num_frames: int = 0

@@ -1,8 +1,9 @@
 """Store validation (``cns-cli cache validate``) and status (``cns-cli cache status``).
 
 Validation checks, in order, and stops at the first problem of each kind with the frame it concerns:
-the root attributes and schema version; that every array of every complete stage exists with the schema's
-dtype, shape and dimension names; the offsets (start at 0, non-decreasing, end at the array length);
+the root attributes and schema version; the modalities (a store without points holds no ``points/*`` or
+``pairs/*`` array); that every array of every complete stage exists with the schema's dtype, shape and
+dimension names; the offsets (start at 0, non-decreasing, end at the array length);
 per frame, the values: finite coordinates, labels in ``0..L-1`` or 255, pairs pointing inside their frame's
 points and images and inside the image, mask ids >= -1; and the fingerprints (every complete stage has one;
 a recorded checkpoint that still exists at its path must hash to the recorded sha256).
@@ -74,14 +75,26 @@ def validate_store(path, check_checkpoints: bool = True) -> ValidationReport:
 
 
 def _expected_arrays(store: Store, complete) -> list[schema.ArraySpec]:
-    caps = set(store.attrs.capabilities)
-    out = [a for a in schema.ARRAYS if a.stage == "plan"]
-    for stage in complete:
-        out += [a for a in schema.arrays_of_stage(stage) if a.when is None or a.when in caps]
-    return out
+    attrs = store.attrs
+    return [a for a in schema.ARRAYS if (a.stage == "plan" or a.stage in complete)
+            and schema.array_in_store(a, attrs.modalities, attrs.capabilities)]
+
+
+def _check_modalities(store: Store, report) -> None:
+    """``cns.modalities`` is known, has images, and the store holds no array of a modality it lacks."""
+    modalities = list(store.attrs.modalities)
+    unknown = sorted(set(modalities) - set(schema.MODALITIES))
+    if unknown or "images" not in modalities:
+        report.error(f"modalities {modalities}: expected ['points', 'images'] or ['images']")
+        return
+    for sp in schema.ARRAYS:
+        if sp.modality is not None and sp.modality not in modalities and sp.name in store:
+            report.error(f"array '{sp.name}' exists, but the store's modalities {modalities} have no "
+                         f"'{sp.modality}'")
 
 
 def _check_arrays(store: Store, complete, dims, report) -> None:
+    _check_modalities(store, report)
     for sp in _expected_arrays(store, complete):
         if sp.name not in store:
             report.error(f"array '{sp.name}' of complete stage '{sp.stage}' is missing")
@@ -103,9 +116,11 @@ def _check_arrays(store: Store, complete, dims, report) -> None:
 
 
 def _check_offsets(store: Store, complete, dims, report) -> None:
-    axes = {"points": "points/xyz", "images": "images/rgb"} if "correspond" in complete else {}
+    has_points = "points" in store.attrs.modalities
+    axes = {}
     if "correspond" in complete:
-        axes["pairs"] = "pairs/point"
+        axes = {"points": "points/xyz", "images": "images/rgb", "pairs": "pairs/point"} if has_points else \
+            {"images": "images/rgb"}
     for axis, values in axes.items():
         off = store.offsets(axis)
         if len(off) != dims["F"] + 1:
@@ -133,15 +148,17 @@ def _check_frames(store: Store, complete, report) -> None:
     num_classes = len(attrs.class_names)
     h, w = attrs.image_size
     tokens = store.array("frames/token")[:]
-    point_off, image_off = store.offsets("points"), store.offsets("images")
-    pair_off = store.offsets("pairs") if "correspond" in complete else None
+    has_points = "points" in attrs.modalities
+    image_off = store.offsets("images")
+    point_off = store.offsets("points") if has_points else None
+    pair_off = store.offsets("pairs") if "correspond" in complete and has_points else None
     image_label_arrays = [n for n in ("images/gt", "clip/label", "clip/label_refined") if n in store
                           and (schema.spec(n).stage in complete or n == "images/gt")]
     for f in range(attrs.num_frames):
         token = str(tokens[f])
-        p0, p1 = int(point_off[f]), int(point_off[f + 1])
         i0, i1 = int(image_off[f]), int(image_off[f + 1])
-        if "correspond" in complete:
+        if pair_off is not None:
+            p0, p1 = int(point_off[f]), int(point_off[f + 1])
             xyz = store.array("points/xyz")[p0:p1]
             if not np.isfinite(xyz).all():
                 return report.error("points/xyz has NaN/inf values", f, token)

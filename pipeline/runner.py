@@ -32,7 +32,7 @@ from .stages.base import Shard, ShardContext, build_stage
 
 log = logging.getLogger("cns.labels")
 
-DEFAULT_SHARD_SIZE = {"nuscenes": 32, "scannet": 1, "synthetic": 4}
+DEFAULT_SHARD_SIZE = {"nuscenes": 32, "nuimages": 64, "scannet": 1, "synthetic": 4}
 PLAN = "plan"
 
 
@@ -89,17 +89,21 @@ def plan_store(adapter, path: Path, shard_size: int) -> Store:
     point_off = np.concatenate([[0], np.cumsum(point_counts)])
     image_off = np.concatenate([[0], np.cumsum(image_counts)])
     shards = [[s, min(s + shard_size, len(frames))] for s in range(0, len(frames), shard_size)]
+    has_points = "points" in adapter.modalities
     attrs = RootAttrs(dataset=adapter.name, split=adapter.split, class_names=list(adapter.class_names),
                       image_size=list(adapter.image_size), point_features=list(adapter.point_features),
-                      capabilities=list(adapter.capabilities), dataset_config=_jsonable(adapter.config()),
+                      capabilities=list(adapter.capabilities), modalities=list(adapter.modalities),
+                      image_gt_source=adapter.image_gt_source, dataset_config=_jsonable(adapter.config()),
                       shard_size=shard_size, num_frames=len(frames))
     store = Store.create(path, attrs)
     store.update_attrs(shards=shards, voxel_size=adapter.voxel_size)
-    store.set_dims(**{"F": len(frames), "F+1": len(frames) + 1, "P": int(point_off[-1]), "I": int(image_off[-1]),
+    store.set_dims(**{"F": len(frames), "F+1": len(frames) + 1, "I": int(image_off[-1]),
                       "H": adapter.image_size[0], "W": adapter.image_size[1],
-                      "C": max(1, len(adapter.point_features)), "L": len(adapter.class_names)})
+                      "C": max(1, len(adapter.point_features)), "L": len(adapter.class_names)},
+                   **({"P": int(point_off[-1])} if has_points else {}))
     store.create_array("frames/token")[:] = np.array([fi.token for fi in frames], dtype=object)
-    store.create_array("points/offsets")[:] = point_off
+    if has_points:
+        store.create_array("points/offsets")[:] = point_off
     store.create_array("images/offsets")[:] = image_off
     store.create_array("images/frame")[:] = np.repeat(np.arange(len(frames), dtype=np.int32), image_counts)
     store.create_array("images/name")[:] = np.array([n for fi in frames for n in fi.image_names], dtype=object)
@@ -115,9 +119,12 @@ def _jsonable(d):
 def _check_same_dataset(store: Store, adapter) -> None:
     attrs = store.attrs
     want = {"dataset": adapter.name, "split": adapter.split, "class_names": list(adapter.class_names),
-            "image_size": list(adapter.image_size), "dataset_config": _jsonable(adapter.config())}
+            "image_size": list(adapter.image_size), "dataset_config": _jsonable(adapter.config()),
+            "image_gt_source": adapter.image_gt_source}
     have = {"dataset": attrs.dataset, "split": attrs.split, "class_names": list(attrs.class_names),
-            "image_size": list(attrs.image_size), "dataset_config": attrs.dataset_config}
+            "image_size": list(attrs.image_size), "dataset_config": attrs.dataset_config,
+            # a store planned before the attribute existed has no record of it: nothing to compare
+            "image_gt_source": store.raw_attrs.get("image_gt_source", adapter.image_gt_source)}
     for key in want:
         if want[key] != have[key]:
             detail = _first_difference(have[key], want[key])

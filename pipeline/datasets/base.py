@@ -50,8 +50,8 @@ class FrameInfo:
 class ImageRecord:
     """One image of a frame at its native resolution.
 
-    ``points_to_camera`` (4x4) maps the frame's point coordinates into this camera; ``intrinsics`` (3x3)
-    is K at native resolution. ``depth`` (metres, 0 = no reading) with ``depth_intrinsics`` enables the
+    ``points_to_camera`` (4x4) maps the frame's point coordinates into this camera (``None`` in a dataset
+    without points); ``intrinsics`` (3x3) is K at native resolution. ``depth`` (metres, 0 = no reading) with ``depth_intrinsics`` enables the
     occlusion test; ``gt`` is an optional native-resolution label map (class indices, 255 = unlabelled).
     """
 
@@ -59,7 +59,7 @@ class ImageRecord:
     file: str
     rgb: np.ndarray
     intrinsics: np.ndarray
-    points_to_camera: np.ndarray
+    points_to_camera: np.ndarray | None
     gt: np.ndarray | None = None
     depth: np.ndarray | None = None
     depth_intrinsics: np.ndarray | None = None
@@ -69,8 +69,8 @@ class ImageRecord:
 class Frame:
     token: str
     points_file: str
-    xyz: np.ndarray  # (N, 3) float32
-    feat: np.ndarray  # (N, C) float32
+    xyz: np.ndarray | None  # (N, 3) float32; None in a dataset without points (modalities = ("images",))
+    feat: np.ndarray | None  # (N, C) float32
     images: list[ImageRecord]
     gt: np.ndarray | None = None  # (N,) uint8, 255 = unlabelled
     extra: dict = field(default_factory=dict)
@@ -86,6 +86,8 @@ class DatasetAdapter:
     min_depth: float = 0.0  # metres; points closer to a camera are not paired with it
     occlusion_tolerance: float | None = None  # metres; None = no depth test
     voxel_size: float = 0.1
+    modalities: tuple[str, ...] = ("points", "images")  # ("images",): a 2D-only dataset, no points or pairs
+    image_gt_name: str = ""  # the 2D ground truth's name when the adapter has "image_gt" (see image_gt_source)
 
     def __init__(self, root: str | os.PathLike | None = None, split: str = "train", **options):
         self.root = Path(root) if root is not None else None
@@ -96,6 +98,15 @@ class DatasetAdapter:
     @property
     def capabilities(self) -> list[str]:
         return []
+
+    @property
+    def image_gt_source(self) -> str | None:
+        """Which 2D ground truth a store of this adapter has (``cns.image_gt_source``): the adapter's own
+        label images (``image_gt_name``), else ``"projected_3d"`` where only points are labelled, else None."""
+        caps = self.capabilities
+        if "image_gt" in caps:
+            return self.image_gt_name or self.name
+        return "projected_3d" if "point_gt" in caps else None
 
     def frames(self) -> list[FrameInfo]:
         raise NotImplementedError
@@ -162,7 +173,7 @@ def read_rgb(path: Path, frame: str) -> np.ndarray:
 
 def build_adapter(name: str, root=None, split: str | None = None, **options) -> DatasetAdapter:
     """Construct a registered dataset adapter; the dataset modules register themselves on import."""
-    from . import load_builtin  # noqa: F401  (registers nuscenes, scannet, synthetic)
+    from . import load_builtin  # noqa: F401  (registers nuscenes, nuimages, scannet, synthetic)
     try:
         cls = DATASETS.get(name)
     except KeyError as e:

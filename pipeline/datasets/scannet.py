@@ -14,10 +14,32 @@ Layout under the data root::
 Every posed frame of a scene becomes an image of the cache at 240x320; a point is paired with an image
 only where the depth map confirms it (``occlusion_tolerance``, metres). Without ``intrinsic_depth.txt`` the
 depth K is the colour K scaled to the depth resolution.
+
+The images of a scene come from one of two sources (``--dataset-option image_source=...``):
+
+* ``posed_images`` (default): the mmdetection3d export above. Its 2D labels, when the raw scans are there,
+  are ScanNet's filtered label images ``scans/<scene>/label-filt/<frame>.png`` (``<frame>`` = the posed
+  frame's number without zero padding; the unzipped ``<scene>_2d-label-filt.zip``). ScanNet releases them as
+  16-bit PNGs of ScanNet label ids, mapped to NYU40 with ``scannetv2-labels.combined.tsv`` (columns ``id``
+  and ``nyu40id``; looked for in ``meta_data/`` and the root); label images already converted to NYU40
+  (ScanNet's ``convert_scannet_label_image.py``) need ``--dataset-option label_filt_ids=nyu40``.
+* ``frames_25k``: ScanNet's 25k-frame subset (the frames the paper trains on), ``scannet_frames_25k/<scene>/``
+  (or ``tasks/scannet_frames_25k/<scene>/``) with ``color/NNNNNN.jpg``, ``depth/NNNNNN.png``,
+  ``pose/NNNNNN.txt``, ``label/NNNNNN.png`` (NYU40 ids), ``intrinsics_color.txt`` (and optionally
+  ``intrinsics_depth.txt``). The points still come from ``points/``.
+
+NYU40 label images are mapped to ScanNet-20 with the table of the 3D labels and resized to 240x320 with
+nearest neighbour by ``correspond`` into ``images/gt``; the store records ``image_gt_source =
+"scannet_2d_labels"``. A label image must show the colour image's view: the same size, or the same aspect
+ratio within 1 % (e.g. labels at the depth resolution). 2D labels are used when every scene of the split has
+them; without them 2D evaluation falls back to projected 3D labels (``image_gt_source = "projected_3d"``).
 """
 from __future__ import annotations
 
+import csv
+from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +50,22 @@ from .classes import SCANNET20, nyu40_to_scannet20_lut
 
 POINT_COLUMNS = 6
 DEPTH_SCALE = 1000.0  # ScanNet depth PNGs hold millimetres
+IMAGE_SOURCES = ("posed_images", "frames_25k")
+LABEL_FILT_IDS = ("scannet", "nyu40")
+LABEL_MAP_NAME = "scannetv2-labels.combined.tsv"
+NYU40_MAX = 40
+LABEL_ASPECT_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class _ImageFiles:
+    """The files of one posed frame of a scene."""
+
+    name: str
+    rgb: Path
+    depth: Path
+    pose: Path
+    label: Path | None  # None: the scene has no 2D labels
 
 
 @DATASETS.register("scannet")
@@ -38,19 +76,39 @@ class ScanNetDataset(DatasetAdapter):
     point_features = ("r", "g", "b")
     min_depth = 0.1
     voxel_size = 0.05
+    image_gt_name = "scannet_2d_labels"
 
-    def __init__(self, root=None, split: str = "train", occlusion_tolerance: float = 0.1, **options):
+    def __init__(self, root=None, split: str = "train", occlusion_tolerance: float = 0.1,
+                 image_source: str = "posed_images", label_filt_ids: str = "scannet", **options):
         if root is None:
             raise DatasetError("ScanNet needs a data root (--data-root / DATA_ROOT=/path/to/scannet)")
         super().__init__(root, split, **options)
         self.occlusion_tolerance = float(occlusion_tolerance)
-        if not (self.root / "points").is_dir() or not (self.root / "posed_images").is_dir():
+        if image_source not in IMAGE_SOURCES:
+            raise DatasetError(f"unknown ScanNet image_source '{image_source}' (known: {', '.join(IMAGE_SOURCES)})")
+        if label_filt_ids not in LABEL_FILT_IDS:
+            raise DatasetError(f"unknown ScanNet label_filt_ids '{label_filt_ids}' (known: "
+                               f"{', '.join(LABEL_FILT_IDS)})")
+        self.image_source = image_source
+        self.label_filt_ids = label_filt_ids
+        if not (self.root / "points").is_dir():
             raise DatasetError("not a ScanNet export: expected points/ and posed_images/ "
                                "(mmdetection3d layout)", file=self.root)
+        if image_source == "posed_images" and not (self.root / "posed_images").is_dir():
+            raise DatasetError("not a ScanNet export: expected points/ and posed_images/ "
+                               "(mmdetection3d layout)", file=self.root)
+        if image_source == "frames_25k" and self._frames_25k_root is None:
+            raise DatasetError("image_source=frames_25k needs ScanNet's 25k frames in scannet_frames_25k/ or "
+                               "tasks/scannet_frames_25k/ under the data root", file=self.root)
 
     @property
     def capabilities(self) -> list[str]:
-        return ["point_gt"] if all(self._label_file(s) is not None for s in self.scenes) else []
+        caps = ["point_gt"] if all(self._label_file(s) is not None for s in self.scenes) else []
+        return caps + (["image_gt"] if self._has_2d_labels else [])
+
+    def config(self) -> dict:
+        return {**super().config(), "depth_scale": DEPTH_SCALE, "image_source": self.image_source,
+                "label_filt_ids": self.label_filt_ids}
 
     @cached_property
     def scenes(self) -> list[str]:
@@ -73,8 +131,55 @@ class ScanNetDataset(DatasetAdapter):
             raise DatasetError(f"no scenes for split '{self.split}'", file=self.root / "points")
         return scenes
 
+    # -- the image source of a scene ------------------------------------------------------------------
+    @cached_property
+    def _frames_25k_root(self) -> Path | None:
+        return next((p for p in (self.root / "scannet_frames_25k", self.root / "tasks" / "scannet_frames_25k")
+                     if p.is_dir()), None)
+
+    def _image_dir(self, scene: str) -> Path:
+        if self.image_source == "frames_25k":
+            return self._frames_25k_root / scene
+        return self.root / "posed_images" / scene
+
+    def _label_dir(self, scene: str) -> Path:
+        if self.image_source == "frames_25k":
+            return self._image_dir(scene) / "label"
+        return self.root / "scans" / scene / "label-filt"
+
+    def _intrinsics_files(self, scene: str) -> tuple[Path, Path]:
+        """(colour K, depth K) files of a scene; the depth one may be absent."""
+        d = self._image_dir(scene)
+        if self.image_source == "frames_25k":
+            return d / "intrinsics_color.txt", d / "intrinsics_depth.txt"
+        return d / "intrinsic.txt", d / "intrinsic_depth.txt"
+
+    @cached_property
+    def _has_2d_labels(self) -> bool:
+        """Every scene has its label folder (True), none has (False); some only is an error."""
+        with_labels = [s for s in self.scenes if self._label_dir(s).is_dir()]
+        if with_labels and len(with_labels) < len(self.scenes):
+            first = next(s for s in self.scenes if not self._label_dir(s).is_dir())
+            raise DatasetError(f"{len(with_labels)} of {len(self.scenes)} scenes have 2D labels: a store has them "
+                               f"for every scene or for none (first scene without: {first})",
+                               file=self._label_dir(first))
+        if with_labels and self.image_source == "posed_images" and self.label_filt_ids == "scannet":
+            self._scannet_to_nyu40  # the label map must exist before anything is planned
+        return bool(with_labels)
+
+    def _image_files(self, scene: str) -> list[_ImageFiles]:
+        d = self._image_dir(scene)
+        labels = self._label_dir(scene) if self._has_2d_labels else None
+        if self.image_source == "frames_25k":
+            return [_ImageFiles(i, d / "color" / f"{i}.jpg", d / "depth" / f"{i}.png", d / "pose" / f"{i}.txt",
+                                labels / f"{i}.png" if labels else None)
+                    for i in sorted(p.stem for p in (d / "color").glob("*.jpg"))]
+        return [_ImageFiles(i, d / f"{i}.jpg", d / f"{i}.png", d / f"{i}.txt",
+                            labels / f"{int(i)}.png" if labels else None)
+                for i in sorted(p.stem for p in d.glob("*.jpg"))]
+
     def _image_ids(self, scene: str) -> list[str]:
-        return sorted(p.stem for p in (self.root / "posed_images" / scene).glob("*.jpg"))
+        return [f.name for f in self._image_files(scene)]
 
     def _label_file(self, scene: str):
         for p in (self.root / "semantic_mask" / f"{scene}.bin", self.root / "labels" / f"{scene}_sem_label_all.npy"):
@@ -85,14 +190,13 @@ class ScanNetDataset(DatasetAdapter):
     def frames(self) -> list[FrameInfo]:
         out = []
         for scene in self.scenes:
+            if not self._image_dir(scene).is_dir():
+                raise DatasetError(f"scene {scene} has no {self.image_source} folder", scene, self._image_dir(scene))
             path = self.root / "points" / f"{scene}.bin"
             size = path.stat().st_size if path.exists() else 0
             out.append(FrameInfo(token=scene, num_points=size // (4 * POINT_COLUMNS),
                                  image_names=self._image_ids(scene), points_file=str(path)))
         return out
-
-    def config(self) -> dict:
-        return {**super().config(), "depth_scale": DEPTH_SCALE}
 
     def load(self, index: int) -> Frame:
         scene = self.scenes[index]
@@ -101,25 +205,82 @@ class ScanNetDataset(DatasetAdapter):
         xyz = np.ascontiguousarray(raw[:, :3])
         check_points(xyz, scene, str(path))
         feat = (raw[:, 3:6] / 255.0).astype(np.float32)
-        image_dir = self.root / "posed_images" / scene
-        k_color = self._matrix(image_dir / "intrinsic.txt", scene)[:3, :3]
-        depth_k_file = image_dir / "intrinsic_depth.txt"
+        color_k_file, depth_k_file = self._intrinsics_files(scene)
+        k_color = self._matrix(color_k_file, scene)[:3, :3]
         images = []
-        for image_id in self._image_ids(scene):
-            rgb = read_rgb(image_dir / f"{image_id}.jpg", scene)
-            depth = self._depth(image_dir / f"{image_id}.png", scene)
-            pose_file = image_dir / f"{image_id}.txt"
-            cam2world = self._matrix(pose_file, scene)
-            check_rigid(cam2world, f"pose of image {image_id}", scene, str(pose_file))
+        for files in self._image_files(scene):
+            rgb = read_rgb(files.rgb, scene)
+            depth = self._depth(files.depth, scene)
+            cam2world = self._matrix(files.pose, scene)
+            check_rigid(cam2world, f"pose of image {files.name}", scene, str(files.pose))
             k_depth = (self._matrix(depth_k_file, scene)[:3, :3] if depth_k_file.exists()
                        else scale_intrinsics(k_color, rgb.shape[:2], depth.shape))
-            images.append(ImageRecord(name=image_id, file=str(image_dir / f"{image_id}.jpg"), rgb=rgb,
-                                      intrinsics=k_color, points_to_camera=np.linalg.inv(cam2world), depth=depth,
+            gt = self._image_gt(files, rgb.shape[:2], scene) if files.label is not None else None
+            images.append(ImageRecord(name=files.name, file=str(files.rgb), rgb=rgb, intrinsics=k_color,
+                                      points_to_camera=np.linalg.inv(cam2world), gt=gt, depth=depth,
                                       depth_intrinsics=k_depth))
         if not images:
-            raise DatasetError("the scene has no posed images", scene, image_dir)
+            raise DatasetError(f"the scene has no {self.image_source} frames", scene, self._image_dir(scene))
         return Frame(token=scene, points_file=str(path), xyz=xyz, feat=feat, images=images,
                      gt=self._load_gt(scene, len(xyz)))
+
+    # -- 2D labels ------------------------------------------------------------------------------------
+    @cached_property
+    def _scannet_to_nyu40(self) -> np.ndarray:
+        """ScanNet label id -> NYU40 id from ``scannetv2-labels.combined.tsv`` (-1 for ids it does not list)."""
+        candidates = [self.root / "meta_data" / LABEL_MAP_NAME, self.root / LABEL_MAP_NAME]
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+            raise DatasetError(f"label-filt/ images hold ScanNet label ids, which need ScanNet's {LABEL_MAP_NAME} "
+                               f"(looked for {', '.join(str(c) for c in candidates)}); for label images already "
+                               f"converted to NYU40 pass --dataset-option label_filt_ids=nyu40")
+        try:
+            with open(path, newline="") as f:
+                rows = [(int(r["id"]), int(r["nyu40id"])) for r in csv.DictReader(f, delimiter="\t")]
+        except (KeyError, ValueError, TypeError) as e:
+            raise DatasetError(f"label map is malformed (needs integer columns 'id' and 'nyu40id'): {e}",
+                               file=path) from None
+        lut = np.full(1 << 16, -1, dtype=np.int16)
+        lut[0] = 0  # 0 = unannotated
+        for scannet_id, nyu40 in rows:
+            lut[scannet_id] = nyu40
+        return lut
+
+    def _image_gt(self, files: _ImageFiles, rgb_hw, scene: str) -> np.ndarray:
+        """The native-resolution ScanNet-20 label map of one posed frame (255 = unlabelled)."""
+        from PIL import Image
+        path = files.label
+        try:
+            with Image.open(path) as im:
+                im.load()
+                ids = np.asarray(im)
+        except FileNotFoundError:
+            raise DatasetError(f"2D label image of frame {files.name} is missing", scene, path) from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DatasetError(f"2D label image of frame {files.name} is unreadable or truncated: {e}", scene,
+                               path) from None
+        if ids.ndim != 2:
+            raise DatasetError(f"2D label image of frame {files.name} must be single-channel, got shape "
+                               f"{ids.shape}", scene, path)
+        (h, w), (rh, rw) = ids.shape, rgb_hw
+        if (h, w) != (rh, rw) and abs((w / h) / (rw / rh) - 1) > LABEL_ASPECT_TOLERANCE:
+            raise DatasetError(f"2D label image of frame {files.name} is {w}x{h} but its colour image is "
+                               f"{rw}x{rh}: not the same view", scene, path)
+        ids = ids.astype(np.int64)
+        if self.image_source == "posed_images" and self.label_filt_ids == "scannet":
+            lut = self._scannet_to_nyu40
+            nyu = lut[np.clip(ids, 0, len(lut) - 1)]
+            nyu[ids >= len(lut)] = -1
+            if (nyu < 0).any():
+                bad = int(ids[nyu < 0][0])
+                raise DatasetError(f"2D label image of frame {files.name} holds ScanNet label id {bad}, which "
+                                   f"{LABEL_MAP_NAME} does not list", scene, path)
+        else:
+            nyu = ids
+            if nyu.max() > NYU40_MAX:
+                raise DatasetError(f"2D label image of frame {files.name} holds id {int(nyu.max())}, outside "
+                                   f"NYU40 (0..{NYU40_MAX})", scene, path)
+        return nyu40_to_scannet20_lut()[nyu]
 
     @staticmethod
     def _matrix(path, scene: str) -> np.ndarray:

@@ -65,6 +65,7 @@ class SyntheticDataset(DatasetAdapter):
     """
 
     name = "synthetic"
+    image_gt_name = "synthetic_render"  # the generator's exact per-pixel labels
     _OPTIONS = ("kind", "num_scenes", "seed", "sweeps_per_scene", "frames_per_room", "native_resolution",
                 "cache_size")
 

@@ -140,6 +140,8 @@ DESCRIPTIVE_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
+DESCRIPTIVE_NAMES["nuimages"] = DESCRIPTIVE_NAMES["nuscenes"]  # nuImages is labelled with the nuScenes-16 classes
+
 
 def plain_name(name: str) -> str:
     """The canonical class name made readable: ``traffic_cone`` -> ``traffic cone``."""

@@ -6,6 +6,9 @@ resolution (``images/rgb``, ``images/gt``, ``images/intrinsics``) and the pairs:
 within ``occlusion_tolerance``) with its pixel at the training resolution. The number of pairs is known
 only after projection, so a shard saves its pairs as a part file; ``finalize`` concatenates the parts in
 frame order into ``pairs/*`` (a single writer) once every shard is done.
+
+In a store without points (``cns.modalities == ["images"]``, a 2D-only dataset such as nuImages) it writes
+the images only: no points, no pairs, no part files.
 """
 from __future__ import annotations
 
@@ -43,14 +46,15 @@ class CorrespondStage(Stage):
         return {}  # everything that shapes the output is the dataset's configuration, fingerprinted at plan time
 
     def prepare(self, store, adapter) -> None:
-        caps = store.attrs.capabilities
-        store.ensure_arrays(["points/xyz", "points/feat", "images/rgb", "images/intrinsics"]
-                            + (["points/gt"] if "point_gt" in caps else [])
-                            + (["images/gt"] if "image_gt" in caps else []))
+        attrs = store.attrs
+        store.ensure_arrays([sp.name for sp in schema.arrays_of_stage(self.name) if not sp.name.startswith("pairs/")
+                             and schema.array_in_store(sp, attrs.modalities, attrs.capabilities)])
 
     def process_shard(self, ctx: ShardContext) -> dict:
         store, adapter = ctx.store, ctx.adapter
         attrs = store.attrs
+        if "points" not in attrs.modalities:
+            return self._process_images_only(ctx)
         size_hw = tuple(attrs.image_size)
         point_off = store.offsets("points")
         image_off = store.offsets("images")
@@ -88,6 +92,29 @@ class CorrespondStage(Stage):
             store.write_part(self.name, ctx.shard.index, counts=counts, **part)
         return stats
 
+    def _process_images_only(self, ctx: ShardContext) -> dict:
+        """A shard of a store without points: each frame's images at the training resolution, nothing else."""
+        store = ctx.store
+        size_hw = tuple(store.attrs.image_size)
+        image_off = store.offsets("images")
+        tokens = store.array("frames/token")[ctx.shard.frame_start:ctx.shard.frame_stop]
+        has_image_gt = "images/gt" in store
+        stats = {"frames": 0, "images": 0}
+        for j, f in enumerate(ctx.shard.frames):
+            token = str(tokens[j])
+            with ctx.frame(f, token):
+                with ctx.timed("load_s"):
+                    frame = ctx.adapter.load(f)
+                planned = int(image_off[f + 1] - image_off[f])
+                if len(frame.images) != planned:
+                    raise DatasetError(f"frame has {len(frame.images)} images but {planned} were planned", token,
+                                       frame.images[0].file if frame.images else None)
+                with ctx.timed("write_s"):
+                    self._write_images(store, frame, size_hw, int(image_off[f]), has_image_gt)
+                stats["frames"] += 1
+                stats["images"] += len(frame.images)
+        return stats
+
     @staticmethod
     def _check_plan(frame, token, point_off, image_off, f):
         planned_points = int(point_off[f + 1] - point_off[f])
@@ -121,6 +148,10 @@ class CorrespondStage(Stage):
         if has_point_gt:
             gt = frame.gt if frame.gt is not None else np.full(len(frame.xyz), schema.IGNORE_INDEX, np.uint8)
             store.write_rows("points/gt", p0, gt.astype(np.uint8))
+        CorrespondStage._write_images(store, frame, size_hw, i0, has_image_gt)
+
+    @staticmethod
+    def _write_images(store, frame, size_hw, i0, has_image_gt):
         rgb = np.stack([resize_rgb(im.rgb, size_hw) for im in frame.images])
         store.write_rows("images/rgb", i0, rgb)
         ks = np.stack([scale_intrinsics(im.intrinsics, im.rgb.shape[:2], size_hw) for im in frame.images])
@@ -132,6 +163,8 @@ class CorrespondStage(Stage):
 
     def finalize(self, store) -> None:
         """Concatenate the shards' pairs in frame order into ``pairs/*`` and write ``pairs/offsets``."""
+        if "points" not in store.attrs.modalities:
+            return  # a store without points has no pairs
         num_shards = len(store.raw_attrs["shards"])
         parts = [store.read_part(self.name, s) for s in range(num_shards)]
         counts = np.concatenate([p["counts"] for p in parts])
