@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cli import main
@@ -203,3 +204,41 @@ def test_mask_with_wrong_run_lengths(nuimages_copy, tmp_path):
     result = _labels(nuimages_copy, tmp_path / "c")
     _assert_only_frame_failed(result, tmp_path / "c", 0, "mask of surface_ann surf-0-road cannot be decoded",
                               f"its run lengths cover 16 pixels, not {NATIVE_HW[0]}x{NATIVE_HW[1]}")
+
+
+# -- 2D-only training (--config nuimages) -------------------------------------------------------------
+def test_2d_only_training_and_eval_on_a_nuimages_store(nuimages_root, tmp_path):
+    """--config nuimages trains the 2D network alone: no 3D net, no 3D sources, no 3D loss (absent, not
+    zero-filled); cns-cli eval prints the 2D table with the paper's nuImages numbers."""
+    from train.commands import eval_cmd, train
+    from train.config import load_config
+    from train.engine import StoreMismatch, check_stores
+    tiny = {"maskclip": {"tiny": True}, "sam": {"tiny": True, "points_per_side": 4}}
+    summary = run_labels("nuimages", tmp_path / "cache", schema.STAGE_ORDER, data_root=nuimages_root, split="mini",
+                         stage_options=tiny, workers=0, progress=False)
+    store = str(summary.store)
+    with pytest.raises(StoreMismatch, match="no points.*--config nuimages"):
+        check_stores([store], load_config("nuscenes"))
+    run = tmp_path / "run"
+    args = ["--cache", store, "--config", "nuimages", "--out", str(run), "--device", "cpu", "--no-pretrained-2d",
+            "model.net2d=deeplabv3_mobilenet_v3", "schedule.epochs=2", "schedule.warmup_epochs=1",
+            "data.batch_size=2", "data.num_workers=0", "schedule.lr=0.01"]
+    res = CliRunner().invoke(train, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["type"] == "train"]
+    assert {r["stage"] for r in steps} == {1, 2} and all(np.isfinite(r["loss"]) for r in steps)
+    for r in steps:  # only the 2D terms exist
+        assert "ce2d" in r and "ce3d" not in r and "latent3d" not in r and r["latent2d"] > 0
+        assert not any(k.startswith("share3d") for k in r)
+        assert set(k for k in r if k.startswith("share2d_")) <= {"share2d_clip2d", "share2d_pred2d", "share2d_none"}
+    assert any(r.get("share2d_pred2d", 0) > 0 for r in steps if r["stage"] == 2)
+    weights = torch.load(run / "checkpoints" / "last.pth", map_location="cpu", weights_only=False)["model"]
+    assert not any(k.startswith(("net3d.", "phi_s.", "phi_f.")) for k in weights)
+    res = CliRunner().invoke(eval_cmd, ["--cache", store, "--run", str(run), "--device", "cpu"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for text in ("CNS 2D net", "CLIP labels (MaskCLIP), 2D", "CNS (paper), nuImages 2D", "22.1",
+                 "CLIP2Scene (paper), nuImages 2D", "18.6", "2D ground truth: images/gt (nuimages_annotations)"):
+        assert text in res.output, text
+    assert "3D" not in res.output.split("reported in the paper")[0]  # no 3D row at all

@@ -53,12 +53,13 @@ DEFAULTS: dict = {
     },
     "model": {
         "net2d": "deeplabv3_resnet50",   # registry MODELS_2D
-        "net3d": "minkunet34",           # registry MODELS_3D
+        "net3d": "minkunet34",           # registry MODELS_3D; null = 2D only (nuImages): no 3D net, sources, loss
         "pretrained_2d": True,           # ImageNet backbone weights; a missing download is an error
     },
     "schedule": {
         "epochs": 30,
         "warmup_epochs": 10,        # stage 1 (CLIP labels only); stage 2 afterwards
+        "optimizer": "sgd",         # sgd (the paper's) | adamw (CPU studies: from-scratch small nets)
         "lr": 0.1,
         "momentum": 0.9,
         "weight_decay": 1e-4,
@@ -219,9 +220,16 @@ def validate(cfg: dict) -> None:
     if cfg["loss"]["latent_target"] not in ("sam", "clip", "sam+clip", "none"):
         raise ConfigError(f"loss.latent_target must be sam, clip, sam+clip or none, got "
                           f"'{cfg['loss']['latent_target']}'")
+    if not cfg["model"]["net3d"]:
+        three_d = [x for x in cfg["labels"]["stage2_sources"] if x in ("clip3d", "pred3d")]
+        if three_d:
+            raise ConfigError(f"model.net3d is null (2D only): labels.stage2_sources cannot hold {three_d}; "
+                              "use [clip2d, pred2d] or a subset")
     if cfg["labels"]["switch"] not in SWITCH_UNITS:
         raise ConfigError(f"labels.switch must be one of {SWITCH_UNITS}, got '{cfg['labels']['switch']}'")
     s = cfg["schedule"]
+    if s["optimizer"] not in ("sgd", "adamw"):
+        raise ConfigError(f"schedule.optimizer must be sgd or adamw, got '{s['optimizer']}'")
     if not 0 <= s["warmup_epochs"] <= s["epochs"]:
         raise ConfigError(f"schedule.warmup_epochs ({s['warmup_epochs']}) must lie in 0..epochs ({s['epochs']})")
 

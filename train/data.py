@@ -31,12 +31,6 @@ TRAINING_ARRAYS = ("points/xyz", "points/feat", "images/rgb", "pairs/point", "pa
                    "clip/text_embed", "clip/label", "sam/mask_id", "clip/label_refined")
 
 
-#: What 2D evaluation scores against: a store's ``images/gt`` or, without it, the pixels labelled 3D points
-#: project to, with the point's label.
-IMAGE_GT_SOURCES = {"images/gt": "images/gt (per-pixel labels)",
-                    "projected": "projected 3D labels (pixels of labelled points only)"}
-
-
 def latent_feature_arrays(cfg: dict) -> tuple[str, ...]:
     """The cached feature grids the Eq. 7 target of ``loss.latent_target`` needs (``sam/feat``, ``clip/feat``)."""
     from .losses import LATENT_FEATURES
@@ -153,13 +147,16 @@ class CacheFrameDataset(Dataset):
         self.meta = []
         for s, path in enumerate(self.paths):
             st = Store(path)
-            offs = {k: st.offsets(k) for k in ("points", "images", "pairs")}
             attrs = st.attrs
+            has_points = "points" in attrs.modalities  # a 2D-only store (nuImages) has no points and no pairs
+            offs = {k: st.offsets(k) for k in (("points", "images", "pairs") if has_points else ("images",))}
             has_image_gt = "images/gt" in st
-            self.meta.append({"offsets": offs, "image_size": tuple(attrs.image_size),
+            gt_source = (f"images/gt ({attrs.image_gt_source or 'per-pixel labels'})" if has_image_gt
+                         else "projected 3D labels (pixels of labelled points only)")
+            self.meta.append({"offsets": offs, "image_size": tuple(attrs.image_size), "has_points": has_points,
                               "has_point_gt": "points/gt" in st, "has_image_gt": has_image_gt,
-                              "image_gt_source": IMAGE_GT_SOURCES["images/gt" if has_image_gt else "projected"]})
-            self.index += [(s, f) for f in range(len(offs["points"]) - 1)]
+                              "image_gt_source": gt_source})
+            self.index += [(s, f) for f in range(len(offs["images"]) - 1)]
         sizes = {m["image_size"] for m in self.meta}
         self.out_size = tuple(cfg["data"]["image_size"] or next(iter(sizes)))
         if cfg["data"]["image_size"] is None and len(sizes) > 1:
@@ -200,6 +197,8 @@ class CacheFrameDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, idx]) if self.train else None
 
         # -- points ---------------------------------------------------------------------------
+        if not meta["has_points"]:
+            return self._images_only_item(st, meta, s, f, rng)
         p0, p1 = int(offs["points"][f]), int(offs["points"][f + 1])
         coord = np.asarray(st.array("points/xyz")[p0:p1], dtype=np.float32)
         feat = np.asarray(st.array("points/feat")[p0:p1], dtype=np.float32)
@@ -221,7 +220,41 @@ class CacheFrameDataset(Dataset):
         voxel_coord, inverse = voxelize(coord, float(dcfg["voxel_size"]))
         voxel_feat = scatter_mean(point_feat, inverse, len(voxel_coord))
 
-        # -- images: all of the frame, or N sampled (ScanNet 'image numbers') ---------------------
+        rows, local, n_avail, affines, images = self._images(st, meta, f, rng)
+        i0 = int(offs["images"][f])
+
+        # -- pairs: keep those on a sampled image and inside its crop ----------------------------
+        k0, k1 = int(offs["pairs"][f]), int(offs["pairs"][f + 1])
+        pair_point = np.asarray(st.array("pairs/point")[k0:k1], dtype=np.int64)
+        pair_image = np.asarray(st.array("pairs/image")[k0:k1], dtype=np.int64) - i0
+        pair_uv = np.asarray(st.array("pairs/uv")[k0:k1], dtype=np.int64)
+        lut = np.full(n_avail, -1, np.int64)
+        lut[local] = np.arange(len(local))
+        pair_image = lut[pair_image]
+        on = pair_image >= 0
+        pair_point, pair_image, pair_uv = pair_point[on], pair_image[on], pair_uv[on]
+        pair_uv, inside = warp_pairs(pair_uv, pair_image, affines, self.out_size)
+        return {
+            "coord": coord.astype(np.float32), "point_gt": gt.astype(np.int64), "inverse": inverse,
+            "voxel_coord": voxel_coord, "voxel_feat": voxel_feat, **images,
+            "pair_point": pair_point[inside], "pair_image": pair_image[inside], "pair_uv": pair_uv[inside],
+            "store": s, "frame": f,
+        }
+
+    def _images_only_item(self, st, meta, s: int, f: int, rng) -> dict:
+        """A frame of a 2D-only store: its images; the point fields are empty (no 3D net reads them)."""
+        _, _, _, _, images = self._images(st, meta, f, rng)
+        empty = np.zeros(0, np.int64)
+        return {"coord": np.zeros((0, 3), np.float32), "point_gt": empty, "inverse": empty,
+                "voxel_coord": np.zeros((0, 3), np.int32), "voxel_feat": np.zeros((0, 1), np.float32), **images,
+                "pair_point": empty, "pair_image": empty, "pair_uv": np.zeros((0, 2), np.int64),
+                "store": s, "frame": f}
+
+    def _images(self, st, meta, f: int, rng):
+        """The frame's images (all, or N sampled: ScanNet 'image numbers'), augmented, with their label maps
+        and cached feature grids. Returns ``(rows, local, n_avail, affines, fields)``."""
+        offs = meta["offsets"]
+        aug = self.cfg["data"]["augment"]
         i0, i1 = int(offs["images"][f]), int(offs["images"][f + 1])
         n_avail, n_want = i1 - i0, self._images_per_frame()
         if n_want <= 0 or n_want >= n_avail:
@@ -244,27 +277,11 @@ class CacheFrameDataset(Dataset):
             maps[key] = warp_nearest(_read_rows(st.array(name), rows), affines, self.out_size)
         feats = {f"{name.split('/')[0]}_feat": _read_rows(st.array(name), rows) for name in self.feature_arrays}
 
-        # -- pairs: keep those on a sampled image and inside its crop ----------------------------
-        k0, k1 = int(offs["pairs"][f]), int(offs["pairs"][f + 1])
-        pair_point = np.asarray(st.array("pairs/point")[k0:k1], dtype=np.int64)
-        pair_image = np.asarray(st.array("pairs/image")[k0:k1], dtype=np.int64) - i0
-        pair_uv = np.asarray(st.array("pairs/uv")[k0:k1], dtype=np.int64)
-        lut = np.full(n_avail, -1, np.int64)
-        lut[local] = np.arange(len(local))
-        pair_image = lut[pair_image]
-        on = pair_image >= 0
-        pair_point, pair_image, pair_uv = pair_point[on], pair_image[on], pair_uv[on]
-        pair_uv, inside = warp_pairs(pair_uv, pair_image, affines, self.out_size)
-        return {
-            "coord": coord.astype(np.float32), "point_gt": gt.astype(np.int64), "inverse": inverse,
-            "voxel_coord": voxel_coord, "voxel_feat": voxel_feat,
-            "rgb": rgb, "affine": affines.astype(np.float32), **feats,
-            "clip_label": maps["clip_label"], "clip_refined": maps["clip_refined"],
-            "mask_id": maps["mask_id"].astype(np.int64), "image_gt": maps["image_gt"],
-            "pair_point": pair_point[inside], "pair_image": pair_image[inside], "pair_uv": pair_uv[inside],
-            "image_rows": rows.astype(np.int64), "store": s, "frame": f,
-            "src_hw": np.tile(np.asarray(src_hw, np.int64), (len(rows), 1)),
-        }
+        fields = {"rgb": rgb, "affine": affines.astype(np.float32), **feats,
+                  "clip_label": maps["clip_label"], "clip_refined": maps["clip_refined"],
+                  "mask_id": maps["mask_id"].astype(np.int64), "image_gt": maps["image_gt"],
+                  "image_rows": rows.astype(np.int64), "src_hw": np.tile(np.asarray(src_hw, np.int64), (len(rows), 1))}
+        return rows, local, n_avail, affines, fields
 
 
 class EpochSampler(Sampler):

@@ -77,8 +77,12 @@ def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
         if missing:
             raise StoreMismatch(f"{path}: stage(s) {', '.join(missing)} not complete; run "
                                 f"`make labels CACHE={Path(path).parent} STAGES={','.join(missing)}`")
+        has_points = "points" in a.modalities
+        if not has_points and cfg["model"]["net3d"]:
+            raise StoreMismatch(f"{path}: the store has no points (a 2D-only dataset); train the 2D network "
+                                "alone with a configuration whose model.net3d is null, e.g. --config nuimages")
         needed = TRAINING_ARRAYS + (latent_feature_arrays(cfg) if for_training else ())
-        absent = [n for n in needed if n not in st]
+        absent = [n for n in needed if n not in st and (has_points or schema.spec(n).modality != "points")]
         if absent:
             stages = sorted({schema.spec(n).stage for n in absent}, key=schema.STAGE_ORDER.index)
             raise StoreMismatch(f"{path}: missing array(s) {', '.join(absent)}; run "
@@ -101,11 +105,11 @@ def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
                                 f"{d['text_embed_sha256'][:12]}...): another CLIP model or prompt set")
         dims = {name: int(st.array(f"{name}/feat").shape[1]) for name in ("sam", "clip") if f"{name}/feat" in st}
         this = {"class_names": names, "text_embed": torch.from_numpy(embed), "feature_dims": dims,
-                "point_channels": int(st.array("points/feat").shape[1])}
+                "point_channels": int(st.array("points/feat").shape[1]) if has_points else 0}
         if info is None:
             info = this
         else:
-            for k in ("feature_dims", "point_channels"):
+            for k in ("feature_dims",) + (("point_channels",) if cfg["model"]["net3d"] else ()):
                 if info[k] != this[k]:
                     raise StoreMismatch(f"{path}: {k} {this[k]} differs from {paths[0]} ({info[k]})")
     return info
@@ -167,7 +171,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, store_paths, cfg: dict, device
     mean_images = max(1.0, float(np.mean(per_frame))) if per_frame else 1.0
     n_frames = min(len(ds), max(1, math.ceil(want / mean_images)))
     frames = np.unique(np.linspace(0, len(ds) - 1, n_frames).round().astype(np.int64)).tolist()
-    loader = DataLoader(torch.utils.data.Subset(ds, frames), batch_size=int(cfg["data"]["batch_size"]),
+    batch = int(cfg["data"]["batch_size"])
+    loader = DataLoader(torch.utils.data.Subset(ds, frames), batch_size=batch, drop_last=len(frames) > batch,
                         shuffle=False, num_workers=int(cfg["data"]["num_workers"]), collate_fn=collate_offsets,
                         worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0))
     cpu_state = torch.get_rng_state()  # dropout in train mode draws from torch's generator: leave it untouched
@@ -175,7 +180,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, store_paths, cfg: dict, device
         update_bn(loader, _BatchForward(model, device, amp))
     finally:
         torch.set_rng_state(cpu_state)
-    return {"images": int(sum(per_frame[i] for i in frames)), "frames": len(frames)}
+    used = frames[: len(loader) * batch] if loader.drop_last else frames
+    return {"images": int(sum(per_frame[i] for i in used)), "frames": len(used)}
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "", ignore=RESUMABLE_KEYS) -> list[str]:
@@ -263,7 +269,9 @@ class Trainer:
         self.sampler = EpochSampler(DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
                                                        shuffle=True, seed=int(cfg["seed"])), len(self.dataset))
         d = cfg["data"]
+        # a last batch of one frame of one image would break DeepLabV3's pooled BatchNorm in train mode
         self.loader = DataLoader(self.dataset, batch_size=int(d["batch_size"]), sampler=self.sampler,
+                                 drop_last=len(self.sampler) >= int(d["batch_size"]),
                                  num_workers=int(d["num_workers"]), collate_fn=collate_offsets,
                                  worker_init_fn=worker_init, pin_memory=self.device.type == "cuda",
                                  persistent_workers=int(d["num_workers"]) > 0,
@@ -275,8 +283,12 @@ class Trainer:
         if s["max_steps_per_epoch"]:
             self.steps_per_epoch = min(self.steps_per_epoch, int(s["max_steps_per_epoch"]))
         total = max(1, self.steps_per_epoch * int(s["epochs"]))
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=float(s["lr"]), momentum=float(s["momentum"]),
-                                         weight_decay=float(s["weight_decay"]))
+        if s["optimizer"] == "adamw":
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(s["lr"]),
+                                               weight_decay=float(s["weight_decay"]))
+        else:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=float(s["lr"]), momentum=float(s["momentum"]),
+                                             weight_decay=float(s["weight_decay"]))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -396,16 +408,16 @@ class Trainer:
                                  len(batch["point_offset"]) - 1)
         with torch.no_grad():
             pred2d = out["logits2d"].argmax(1) if stage == 2 and "logits2d" in out else None
-            pred3d = out["logits3d"].argmax(1) if stage == 2 else None
+            pred3d = out["logits3d"].argmax(1) if stage == 2 and "logits3d" in out else None
         sources = LabelSources(batch, pred2d, pred3d, L, refine=bool(cfg["labels"]["refine"]))
         allowed2d, allowed3d = allowed_sources(cfg, stage)
         target2d, target3d, choices = switch_targets(sources, batch, allowed2d, allowed3d, generator,
                                                      unit=cfg["labels"]["switch"])
         lw = cfg["loss"]
-        losses = cotraining_loss(out.get("logits2d"), target2d, out["logits3d"], target3d,
+        losses = cotraining_loss(out.get("logits2d"), target2d, out.get("logits3d"), target3d,
                                  lw["weight_2d"], lw["weight_3d"])
         losses.update(latent_losses(out, batch, lw["latent_target"]))
-        losses["loss"] = losses["loss"] + lw["weight_latent"] * (losses["latent2d"] + losses["latent3d"])
+        losses["loss"] = losses["loss"] + lw["weight_latent"] * (losses["latent2d"] + losses.get("latent3d", 0))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         if cfg["schedule"]["grad_clip"]:
@@ -454,13 +466,12 @@ class Trainer:
                 if self.global_step % int(s["log_interval"]) == 0 or i == self.steps_per_epoch - 1:
                     ch = res["choices"]
                     shares = {f"share{dim}_{name}": v for dim in ("2d", "3d")
-                              for name, v in ch[f"share{dim}"].items()}
+                              for name, v in ch.get(f"share{dim}", {}).items()}
                     self._log({"type": "train", "epoch": epoch, "step": self.global_step, "stage": stage,
                                "lr": self.scheduler.get_last_lr()[0], "frames_per_s": rate,
                                "data_wait_share": wait / max(wait + busy, 1e-9),
                                **{k: v for k, v in res.items() if k != "choices"}, **shares,
-                               **({"targets2d": ",".join(ch["2d"]), "targets3d": ",".join(ch["3d"])}
-                                  if "2d" in ch else {})})
+                               **{f"targets{dim}": ",".join(ch[dim]) for dim in ("2d", "3d") if dim in ch}})
             bar.close()
             self.last_epoch_timing = {"wait_s": wait, "busy_s": busy, "frames": frames, "first_wait_s": first_wait,
                                       "steps": min(i + 1, self.steps_per_epoch)}

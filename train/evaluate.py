@@ -21,9 +21,11 @@ from .labels import IGNORE, first_pair_of_point, pixels_to_points, points_to_pix
 #: Label-free mIoU reported in the paper (Chen et al. 2023), printed for reference next to measured rows.
 PAPER_REFERENCE = {
     "scannet": [("CNS (paper), ScanNet 2D", 28.4), ("CNS (paper), ScanNet 3D", 33.5),
-                ("CLIP2Scene (paper), ScanNet 3D", 25.1), ("MaskCLIP (paper), ScanNet 2D", 17.3)],
+                ("CLIP2Scene (paper), ScanNet 3D", 25.6), ("MaskCLIP (paper), ScanNet 2D", 17.3)],
     "nuscenes": [("CNS (paper), nuImages 2D", 22.1), ("CNS (paper), nuScenes 3D", 26.8),
                  ("CLIP2Scene (paper), nuScenes 3D", 20.8)],
+    "nuimages": [("CNS (paper), nuImages 2D", 22.1), ("CLIP2Scene (paper), nuImages 2D", 18.6),
+                 ("MaskCLIP (paper), nuImages 2D", 14.1)],
 }
 
 
@@ -165,6 +167,8 @@ def evaluate(model, store_paths, cfg: dict, device, with_baselines: bool = True,
                 gt3d_paired = torch.where(paired, gt3d, torch.full_like(gt3d, IGNORE))
                 for key, maps in (("clip", b["clip_label"]), ("wo_cns", b["clip_refined"])):
                     add(f"{key}_2d", maps.long(), gt2d)
+                    if not meta["has_points"]:  # a 2D-only store: no 3D rows
+                        continue
                     projected = pixels_to_points(maps, *pairs, len(b["coord"]))
                     add(f"{key}_3d", projected, gt3d)
                     add(f"{key}_3d_paired", projected, gt3d_paired)
@@ -172,11 +176,12 @@ def evaluate(model, store_paths, cfg: dict, device, with_baselines: bool = True,
                 continue
             with torch.autocast(torch.device(device).type, dtype=torch.float16, enabled=amp):
                 out = model(b["rgb"], b["voxel_feat"], b["voxel_index"], b["inverse"], 1)
-            pred3d = out["logits3d"].argmax(1)
+            pred3d = ref3d = out["logits3d"].argmax(1) if "logits3d" in out else None
             pred2d = out["logits2d"].argmax(1) if "logits2d" in out else None
-            add("cns_3d", pred3d, gt3d)
-            ref3d = refine_points_through_pairs(pred3d, b["mask_id"], *pairs, L)[1]
-            add("cns_refined_3d", ref3d, gt3d)
+            if pred3d is not None and meta["has_points"]:
+                add("cns_3d", pred3d, gt3d)
+                ref3d = refine_points_through_pairs(pred3d, b["mask_id"], *pairs, L)[1]
+                add("cns_refined_3d", ref3d, gt3d)
             if pred2d is not None:
                 add("cns_2d", pred2d, gt2d)
                 ref2d = sam_max_vote(pred2d, b["mask_id"], L)
@@ -218,8 +223,9 @@ def _export(root: Path, ds: CacheFrameDataset, s: int, frame: int, pred3d, pred2
     from PIL import Image
     st = ds.store(s)
     token = str(st.array("frames/token")[frame])
-    (root / "points").mkdir(parents=True, exist_ok=True)
-    pred3d.to(torch.uint8).cpu().numpy().tofile(root / "points" / f"{token}_lidarseg.bin")
+    if pred3d is not None and ds.meta[s]["has_points"]:
+        (root / "points").mkdir(parents=True, exist_ok=True)
+        pred3d.to(torch.uint8).cpu().numpy().tofile(root / "points" / f"{token}_lidarseg.bin")
     if pred2d is not None:
         (root / "images").mkdir(parents=True, exist_ok=True)
         names = st.array("images/name")

@@ -129,15 +129,19 @@ def allowed_sources(cfg: dict, stage: int) -> tuple[list[str], list[str]]:
     """The sources each network may draw its target from: ``(for the 2D net, for the 3D net)``.
 
     Stage 1 trains both on the refined CLIP labels (for the 3D net: transferred to the paired points).
-    ``labels.oracle`` trains both on the ground truth in both stages.
+    ``labels.oracle`` trains both on the ground truth in both stages. A 2D-only model (``model.net3d``
+    null) gets no 3D sources.
     Stage 2 draws from ``labels.stage2_sources``; without cross-training a network keeps only its own
     modality's sources (2D: clip2d/pred2d, 3D: clip3d/pred3d), falling back to its own CLIP labels.
     """
+    two_d_only = not cfg["model"]["net3d"]
     if cfg["labels"].get("oracle"):
-        return ["gt"], ["gt"]
+        return ["gt"], ([] if two_d_only else ["gt"])
     if stage == 1:
-        return ["clip2d"], ["clip2d"]
+        return ["clip2d"], ([] if two_d_only else ["clip2d"])
     sources = list(cfg["labels"]["stage2_sources"])
+    if two_d_only:  # 2D-only (nuImages): Eq. 5-6 with the 2D sources, no 3D target
+        return sources, []
     if cfg["labels"]["cross_training"]:
         return sources, sources
     own2d = [s for s in sources if s in ("clip2d", "pred2d")] or ["clip2d"]
@@ -205,10 +209,13 @@ def switch_targets(sources: LabelSources, batch: dict, allowed2d: list[str], all
         paired = owner < num_points
         u_pixel[paired] = u_point[owner[paired]]
     pix = torch.stack([sources.get(n)[0].reshape(-1) for n in allowed2d])
-    pts = torch.stack([sources.get(n)[1] for n in allowed3d])
     target2d, src2d = _pick_per_element(pix, u_pixel)
+    info = {"share2d": _shares(src2d, allowed2d)}
+    if not allowed3d:  # a 2D-only model: no 3D target at all
+        return target2d.view(num_images, H, W), torch.zeros(0, dtype=torch.long, device=dev), info
+    pts = torch.stack([sources.get(n)[1] for n in allowed3d])
     target3d, src3d = _pick_per_element(pts, u_point)
-    info = {"share2d": _shares(src2d, allowed2d), "share3d": _shares(src3d, allowed3d)}
+    info["share3d"] = _shares(src3d, allowed3d)
     return target2d.view(num_images, H, W), target3d, info
 
 
@@ -216,7 +223,7 @@ def _switch_per_frame(sources: LabelSources, batch: dict, allowed2d: list[str], 
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
     num_frames = len(batch["point_offset"]) - 1
     draw2d = torch.randint(len(allowed2d), (num_frames,), generator=generator).tolist()
-    draw3d = torch.randint(len(allowed3d), (num_frames,), generator=generator).tolist()
+    draw3d = torch.randint(max(len(allowed3d), 1), (num_frames,), generator=generator).tolist()
     p_off, i_off = batch["point_offset"].tolist(), batch["image_offset"].tolist()
     target2d = torch.full(batch["mask_id"].shape, IGNORE, dtype=torch.long, device=batch["mask_id"].device)
     target3d = torch.full((len(batch["coord"]),), IGNORE, dtype=torch.long, device=batch["coord"].device)
@@ -225,11 +232,14 @@ def _switch_per_frame(sources: LabelSources, batch: dict, allowed2d: list[str], 
     for f in range(num_frames):
         pix, _ = sources.get(allowed2d[draw2d[f]])
         target2d[i_off[f]:i_off[f + 1]] = pix[i_off[f]:i_off[f + 1]]
-        _, pts = sources.get(allowed3d[draw3d[f]])
-        target3d[p_off[f]:p_off[f + 1]] = pts[p_off[f]:p_off[f + 1]]
+        if allowed3d:
+            _, pts = sources.get(allowed3d[draw3d[f]])
+            target3d[p_off[f]:p_off[f + 1]] = pts[p_off[f]:p_off[f + 1]]
         src2d[i_off[f]:i_off[f + 1]] = draw2d[f]
         src3d[p_off[f]:p_off[f + 1]] = draw3d[f]
     src2d = torch.where(target2d == IGNORE, torch.full_like(src2d, -1), src2d)
     src3d = torch.where(target3d == IGNORE, torch.full_like(src3d, -1), src3d)
-    return target2d, target3d, {"2d": [allowed2d[i] for i in draw2d], "3d": [allowed3d[i] for i in draw3d],
-                                "share2d": _shares(src2d, allowed2d), "share3d": _shares(src3d, allowed3d)}
+    info = {"2d": [allowed2d[i] for i in draw2d], "share2d": _shares(src2d, allowed2d)}
+    if allowed3d:
+        info.update({"3d": [allowed3d[i] for i in draw3d], "share3d": _shares(src3d, allowed3d)})
+    return target2d, target3d, info

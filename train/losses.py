@@ -23,12 +23,18 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     return loss / (target != IGNORE).sum().clamp(min=1)
 
 
-def cotraining_loss(logits2d: torch.Tensor | None, target2d: torch.Tensor, logits3d: torch.Tensor,
+def cotraining_loss(logits2d: torch.Tensor | None, target2d: torch.Tensor, logits3d: torch.Tensor | None,
                     target3d: torch.Tensor, weight_2d: float = 1.0, weight_3d: float = 1.0) -> dict:
-    """**Eq. 6**: L = w2 * CE(f_2D(x), y_2D) + w3 * CE(f_3D(p), y_3D), pixels [I, L, H, W], points [P, L]."""
-    out = {"ce3d": masked_cross_entropy(logits3d, target3d)}
-    out["ce2d"] = masked_cross_entropy(logits2d, target2d) if logits2d is not None else logits3d.sum() * 0
-    out["loss"] = weight_2d * out["ce2d"] + weight_3d * out["ce3d"]
+    """**Eq. 6**: L = w2 * CE(f_2D(x), y_2D) + w3 * CE(f_3D(p), y_3D), pixels [I, L, H, W], points [P, L].
+
+    A batch without images has a zero 2D term (with a graph); a 2D-only model (no ``logits3d``) has no 3D
+    term at all."""
+    out = {}
+    if logits3d is not None:
+        out["ce3d"] = masked_cross_entropy(logits3d, target3d)
+    any_logits = logits3d if logits3d is not None else logits2d
+    out["ce2d"] = masked_cross_entropy(logits2d, target2d) if logits2d is not None else any_logits.sum() * 0
+    out["loss"] = weight_2d * out["ce2d"] + (weight_3d * out["ce3d"] if "ce3d" in out else 0)
     return out
 
 
@@ -92,8 +98,8 @@ def latent_losses(out: dict, batch: dict, target: str) -> dict:
     the concatenation of the two L2-normalised features (each half weighs the same), against a head of
     the summed width.
     """
-    zero = out["logits3d"].sum() * 0
-    res = {"latent2d": zero, "latent3d": zero}
+    zero = out["logits3d" if "logits3d" in out else "logits2d"].sum() * 0
+    res = {"latent2d": zero, **({"latent3d": zero} if "logits3d" in out else {})}
     keys = LATENT_FEATURES[target]
     if not keys:
         return res
@@ -102,6 +108,8 @@ def latent_losses(out: dict, batch: dict, target: str) -> dict:
         tgt = torch.cat([F.normalize(features_at_grid(batch[f"{k}_feat"], batch["affine"], batch["src_hw"], out_hw, grid_hw),
                                      dim=1) for k in keys], 1)
         res["latent2d"] = latent_consistency(out["lat2d"].movedim(1, -1), tgt.movedim(1, -1))
+    if "lat3d" not in out:  # a 2D-only model
+        return res
     # computed even without pairs (an empty mean is 0): DDP needs phi_f in every rank's graph
     tgt = torch.cat([F.normalize(features_at_pairs(batch[f"{k}_feat"], batch["affine"], batch["src_hw"], batch["pair_image"],
                                                    batch["pair_uv"]), dim=-1) for k in keys], -1)

@@ -69,6 +69,49 @@ def deeplabv3_mobilenet_v3(pretrained: bool = True) -> DeepLabV3Features:
     return _build_deeplab(factory, MobileNet_V3_Large_Weights, pretrained)
 
 
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class SmallUNet2D(nn.Module):
+    """A small from-scratch encoder-decoder for CPU studies (not the paper's network): three stride-2
+    stages (widths ``widths``) and a decoder that upsamples and adds the skips back to stride 2. Output:
+    features at stride 2. It learns in a few hundred CPU steps what DeepLabV3 without ImageNet weights
+    does not, so a controlled benchmark measures the labels rather than the compute budget."""
+
+    def __init__(self, widths=(32, 48, 64, 96)):
+        super().__init__()
+        w = widths
+        self.stem = nn.Sequential(_conv_bn(3, w[0], 2), _conv_bn(w[0], w[0]))
+        self.down = nn.ModuleList([nn.Sequential(_conv_bn(w[i], w[i + 1], 2), _conv_bn(w[i + 1], w[i + 1]))
+                                   for i in range(len(w) - 1)])
+        self.lateral = nn.ModuleList([nn.Conv2d(w[i + 1], w[0], 1) for i in range(len(w) - 1)])
+        self.fuse = _conv_bn(w[0], w[0])
+        self.out_channels = w[0]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, rgb_uint8: torch.Tensor) -> torch.Tensor:
+        x = self.stem((rgb_uint8.float() - self.mean) / self.std)
+        top = x
+        feats = []
+        for down in self.down:
+            x = down(x)
+            feats.append(x)
+        for lateral, f in zip(self.lateral, feats):  # FPN-like: every level added at stride 2
+            top = top + F.interpolate(lateral(f), size=top.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(top)
+
+
+@MODELS_2D.register("unet_small")
+def unet_small(pretrained: bool = False) -> SmallUNet2D:
+    """CPU study network (see :class:`SmallUNet2D`); there are no pretrained weights for it."""
+    if pretrained:
+        raise PretrainedWeightsError("unet_small has no pretrained weights: set model.pretrained_2d=false")
+    return SmallUNet2D()
+
+
 # -- 3D ---------------------------------------------------------------------------------------------
 def conv_algo(device: torch.device | str):
     """The one place that picks the spconv algorithm: ``Native`` on CPU (the only one that runs there),
@@ -188,14 +231,15 @@ class CNSModel(nn.Module):
     open-vocabulary evaluation swaps them (:meth:`set_text_embeddings`) without touching trained weights.
     """
 
-    def __init__(self, net2d: nn.Module, net3d: nn.Module, text_embed: torch.Tensor, latent_dim: int | None):
+    def __init__(self, net2d: nn.Module, net3d: nn.Module | None, text_embed: torch.Tensor, latent_dim: int | None):
         super().__init__()
         self.net2d, self.net3d = net2d, net3d
         E = text_embed.shape[1]
         self.theta_s = nn.Conv2d(net2d.out_channels, E, 1)
-        self.phi_s = nn.Linear(net3d.out_channels, E)
+        # net3d None: a 2D-only model (nuImages); the 3D heads and outputs are absent
+        self.phi_s = nn.Linear(net3d.out_channels, E) if net3d is not None else None
         self.theta_f = nn.Conv2d(net2d.out_channels, latent_dim, 1) if latent_dim else None
-        self.phi_f = nn.Linear(net3d.out_channels, latent_dim) if latent_dim else None
+        self.phi_f = nn.Linear(net3d.out_channels, latent_dim) if latent_dim and net3d is not None else None
         self.register_buffer("text_embed", text_embed.float().clone(), persistent=False)
 
     def set_text_embeddings(self, text_embed: torch.Tensor) -> None:
@@ -222,6 +266,8 @@ class CNSModel(nn.Module):
             out["logits2d"] = F.interpolate(small, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
             if self.theta_f is not None:
                 out["lat2d"] = self.theta_f(f2)
+        if self.net3d is None:
+            return out
         f3 = self.net3d(voxel_feat, voxel_index, batch_size)
         emb3 = self.phi_s(f3)
         out["logits3d"] = self.text_logits(emb3, self.text_embed, 1)[inverse]
@@ -236,7 +282,7 @@ def build_model(cfg: dict, in_channels: int, text_embed: torch.Tensor, feature_d
     from .losses import LATENT_FEATURES
     m = cfg["model"]
     net2d = MODELS_2D.get(m["net2d"])(pretrained=bool(m["pretrained_2d"]))
-    net3d = MODELS_3D.get(m["net3d"])(in_channels, device=device)
+    net3d = MODELS_3D.get(m["net3d"])(in_channels, device=device) if m["net3d"] else None
     keys = LATENT_FEATURES[cfg["loss"]["latent_target"]]
     latent_dim = sum(int(feature_dims[k]) for k in keys)
     return CNSModel(net2d, net3d, text_embed, latent_dim or None).to(device)
