@@ -13,6 +13,7 @@ from data_cache.schema import RootAttrs
 from data_cache.store import Store
 from pipeline.models import maskclip as mc
 from pipeline.models import prompts
+from pipeline.models.pca import project, unproject
 from pipeline.stages.base import Shard, ShardContext, build_stage
 
 H, W = 64, 96
@@ -200,10 +201,14 @@ def test_stage_writes_labels_and_text_embeddings(tmp_path, tiny):
     stage = build_stage("maskclip", tiny=True, batch_size=2)
     fp = stage.fingerprint()
     assert fp["checkpoint_sha256"] is None and "batch_size" not in fp["config"]
+    assert fp["config"]["feat_dim"] == tiny[0].embed_dim == 32  # min(64, E) for the tiny model
     stage.prepare(store, None)
-    stage._build = lambda *a: pytest.fail("resume recomputed the text embeddings")
-    stage.prepare(store, None)  # resume: arrays and text embeddings exist already
-    del stage._build
+    fitted = store.array("clip/proj").attrs.asdict()
+    assert fitted["fitted_on_rows"] == [0, 1, 2]
+    stage.get_model = lambda *a: pytest.fail("resume recomputed the text embeddings or the projection")
+    stage.prepare(store, None)  # resume: arrays, text embeddings and projection exist already
+    del stage.get_model
+    assert store.array("clip/proj").attrs.asdict() == fitted
     assert store.dims()["E"] == tiny[0].embed_dim and store.dims()["L"] == len(CLASSES)
     ctx = ShardContext(store, Shard(0, 0, 2), adapter=None, model=stage.build_model("cpu"))
     stats = stage.process_shard(ctx)
@@ -251,3 +256,66 @@ def test_weights_registry_verifies_checksums(tmp_path):
     (tmp_path / "no-checkpoints").mkdir()
     (tmp_path / "no-checkpoints" / "ViT-B-16.pt").write_bytes(b"")
     assert mc.resolve_weights("ViT-B-16")["path"].endswith("ViT-B-16.pt")  # `make weights` is enough
+
+
+def run_maskclip(store, **config):
+    stage = build_stage("maskclip", tiny=True, batch_size=2, **config)
+    stage.prepare(store, None)
+    ctx = ShardContext(store, Shard(0, 0, store.attrs.num_frames), adapter=None, model=stage.build_model("cpu"))
+    stage.process_shard(ctx)
+    assert not ctx.failures, ctx.failures
+    return stage
+
+
+def test_stage_writes_the_dense_features_eq1_scored(tmp_path, tiny):
+    """clip/feat un-projected (lossless at Dc = E) are the model's dense features, and scoring them against
+    clip/text_embed as Eq. 1 does gives back clip/label."""
+    model, _ = tiny
+    store = make_store(tmp_path / "s.zarr")
+    run_maskclip(store)
+    feat, proj, mean = store.array("clip/feat")[:], store.array("clip/proj")[:], store.array("clip/proj_mean")[:]
+    gh, gw = model.grid_size
+    assert (store.dims()["hc"], store.dims()["wc"]) == (gh, gw) == (H // 16, W // 16)
+    assert feat.dtype == np.float16 and feat.shape == (3, 32, gh, gw)
+    assert proj.shape == (32, 32) and mean.shape == (32,)
+    np.testing.assert_allclose(proj.T @ proj, np.eye(32), atol=1e-4)
+    back = unproject(feat, proj, mean)
+    with torch.no_grad():
+        want = model(torch.from_numpy(store.array("images/rgb")[:])).numpy()
+    np.testing.assert_allclose(back, want, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(back, axis=1), 1.0, atol=5e-3)  # the L2-normalised features
+    pred = mc.MaskCLIPPredictor(model, torch.from_numpy(store.array("clip/text_embed")[:]))
+    labels, _ = pred.labels_from_scores(*pred.scores_from_features(torch.from_numpy(back)), (H, W))
+    stored = store.array("clip/label")[:]
+    assert (labels == stored).mean() > 0.995  # float16 storage may flip a near-tie pixel, nothing more
+    assert len(np.unique(stored)) > 1
+
+
+def test_stage_projects_features_to_fewer_channels(tmp_path, tiny):
+    model, _ = tiny
+    store = make_store(tmp_path / "s.zarr")
+    stage = run_maskclip(store, feat_dim=8, pca_sample_images=2)
+    assert stage.fingerprint()["config"]["feat_dim"] == 8
+    feat, proj, mean = store.array("clip/feat")[:], store.array("clip/proj")[:], store.array("clip/proj_mean")[:]
+    assert feat.shape == (3, 8, H // 16, W // 16) and proj.shape == (32, 8)
+    assert store.array("clip/proj").attrs["fitted_on_rows"] == [0, 2]
+    with torch.no_grad():
+        dense = model(torch.from_numpy(store.array("images/rgb")[:])).numpy()
+    np.testing.assert_allclose(feat.astype(np.float32), project(dense, proj, mean), atol=2e-3)
+    with pytest.raises(ValueError, match="feat_dim 33 must be in 1..32"):
+        build_stage("maskclip", tiny=True, feat_dim=33).fingerprint()
+
+
+def test_stage_reuses_another_stores_clip_projection(tmp_path):
+    train = make_store(tmp_path / "train.zarr")
+    build_stage("maskclip", tiny=True, feat_dim=4).prepare(train, None)
+    val = make_store(tmp_path / "val.zarr", seed=5)
+    run_maskclip(val, feat_dim=4, proj_store=str(train.path))
+    np.testing.assert_array_equal(val.array("clip/proj")[:], train.array("clip/proj")[:])
+    np.testing.assert_array_equal(val.array("clip/proj_mean")[:], train.array("clip/proj_mean")[:])
+    assert val.array("clip/proj").attrs["copied_from"] == str(train.path)
+    assert "fitted_on_rows" not in val.array("clip/proj").attrs
+    # a projection fitted on val's own images differs: the copy is not a refit
+    own = make_store(tmp_path / "own.zarr", seed=5)
+    build_stage("maskclip", tiny=True, feat_dim=4).prepare(own, None)
+    assert not np.allclose(own.array("clip/proj")[:], train.array("clip/proj")[:], atol=1e-3)

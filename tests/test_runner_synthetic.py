@@ -51,8 +51,10 @@ def test_all_stages_write_a_valid_store(sequential_store):
     store = Store(sequential_store)
     for stage in schema.STAGE_ORDER:
         assert store.stage_complete(stage)
-    for name in ("clip/label", "clip/label_refined", "sam/mask_id", "sam/feat", "clip/text_embed"):
+    for name in ("clip/label", "clip/label_refined", "sam/mask_id", "sam/feat", "clip/text_embed", "clip/feat",
+                 "clip/proj", "clip/proj_mean"):
         assert name in store
+    assert store.array("clip/feat").shape == (store.array("images/rgb").shape[0], 32, 224 // 16, 416 // 16)
 
 
 def test_two_worker_cluster_equals_sequential(sequential_store, tmp_path):
