@@ -345,6 +345,7 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
                                     f"add it to STAGES (e.g. STAGES={req},{name})")
     stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
     for name, stage in stage_objs.items():
+        stage.bind(store.attrs)
         if overwrite:
             for s in [name] + downstream(name):
                 store.clear_stage(s)

@@ -40,8 +40,8 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     return np.clip(img + rng.integers(-10, 10, size=img.shape), 0, 255).astype(np.uint8)
 
 
-def make_store(path, n_images=(2, 1), class_names=CLASSES, seed=0) -> Store:
-    store = Store.create(path, RootAttrs(dataset="synthetic", split="train", class_names=list(class_names),
+def make_store(path, n_images=(2, 1), class_names=CLASSES, seed=0, dataset="synthetic") -> Store:
+    store = Store.create(path, RootAttrs(dataset=dataset, split="train", class_names=list(class_names),
                                          image_size=[H, W], point_features=["intensity"], capabilities=[],
                                          num_frames=len(n_images)))
     n = sum(n_images)
@@ -135,6 +135,45 @@ def test_descriptive_names(tiny):
     plain = mc.text_embeddings(model, tok, ["driveable_surface"])
     torch.testing.assert_close(desc, road)
     assert not torch.allclose(desc, plain)
+
+
+def test_prompt_names_follow_clip2scene():
+    from pipeline.datasets.classes import PROMPT_NAMES, SCANNET20, nuscenes16
+    assert list(PROMPT_NAMES["nuscenes"]) == list(nuscenes16())  # every class, in the dataset's order
+    assert list(PROMPT_NAMES["scannet"]) == list(SCANNET20)
+    scan = prompts.class_texts(SCANNET20, dataset="scannet")
+    assert scan[-1] == ("other furniture",) and scan[15] == ("shower curtain",) and scan[0] == ("wall",)
+    nus = prompts.class_texts(nuscenes16(), dataset="nuscenes")
+    assert nus[4] == ("construction vehicle",) and nus[10] == ("driveable surface",)
+    assert nus[7] == ("traffic_cone",) and nus[11] == ("other_flat",)  # CLIP2Scene's own spelling, verbatim
+    # synthetic stores (benchmark class names) and open-vocabulary names: every table, else the plain name
+    assert prompts.class_texts(["otherfurniture", "desk_lamp"], dataset="synthetic") == [("other furniture",),
+                                                                                         ("desk lamp",)]
+    assert prompts.class_texts(["otherfurniture"]) == [("other furniture",)]
+    assert prompts.class_texts(["otherfurniture"], descriptive=True, dataset="scannet") == [("furniture",)]
+
+
+def test_stage_prompts_use_clip2scene_names_and_record_them(tmp_path, tiny, monkeypatch):
+    from data_cache.store import CacheError
+    from pipeline.datasets.classes import PROMPT_NAMES, SCANNET20
+    from pipeline.runner import check_fingerprint
+    model, tok = tiny
+    store = make_store(tmp_path / "s.zarr", class_names=SCANNET20, dataset="scannet")
+    stage = build_stage("maskclip", tiny=True, feat_dim=4, pca_sample_images=1)
+    stage.bind(store.attrs)
+    check_fingerprint(store, stage, overwrite=False)  # what the runner records
+    stage.prepare(store, None)
+    assert store.attrs.class_names == list(SCANNET20)  # the store keeps the dataset's own names
+    recorded = store.raw_attrs["stages"]["maskclip"]["config"]["prompt_names"]
+    assert recorded[-1] == ["other furniture"] and recorded[0] == ["wall"] and len(recorded) == 20
+    assert store.array("clip/text_embed").attrs["prompt_names"] == recorded
+    text = store.array("clip/text_embed")[:]
+    np.testing.assert_allclose(text[-1], mc.embed_class_words(model, tok, [("other furniture",)])[0], atol=1e-5)
+    assert not np.allclose(text[-1], mc.embed_class_words(model, tok, [("otherfurniture",)])[0], atol=1e-3)
+    # other prompt names are another fingerprint: a rerun is refused, naming the field
+    monkeypatch.setitem(PROMPT_NAMES["scannet"], "otherfurniture", "furniture")
+    with pytest.raises(CacheError, match=r"prompt_names.*other furniture.*furniture"):
+        check_fingerprint(store, stage, overwrite=False)
 
 
 def test_build_text_embeddings_public_entry_point(tiny):

@@ -55,6 +55,8 @@ def test_all_stages_write_a_valid_store(sequential_store):
                  "clip/proj", "clip/proj_mean"):
         assert name in store
     assert store.array("clip/feat").shape == (store.array("images/rgb").shape[0], 32, 224 // 16, 416 // 16)
+    prompt_names = store.raw_attrs["stages"]["maskclip"]["config"]["prompt_names"]
+    assert prompt_names[store.attrs.class_names.index("driveable_surface")] == ["driveable surface"]
 
 
 def test_two_worker_cluster_equals_sequential(sequential_store, tmp_path):

@@ -319,7 +319,15 @@ def text_embeddings(model: MaskCLIP, tokenizer, class_names: Sequence[str], desc
     Every prompt (template x synonym) is embedded and L2-normalised; a class's prompts are averaged and the
     mean normalised again.
     """
-    words = prompts.class_texts(class_names, descriptive=descriptive, dataset=dataset)
+    return embed_class_words(model, tokenizer, prompts.class_texts(class_names, descriptive=descriptive,
+                                                                   dataset=dataset), templates)
+
+
+@torch.no_grad()
+def embed_class_words(model: MaskCLIP, tokenizer, words: Sequence[Sequence[str]],
+                      templates: Sequence[str] = prompts.TEMPLATES) -> torch.Tensor:
+    """[L, E] embeddings of classes given by their prompt words (one tuple of synonyms per class,
+    :func:`pipeline.models.prompts.class_texts`), as :func:`text_embeddings` describes."""
     texts, owner = [], []
     for cls, synonyms in enumerate(words):
         for w in synonyms:

@@ -3,8 +3,10 @@
 Lifecycle, driven by :mod:`pipeline.runner`:
 
 1. ``Stage(**config)`` — cheap; anywhere (driver and workers).
-2. ``fingerprint()`` — version, configuration and checkpoint sha256; stored in the store's ``cns.stages``
-   and compared on every rerun (a difference is refused, naming the field).
+2. ``bind(attrs)`` — the store's root attributes (dataset, class names), for a stage whose output depends
+   on them beyond its configuration; then ``fingerprint()`` — version, configuration and checkpoint sha256;
+   stored in the store's ``cns.stages`` and compared on every rerun (a difference is refused, naming the
+   field).
 3. ``prepare(store, adapter)`` — once, on the driver, before any shard runs: create the stage's arrays,
    write global arrays (text embeddings, a fitted projection).
 4. ``build_model(device)`` — once per worker process (the runner caches the result), never per task.
@@ -95,6 +97,13 @@ class Stage:
             raise TypeError(f"unknown {self.name} option(s) {sorted(unknown)} "
                             f"(known: {', '.join(sorted(self.defaults)) or 'none'})")
         self.config = {**self.defaults, **config}
+        self.store_attrs = None  # the store's RootAttrs once bound
+
+    def bind(self, attrs) -> None:
+        """Bind the stage to a store's root attributes (the runner does, before ``fingerprint``; ``prepare``
+        does again); a stage whose output depends on them (e.g. the class names) records that in
+        ``fingerprint_config``."""
+        self.store_attrs = attrs
 
     @property
     def requires(self) -> tuple[str, ...]:

@@ -15,7 +15,9 @@ Config keys (defaults in :attr:`MaskCLIPStage.defaults`):
 ``pretrained``         open_clip pretrained tag, e.g. ``openai`` (downloads) — CLI ``--clip-pretrained``
 ``checkpoint``         checkpoint file, OpenAI or open_clip format — CLI ``--clip-checkpoint``; when neither is
                        given, the registry's file in ``$CNS_CHECKPOINTS``/``checkpoints`` (``make weights``)
-``descriptive_names``  use the descriptive class names of :mod:`pipeline.models.prompts`
+``descriptive_names``  use the descriptive class names of :mod:`pipeline.models.prompts` (default: the
+                       names CLIP2Scene used, :data:`pipeline.datasets.classes.PROMPT_NAMES`; the words used
+                       per class enter the fingerprint as ``prompt_names``)
 ``key_smoothing``      MaskCLIP key-smoothing threshold, 0 = off (MaskCLIP: 1.0)
 ``prompt_denoising``   MaskCLIP prompt-denoising threshold, 0 = off (MaskCLIP: 0.5)
 ``logit_scale``        temperature of the softmax behind ``clip/confidence`` (CLIP's 100)
@@ -79,7 +81,14 @@ class MaskCLIPStage(Stage):
         # the checkpoint's content enters through checkpoint_sha256, not its path
         c = {k: v for k, v in self.config.items() if k not in self.runtime_keys and k != "checkpoint"}
         c["feat_dim"] = self.feat_dim()
+        if self.store_attrs is not None:  # the words put in the prompts, per class (bound to a store)
+            c["prompt_names"] = [list(words) for words in self.prompt_words(self.store_attrs)]
         return c
+
+    def prompt_words(self, attrs) -> list[tuple[str, ...]]:
+        from ..models.prompts import class_texts
+        return class_texts(list(attrs.class_names), descriptive=bool(self.config["descriptive_names"]),
+                           dataset=attrs.dataset)
 
     def architecture(self) -> dict:
         from ..models.maskclip import architecture
@@ -114,8 +123,9 @@ class MaskCLIPStage(Stage):
 
         import torch
 
-        from ..models.maskclip import text_embeddings
+        from ..models.maskclip import embed_class_words
         attrs = store.attrs
+        self.bind(attrs)
         arch = self.architecture()
         h, w = attrs.image_size
         store.set_dims(L=len(attrs.class_names), E=arch["embed_dim"], Dc=self.feat_dim(),
@@ -130,10 +140,10 @@ class MaskCLIPStage(Stage):
         arr = store.array("clip/text_embed")
         if arr.attrs.get("fit_key") != fit_key:  # else: resume, the text embeddings of this configuration are stored
             pred = predictor()
-            text = text_embeddings(pred.model, pred.tokenizer, list(attrs.class_names),
-                                   descriptive=bool(self.config["descriptive_names"]), dataset=attrs.dataset)
+            words = self.prompt_words(attrs)
+            text = embed_class_words(pred.model, pred.tokenizer, words)
             arr[:] = text.numpy().astype(np.float32)
-            arr.attrs.update({"fit_key": fit_key, "templates": 85,
+            arr.attrs.update({"fit_key": fit_key, "templates": 85, "prompt_names": [list(w) for w in words],
                               "descriptive_names": self.config["descriptive_names"]})
 
         def encode(images):
