@@ -51,8 +51,12 @@ def test_all_stages_write_a_valid_store(sequential_store):
     store = Store(sequential_store)
     for stage in schema.STAGE_ORDER:
         assert store.stage_complete(stage)
-    for name in ("clip/label", "clip/label_refined", "sam/mask_id", "sam/feat", "clip/text_embed"):
+    for name in ("clip/label", "clip/label_refined", "sam/mask_id", "sam/feat", "clip/text_embed", "clip/feat",
+                 "clip/proj", "clip/proj_mean"):
         assert name in store
+    assert store.array("clip/feat").shape == (store.array("images/rgb").shape[0], 32, 224 // 16, 416 // 16)
+    prompt_names = store.raw_attrs["stages"]["maskclip"]["config"]["prompt_names"]
+    assert prompt_names[store.attrs.class_names.index("driveable_surface")] == ["driveable surface"]
 
 
 def test_two_worker_cluster_equals_sequential(sequential_store, tmp_path):
@@ -103,7 +107,72 @@ def test_kill_and_resume_equals_uninterrupted(sequential_store, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert validate_store(store).ok
+    assert not (store / "_parts").exists()
     _assert_same_arrays(_arrays(sequential_store), _arrays(store))
+
+
+def _correspond(cache):
+    return run_labels("synthetic", cache, "correspond", dataset_options={"num_scenes": 2, "seed": 3}, shard_size=1,
+                      workers=0, progress=False)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _crash_in_finalize_after_the_pairs(monkeypatch):
+    from pipeline.stages.correspond import CorrespondStage
+    original = CorrespondStage.finalize
+
+    def finalize(self, store):
+        original(self, store)
+        raise Crash("after pairs/* were written, before the done marker")
+    monkeypatch.setattr(CorrespondStage, "finalize", finalize)
+
+
+def _crash_after_the_marker(monkeypatch):
+    original = Store.mark_done
+
+    def mark_done(self, stage, shard, stats):
+        original(self, stage, shard, stats)
+        if (stage, shard) == ("correspond", "_complete"):
+            raise Crash("after the done marker, before the parts are removed")
+    monkeypatch.setattr(Store, "mark_done", mark_done)
+
+
+def _crash_while_removing(monkeypatch):
+    def remove_parts(self, stage):
+        next((self.path / "_parts" / stage).glob("*.npz")).unlink()
+        raise Crash("one part removed, the others not")
+    monkeypatch.setattr(Store, "remove_parts", remove_parts)
+
+
+@pytest.fixture(scope="module")
+def correspond_reference(tmp_path_factory):
+    summary = _correspond(tmp_path_factory.mktemp("ref"))
+    assert not summary.failed_frames
+    return summary.store
+
+
+def test_parts_are_removed_after_the_pairs_commit(correspond_reference):
+    assert Store(correspond_reference).stage_complete("correspond")
+    assert not (correspond_reference / "_parts").exists()
+    assert Store(correspond_reference).array("pairs/point").shape[0] > 0
+
+
+@pytest.mark.parametrize("crash", [_crash_in_finalize_after_the_pairs, _crash_after_the_marker,
+                                   _crash_while_removing])
+def test_crash_between_commit_and_part_removal_resumes(correspond_reference, tmp_path, crash):
+    with pytest.MonkeyPatch.context() as mp:
+        crash(mp)
+        with pytest.raises(Crash):
+            _correspond(tmp_path)
+    store_dir = tmp_path / "synthetic-train.zarr"
+    assert list((store_dir / "_parts" / "correspond").glob("*.npz")), "the crash left no parts: it proves nothing"
+    summary = _correspond(tmp_path)
+    assert not summary.failed_frames and validate_store(store_dir).ok
+    assert not (store_dir / "_parts").exists()
+    _assert_same_arrays(_arrays(correspond_reference), _arrays(store_dir))
 
 
 def test_indoor_rooms_store(tmp_path):

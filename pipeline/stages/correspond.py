@@ -5,7 +5,8 @@ resolution (``images/rgb``, ``images/gt``, ``images/intrinsics``) and the pairs:
 (depth > ``min_depth``, inside the image, and where the dataset has depth maps, confirmed by the depth map
 within ``occlusion_tolerance``) with its pixel at the training resolution. The number of pairs is known
 only after projection, so a shard saves its pairs as a part file; ``finalize`` concatenates the parts in
-frame order into ``pairs/*`` (a single writer) once every shard is done.
+frame order into ``pairs/*`` (a single writer) once every shard is done and fsyncs them; the runner then
+writes the stage's ``_complete`` marker and deletes the parts.
 
 In a store without points (``cns.modalities == ["images"]``, a 2D-only dataset such as nuImages) it writes
 the images only: no points, no pairs, no part files.
@@ -175,6 +176,7 @@ class CorrespondStage(Stage):
         for name in PAIR_ARRAYS:
             arr = store.create_array(name, overwrite=True)
             _write_aligned(arr, (p[name.replace("/", "__")] for p in parts))
+        store.sync(("pairs/offsets",) + PAIR_ARRAYS)  # durable before the runner deletes the parts
 
 
 def _write_aligned(arr, pieces) -> None:
