@@ -24,7 +24,7 @@ def test_labels_train_eval_on_a_pipeline_store(tmp_path, monkeypatch):
     assert {1, 2} <= stages, stages  # both training stages ran
     evaluation = runner.invoke(main, ["eval", "--cache", str(store), "--run", str(run)])
     assert evaluation.exit_code == 0, evaluation.output
-    for row in ("CLIP labels (MaskCLIP), 2D", "CLIP labels projected to points, 3D", "w/o CNS (SAM-refined CLIP), 2D",
+    for row in ("CLIP labels (MaskCLIP), 2D", "CLIP labels projected, 3D, all points", "w/o CNS (SAM-refined CLIP), 2D",
                 "CNS 2D net", "CNS 3D net"):
         assert row in evaluation.output, row
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
