@@ -48,3 +48,34 @@ def summary_cmd(store, as_json, max_frames):
         click.echo(json.dumps({k: v for k, v in result.items()}, indent=1))
     else:
         click.echo(format_summary(result))
+
+
+def _run_view(path):
+    from .run import RunView
+    return None if path is None else _guard(RunView, path)
+
+
+@inspect_group.command("frame")
+@click.argument("store")
+@click.argument("frame")
+@click.option("--image", "image", default=None, help="one image of the frame: index within the frame or name "
+                                                     "(e.g. CAM_FRONT); default: every image")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="directory for the PNGs")
+@click.option("--run", "run_dir", default=None, help="a training run: add its 2D/3D predictions")
+@click.option("--scale", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="picture pixels per training pixel")
+@click.option("--device", default="cpu", show_default=True, help="device for the run's networks")
+def frame_cmd(store, frame, image, out_dir, run_dir, scale, device):
+    """PNGs of one frame (TOKEN or INDEX): labels, SAM masks, projected points, bird's-eye view, legend."""
+    from .pictures import write_frame
+    view = _view(store)
+    index = _guard(view.resolve_frame, frame)
+    if not view.done_frames("correspond")[index]:
+        raise InputError(f"frame {index} ({view.tokens[index]}) has no data yet: its correspond shard is not done")
+    images = [_guard(view.resolve_image, index, image)] if image is not None else list(range(view.num_images(index)))
+    run = _run_view(run_dir)
+    predictor = _guard(run.predictor, view, device) if run is not None else None
+    written = write_frame(view, index, images, out_dir, scale, predictor)
+    click.echo(f"frame {index} ({view.tokens[index]}): {len(written)} files in {out_dir}")
+    for note in (json.loads((written[-1]).read_text())["notes"]):
+        click.echo(f"  note: {note}")

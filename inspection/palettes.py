@@ -72,8 +72,9 @@ def palette_for(class_names) -> Palette:
     """The palette for a store's class list (see the module docstring)."""
     names = tuple(class_names)
     lut = np.tile(np.array(UNLABELLED, np.uint8), (256, 1))
-    for title, table in (("nuScenes-lidarseg (nuscenes-devkit)", nuscenes_colours()),
-                         ("ScanNet benchmark", scannet_colours())):
+    for title, colours in (("ScanNet benchmark", scannet_colours),
+                           ("nuScenes-lidarseg (nuscenes-devkit)", nuscenes_colours)):
+        table = colours()
         if all(n in table for n in names):
             for i, n in enumerate(names):
                 lut[i] = table[n]

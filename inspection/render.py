@@ -16,6 +16,7 @@ from .palettes import Palette
 
 BOUNDARY = (255, 255, 255)
 NO_PAIR_GREY = (150, 150, 150)
+POINT_BACKGROUND_DIM = 0.55  # brightness of the image under projected points
 
 
 def _mpl():
@@ -70,7 +71,7 @@ def depth_colours(depth: np.ndarray, vmax: float | None = None, cmap: str = "tur
 
 
 def points_picture(background: np.ndarray | None, image_hw, uv: np.ndarray, colours: np.ndarray, depth: np.ndarray,
-                   scale: int = 1, grow: int = 1, dim: float = 0.45) -> np.ndarray:
+                   scale: int = 1, grow: int = 1, dim: float = POINT_BACKGROUND_DIM) -> np.ndarray:
     """Projected points over the image: each point fills its training pixel's block, grown by ``grow``
     picture pixels on every side; nearer points cover farther ones. ``background`` (the image, shown at
     ``dim`` brightness) may be ``None`` for black."""
@@ -102,7 +103,7 @@ def points_picture(background: np.ndarray | None, image_hw, uv: np.ndarray, colo
 def save_png(img: np.ndarray, path) -> Path:
     from PIL import Image
     path = Path(path)
-    Image.fromarray(np.ascontiguousarray(img)).save(path, optimize=True)
+    Image.fromarray(np.ascontiguousarray(img)).save(path)
     return path
 
 
@@ -111,7 +112,7 @@ def png_bytes(obj) -> bytes:
     buf = io.BytesIO()
     if isinstance(obj, np.ndarray):
         from PIL import Image
-        Image.fromarray(np.ascontiguousarray(obj)).save(buf, format="PNG", optimize=True)
+        Image.fromarray(np.ascontiguousarray(obj)).save(buf, format="PNG")
     else:
         obj.savefig(buf, format="png", dpi=obj.get_dpi())
         _mpl().close(obj)
@@ -126,12 +127,16 @@ def save_figure(fig, path) -> Path:
 
 
 # -- matplotlib figures -------------------------------------------------------------------------------
-def legend_handles(palette: Palette, indices, unlabelled: bool = True):
+def legend_handles(palette: Palette, indices, unlabelled: bool = True, no_label_points: bool = False):
+    """Patches of the classes in ``indices``, then black for unlabelled pixels and, with ``no_label_points``,
+    grey for points without a label (a bird's-eye view's points that no camera sees)."""
     from matplotlib.patches import Patch
     handles = [Patch(color=np.array(palette.colour(i)) / 255, label=palette.class_names[i])
                for i in sorted(set(int(i) for i in indices)) if i < len(palette.class_names)]
     if unlabelled:
-        handles.append(Patch(facecolor="black", edgecolor="0.5", label="unlabelled / no pair"))
+        handles.append(Patch(facecolor="black", edgecolor="0.5", label="unlabelled"))
+    if no_label_points:
+        handles.append(Patch(color=np.array(NO_PAIR_GREY) / 255, label="point without label"))
     return handles
 
 
@@ -174,8 +179,8 @@ def bev_figure(xyz, labels, palette: Palette, title: str):
     fig, ax = plt.subplots(figsize=(6.2, 5.2), dpi=110)
     bev_axes(ax, xyz, labels, palette, title)
     present = np.unique(labels[labels < len(palette.class_names)]) if labels is not None else []
-    ax.legend(handles=legend_handles(palette, present), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
-              frameon=False)
+    ax.legend(handles=legend_handles(palette, present, unlabelled=False, no_label_points=True), loc="center left",
+              bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -186,7 +191,7 @@ def sheet_figure(panels: list, palette: Palette, present, bev=None, depth_max: f
     ``(xyz, labels, title)`` and the legend of the classes in ``present``."""
     plt = _mpl()
     n = len(panels) + (1 if bev is not None else 0)
-    cols = 3
+    cols = min(3, n)
     rows = -(-n // cols)
     h, w = panels[0][1].shape[:2]
     fig = plt.figure(figsize=(cols * 4.2 + 2.2, rows * 4.2 * h / w + 0.9), dpi=100)
@@ -200,33 +205,40 @@ def sheet_figure(panels: list, palette: Palette, present, bev=None, depth_max: f
         j = len(panels)
         ax = fig.add_subplot(grid[j // cols, j % cols])
         bev_axes(ax, *bev[:2], palette, bev[2])
-    lax = fig.add_subplot(grid[:, cols])
+    side = grid[:, cols].subgridspec(24, 1)
+    lax = fig.add_subplot(side[:20])
     lax.axis("off")
-    lax.legend(handles=legend_handles(palette, present), loc="upper left", fontsize=8, frameon=False,
+    lax.legend(handles=legend_handles(palette, present, no_label_points=bev is not None), loc="upper left", fontsize=8,
+               frameon=False,
                title=palette.name, title_fontsize=7)
     if depth_max is not None:
         import matplotlib
         from matplotlib.colors import Normalize
-        cax = fig.add_axes([0.87, 0.06, 0.1, 0.015])
+        cax = fig.add_subplot(side[23])
         fig.colorbar(matplotlib.cm.ScalarMappable(Normalize(0, depth_max), "turbo"), cax=cax,
                      orientation="horizontal", label="depth (m)")
         cax.tick_params(labelsize=7)
+        cax.xaxis.label.set_size(8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout()
     return fig
 
 
 def confusion_figure(matrix, class_names, title: str, ax=None):
-    """Rows ground truth, columns prediction (last column 'none': no prediction), normalised per row."""
+    """Rows ground truth, columns prediction (last column 'none': no prediction), normalised per row;
+    classes without ground truth are grey."""
     plt = _mpl()
+    import matplotlib
     m = np.asarray(matrix, dtype=np.float64)
-    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    rows = m.sum(1, keepdims=True)
+    norm = np.where(rows > 0, m / np.maximum(rows, 1), np.nan)  # no ground truth of the class: grey
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
     own = ax is None
     if own:
         size = 2.5 + 0.32 * len(class_names)
         fig, ax = plt.subplots(figsize=(size + 1.2, size), dpi=100)
-    shown = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    shown = ax.imshow(norm, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     cols = list(class_names) + ["none"]
     ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
     ax.set_yticks(range(len(class_names)), class_names, fontsize=7)

@@ -70,6 +70,27 @@ def labels_to_points(labels: np.ndarray, pairs: dict, num_points: int) -> np.nda
     return pixels_to_points(torch.from_numpy(labels), *_pair_tensors(pairs), num_points).numpy()
 
 
+def scored_rows(frame, maps: dict, predictions: dict | None = None):
+    """``(row key, prediction, ground truth, 2D GT source)`` for each row the frame can score: the pseudo-label
+    rows of :data:`PSEUDO_ROWS` for the label maps in ``maps`` (array name -> [I, H, W]) and, given the
+    run's ``predictions``, ``cns_2d``/``cns_3d`` (the rows of ``cns-cli eval``)."""
+    pairs = frame.pairs
+    gt2, source = gt_2d(frame, pairs)
+    gt3 = frame.points("points/gt")
+    for key, (name, dim) in PSEUDO_ROWS.items():
+        if name not in maps:
+            continue
+        if dim == "2d" and gt2 is not None:
+            yield key, maps[name], gt2, source
+        elif dim == "3d" and gt3 is not None and pairs is not None:
+            yield key, labels_to_points(maps[name], pairs, frame.num_points), gt3, None
+    if predictions is not None:
+        if predictions.get("pred2d") is not None and gt2 is not None:
+            yield "cns_2d", predictions["pred2d"], gt2, source
+        if gt3 is not None:
+            yield "cns_3d", predictions["pred3d"], gt3, None
+
+
 def summarize(view: StoreView, max_frames: int | None = None, progress: bool = False) -> dict:
     """The statistics of ``view`` (over ``max_frames`` frames spread evenly, or all)."""
     from tqdm import tqdm
@@ -125,19 +146,10 @@ def summarize(view: StoreView, max_frames: int | None = None, progress: bool = F
             changed_images += len(maps["clip/label"])
         if not maps:
             continue
-        gt2, source = gt_2d(fr, pairs)
-        gt3 = fr.points("points/gt")
-        for key, (name, dim) in PSEUDO_ROWS.items():
-            if name not in maps:
-                continue
-            if dim == "2d" and gt2 is not None:
-                confusion[key].update(torch.from_numpy(maps[name]), torch.from_numpy(gt2))
-                frames_scored[key] += 1
-                gt2d_source = source
-            elif dim == "3d" and gt3 is not None and pairs is not None:
-                pts = labels_to_points(maps[name], pairs, fr.num_points)
-                confusion[key].update(torch.from_numpy(pts), torch.from_numpy(gt3))
-                frames_scored[key] += 1
+        for key, pred, gt, source in scored_rows(fr, maps):
+            confusion[key].update(torch.from_numpy(pred), torch.from_numpy(gt))
+            frames_scored[key] += 1
+            gt2d_source = source or gt2d_source
 
     counts = np.concatenate(pair_counts) if pair_counts else np.zeros(0, np.int64)
     paired = counts > 0
@@ -240,3 +252,15 @@ def format_summary(s: dict) -> str:
     elif not g["point_gt"] and not g["image_gt"]:
         lines += ["", "no ground truth in this store"]
     return "\n".join(lines)
+
+
+def frame_confusions(frame, predictions: dict | None = None, into: dict | None = None) -> dict:
+    """Confusion matrices (:class:`train.evaluate.ConfusionMatrix`) of the frame's pseudo-labels (and
+    predictions) against its ground truth, added to ``into`` (row key -> matrix) when given."""
+    from train.evaluate import ConfusionMatrix
+    into = {} if into is None else into
+    maps = {n: m for n in ("clip/label", "clip/label_refined") if (m := frame.images(n)) is not None}
+    for key, pred, gt, _ in scored_rows(frame, maps, predictions):
+        into.setdefault(key, ConfusionMatrix(len(frame.view.class_names))).update(
+            torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(gt)))
+    return into
