@@ -79,3 +79,30 @@ def frame_cmd(store, frame, image, out_dir, run_dir, scale, device):
     click.echo(f"frame {index} ({view.tokens[index]}): {len(written)} files in {out_dir}")
     for note in (json.loads((written[-1]).read_text())["notes"]):
         click.echo(f"  note: {note}")
+
+
+@inspect_group.command("report")
+@click.argument("store")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="directory for report.html")
+@click.option("--frames", "num_frames", type=click.IntRange(min=0), default=4, show_default=True,
+              help="frames in the gallery (spread evenly over the ingested frames)")
+@click.option("--images-per-frame", type=click.IntRange(min=1), default=1, show_default=True,
+              help="images shown per gallery frame")
+@click.option("--run", "run_dir", default=None, help="a training run: its evaluation, curves and predictions")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None,
+              help="summary statistics over at most N frames spread evenly (default: every frame)")
+@click.option("--max-points", type=click.IntRange(min=100), default=20000, show_default=True,
+              help="points per interactive 3D view (a random subset)")
+@click.option("--device", default="cpu", show_default=True, help="device for the run's networks")
+def report_cmd(store, out_dir, num_frames, images_per_frame, run_dir, max_frames, max_points, device):
+    """One self-contained HTML page (open it from disk, offline): tables, charts, a gallery, 3D views."""
+    from .report import build_report
+    view = _view(store)
+    run = _run_view(run_dir)
+    predictor = None
+    if run is not None and run.checkpoint.exists():
+        predictor = _guard(run.predictor, view, device)
+    elif run is not None:
+        click.echo(f"note: {run.checkpoint} does not exist yet: the report shows no predictions", err=True)
+    path = build_report(view, out_dir, num_frames, images_per_frame, run, predictor, max_frames, max_points)
+    click.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")

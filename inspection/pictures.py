@@ -51,8 +51,10 @@ def point_label_sets(frame, predictions: dict | None = None) -> dict:
     return out
 
 
-def frame_pictures(frame, images, scale: int = 2, predictions: dict | None = None, grow: int = 1) -> FramePictures:
-    """Draw the frame's ``images`` (indices within the frame)."""
+def frame_pictures(frame, images, scale: int = 2, predictions: dict | None = None, grow: int = 1,
+                   point_scale: int | None = None) -> FramePictures:
+    """Draw the frame's ``images`` (indices within the frame); projected points at ``point_scale`` (default
+    ``scale``), grown by ``grow`` picture pixels."""
     view = frame.view
     palette = palette_for(view.class_names)
     L = len(view.class_names)
@@ -70,6 +72,7 @@ def frame_pictures(frame, images, scale: int = 2, predictions: dict | None = Non
         _, pics.depth_max = render.depth_colours(pairs["depth"])
     h, w = view.attrs.image_size
     xyz = frame.points("points/xyz")
+    ps = point_scale or scale
     for k in images:
         panels = []
         rgb = frame.images("images/rgb", [k])
@@ -99,11 +102,11 @@ def frame_pictures(frame, images, scale: int = 2, predictions: dict | None = Non
                 title, lab = labels3d[key3]
                 seen = lab[ip["point"]]
                 panels.append((short, f"points: {title}", render.points_picture(
-                    rgb, (h, w), ip["uv"], palette.colourize(seen), ip["depth"], scale, grow)))
+                    rgb, (h, w), ip["uv"], palette.colourize(seen), ip["depth"], ps, grow)))
                 pics.present |= set(np.unique(seen[seen < L]).tolist())
             colours, _ = render.depth_colours(ip["depth"], pics.depth_max)
             panels.append(("points_depth", f"points by depth (0-{pics.depth_max or 0:.0f} m), {len(ip['point'])}",
-                           render.points_picture(rgb, (h, w), ip["uv"], colours, ip["depth"], scale, grow)))
+                           render.points_picture(rgb, (h, w), ip["uv"], colours, ip["depth"], ps, grow)))
         pics.images[k] = panels
     if xyz is not None:
         for key3 in ("refined", "clip", "gt", "pred3d"):

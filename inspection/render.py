@@ -158,7 +158,8 @@ def bev_axes(ax, xyz: np.ndarray, labels: np.ndarray | None, palette: Palette, t
     labelled = labels < len(palette.class_names)
     colours = np.where(labelled[:, None], palette.colourize(labels), np.array(NO_PAIR_GREY))
     order = np.argsort(labelled, kind="stable")  # labelled points on top
-    ax.scatter(xy[order, 0], xy[order, 1], s=0.6, c=colours[order] / 255, linewidths=0, rasterized=True)
+    size = float(np.clip(12000 / max(len(xy), 1), 0.6, 8))  # small clouds get bigger dots
+    ax.scatter(xy[order, 0], xy[order, 1], s=size, c=colours[order] / 255, linewidths=0, rasterized=True)
     if max_range is None:
         centre = np.median(xy, 0)
         half = float(np.percentile(np.abs(xy - centre).max(1), 98)) if len(xy) else 1.0
@@ -244,7 +245,8 @@ def confusion_figure(matrix, class_names, title: str, ax=None):
     ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
     ax.set_xlabel("predicted / pseudo-label", fontsize=8)
     ax.set_ylabel("ground truth", fontsize=8)
-    ax.set_title(title, fontsize=9)
+    import textwrap
+    ax.set_title("\n".join(w for line in title.splitlines() for w in textwrap.wrap(line, 34)), fontsize=8)
     if own:
         fig.colorbar(shown, ax=ax, fraction=0.04, label="share of the row")
         fig.tight_layout()
@@ -268,7 +270,10 @@ def class_histogram_figure(summary: dict, palette: Palette):
                edgecolor="black", linewidth=0.4, hatch=hatch, label=label)
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("% of pixels", fontsize=8)
-    ax.legend(fontsize=8, frameon=False)
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(facecolor="white", edgecolor="black", label="CLIP labels"),
+                       Patch(facecolor="white", edgecolor="black", hatch="//", label="SAM-refined")],
+              fontsize=8, frameon=False)
     ax.set_title("class histogram: CLIP labels (plain) and SAM-refined (hatched)", fontsize=9)
     fig.tight_layout()
     return fig
@@ -291,6 +296,8 @@ def sam_figure(summary: dict):
     axes[1].set_xlabel("pixels per point (0 = not seen by any camera)", fontsize=8)
     axes[1].set_ylabel("points", fontsize=8)
     axes[1].set_title("pairs per point", fontsize=9)
+    from matplotlib.ticker import MaxNLocator
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.tick_params(labelsize=7)
     fig.tight_layout()

@@ -123,7 +123,8 @@ def curves(records: list[dict]) -> dict:
         return out
 
     share_keys = sorted({k for r in train for k in r if k.startswith("share")})
-    miou_keys = sorted({k for r in evals for k in r if k.startswith("miou_")})
+    # the headline rows repeat cns_* or cns_refined_* (whichever eval.post_refine names)
+    miou_keys = sorted({k for r in evals for k in r if k.startswith("miou_") and not k.startswith("miou_headline")})
     stage_change = [b["step"] for a, b in zip(train, train[1:]) if a.get("stage") != b.get("stage")]
     return {"losses": series(train, LOSS_KEYS), "lr": series(train, ("lr",)), "shares": series(train, share_keys),
             "miou": series(evals, miou_keys), "stage_changes": stage_change}
