@@ -32,6 +32,10 @@ CASES = [
     (["frame", "{good}", "1", "--image", "3", "--out", "{out}"], "image 3 out of range: frame 1 (toy0-001) has 3"),
     (["frame", "{good}", "1", "--image", "CAM_9", "--out", "{out}"], "image CAM_9 out of range"),
     (["frame", "{good}", "1", "--run", "{run}", "--out", "{out}"], "is not a training run (no config.yaml"),
+    (["frame", "{good}", "1", "--run", "{missing}", "--out", "{out}"], "is not a directory"),
+    (["report", "{plain}", "--out", "{out}"], "is not a CNS store"),
+    (["report", "{newer}", "--out", "{out}"], "schema version 2"),
+    (["report", "{good}", "--run", "{run}", "--out", "{out}"], "is not a training run"),
 ]
 
 

@@ -141,3 +141,44 @@ def test_report_in_headless_chromium(report, tmp_path):
     for i in range(len(TOY_CLASSES)):  # the label maps of the gallery, in their class colours
         assert int((shot == pal.colour(i)).all(1).sum()) > 500, TOY_CLASSES[i]
     assert (shot != 255).any(1).mean() > 0.1  # not a blank page (18 % measured)
+
+
+def test_frame_with_run_draws_the_networks_predictions(toy_run, tmp_path):
+    """The 2D prediction picture is `cns-cli eval --export`'s prediction of the same image in the palette's
+    colours; the 3D prediction colours the projected points and a bird's-eye view."""
+    store, run = toy_run
+    export = tmp_path / "export"
+    res = CliRunner().invoke(main, ["eval", "--cache", str(store), "--run", str(run), "--device", "cpu",
+                                    "--no-post-refine", "--export", str(export), "--out", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "frame"
+    res = CliRunner().invoke(main, ["inspect", "frame", str(store), "1", "--image", "2", "--run", str(run),
+                                    "--out", str(out), "--scale", "1"])
+    assert res.exit_code == 0, res.output
+    exported = np.asarray(Image.open(export / "images" / "toy0-001_000005_CAM_2.png"))
+    pal = palette_for(TOY_CLASSES)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "02_CAM_2_pred2d.png").convert("RGB")),
+                                  pal.colourize(exported))
+    pred3d = np.fromfile(export / "points" / "toy0-001_lidarseg.bin", np.uint8)
+    from data_cache.store import Store
+    st = Store(store)
+    k0, k1 = st.offsets("pairs")[1:3]
+    sel = st.array("pairs/image")[k0:k1] == 5
+    uv, pts = st.array("pairs/uv")[k0:k1][sel].astype(int), st.array("pairs/point")[k0:k1][sel]
+    dist = np.abs(uv[:, None] - uv[None]).max(-1) + np.eye(len(uv), dtype=int) * 99
+    alone = dist.min(1) >= 2  # points whose grown marker nothing else covers
+    pic = np.asarray(Image.open(out / "02_CAM_2_points_pred3d.png").convert("RGB"))
+    assert alone.sum() > 5
+    for (u, v), p in zip(uv[alone], pts[alone]):
+        assert tuple(pic[v, u]) == pal.colour(pred3d[p])
+    for name in ("bev_pred3d.png", "confusion.png"):
+        assert (out / name).exists()
+
+
+def test_run_of_other_classes_is_refused(toy_run, tmp_path):
+    other = build_toy_store(tmp_path / "other.zarr", num_frames=1, num_images=1, class_names=("road", "car", "tree"))
+    out = tmp_path / "out"
+    for cmd in (["frame", str(other), "0"], ["report", str(other)]):
+        res = CliRunner().invoke(main, ["inspect", *cmd, "--run", str(toy_run[1]), "--out", str(out)])
+        assert res.exit_code == 2 and "the run's networks cannot read this store" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and not out.exists()
