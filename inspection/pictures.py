@@ -64,8 +64,7 @@ def frame_pictures(frame, images, scale: int = 2, predictions: dict | None = Non
         pics.notes.append("no pairs: the frame's correspond shard is not done")
     labels3d = point_label_sets(frame, predictions)
     pics.point_labels = labels3d
-    for key in ("clip", "refined", "sam"):
-        stage = {"clip": "maskclip", "refined": "refine", "sam": "sam"}[key]
+    for stage in ("maskclip", "sam", "refine"):
         if not view.done_frames(stage)[frame.index]:
             pics.notes.append(f"no {stage} output for this frame yet (its {stage} shard is not done)")
     if pairs is not None and len(pairs["depth"]):

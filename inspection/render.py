@@ -280,25 +280,28 @@ def class_histogram_figure(summary: dict, palette: Palette):
 
 
 def sam_figure(summary: dict):
-    """Distribution of SAM mask areas and of pixels per point."""
+    """Distribution of SAM mask areas and of pixels per point (the panels with data)."""
     plt = _mpl()
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.0), dpi=100)
-    hist = summary["sam"]["mask_area_histogram"]
-    edges = np.array(hist["bin_edges"])
-    axes[0].bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="tab:blue", edgecolor="black",
-                linewidth=0.3)
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("mask area (share of the image)", fontsize=8)
-    axes[0].set_ylabel("masks", fontsize=8)
-    axes[0].set_title(f"SAM mask areas ({summary['sam']['masks']} masks)", fontsize=9)
-    per_point = summary["pairs"]["pixels_per_point_histogram"]
-    axes[1].bar(np.arange(len(per_point)), per_point, color="tab:orange", edgecolor="black", linewidth=0.3)
-    axes[1].set_xlabel("pixels per point (0 = not seen by any camera)", fontsize=8)
-    axes[1].set_ylabel("points", fontsize=8)
-    axes[1].set_title("pairs per point", fontsize=9)
     from matplotlib.ticker import MaxNLocator
-    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes:
+    hist = summary["sam"]["mask_area_histogram"]
+    per_point = summary["pairs"]["pixels_per_point_histogram"]
+    panels = [p for p, has in (("sam", summary["sam"]["masks"] > 0), ("pairs", len(per_point) > 0)) if has]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.75 * len(panels), 3.0), dpi=100, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "sam":
+            edges = np.array(hist["bin_edges"])
+            ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="tab:blue",
+                   edgecolor="black", linewidth=0.3)
+            ax.set_xscale("log")
+            ax.set_xlabel("mask area (share of the image)", fontsize=8)
+            ax.set_ylabel("masks", fontsize=8)
+            ax.set_title(f"SAM mask areas ({summary['sam']['masks']} masks)", fontsize=9)
+        else:
+            ax.bar(np.arange(len(per_point)), per_point, color="tab:orange", edgecolor="black", linewidth=0.3)
+            ax.set_xlabel("pixels per point (0 = not seen by any camera)", fontsize=8)
+            ax.set_ylabel("points", fontsize=8)
+            ax.set_title("pairs per point", fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig

@@ -74,7 +74,7 @@ def summary_section(s: dict, palette) -> str:
                                     ["classes", f"{len(s['class_names'])} ({palette.name} colours)"],
                                     ["image size (H x W)", "x".join(map(str, s["image_size"]))],
                                     ["frames / images / points", f"{s['frames']} / {s['images']} / {s['points']}"],
-                                    ["statistics over", f"{s['frames_sampled']} frames"]]),
+                                    ["statistics over", f"{s['frames_sampled']} frame(s)"]]),
              "<h3>Stages</h3>",
              _table(["stage", "shards done", "frames done", "state", "failed frames"],
                     [[r["stage"], f"{r['done']}/{r['total']}", f"{r['frames_done']}/{s['frames']}",
@@ -231,7 +231,7 @@ def view3d_html(xyz: np.ndarray, label_sets: dict, palette, div_id: str, max_poi
 
 def gallery_section(view, frames, images_per_frame: int, predictor, max_points: int, point_scale: int,
                     confusions: dict) -> str:
-    parts = [f"<h2>Gallery ({len(frames)} frames)</h2>"]
+    parts = [f"<h2>Gallery ({len(frames)} frame{'s' if len(frames) != 1 else ''})</h2>"]
     for f in frames:
         frame = view.frame(int(f))
         predictions = predictor.predict(int(f)) if predictor is not None else None
