@@ -45,7 +45,7 @@ def summary_cmd(store, as_json, max_frames):
     from .summary import format_summary, summarize
     result = summarize(_view(store), max_frames=max_frames)
     if as_json:
-        click.echo(json.dumps({k: v for k, v in result.items()}, indent=1))
+        click.echo(json.dumps(result, indent=1))
     else:
         click.echo(format_summary(result))
 
@@ -75,9 +75,9 @@ def frame_cmd(store, frame, image, out_dir, run_dir, scale, device):
     images = [_guard(view.resolve_image, index, image)] if image is not None else list(range(view.num_images(index)))
     run = _run_view(run_dir)
     predictor = _guard(run.predictor, view, device) if run is not None else None
-    written = write_frame(view, index, images, out_dir, scale, predictor)
+    written, notes = write_frame(view, index, images, out_dir, scale, predictor)
     click.echo(f"frame {index} ({view.tokens[index]}): {len(written)} files in {out_dir}")
-    for note in (json.loads((written[-1]).read_text())["notes"]):
+    for note in notes:
         click.echo(f"  note: {note}")
 
 

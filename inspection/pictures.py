@@ -142,8 +142,9 @@ def confusion_sheet(confusions: dict, class_names, title: str):
     return fig
 
 
-def write_frame(view, index: int, images, out_dir, scale: int = 2, predictor=None) -> list:
-    """PNG files of the frame's pictures in ``out_dir`` (created here) and ``frame.json`` naming them."""
+def write_frame(view, index: int, images, out_dir, scale: int = 2, predictor=None) -> tuple[list, list]:
+    """PNG files of the frame's pictures in ``out_dir`` (created here) and ``frame.json`` naming them.
+    Returns the files written and the notes on what the store does not hold yet."""
     import json
     from pathlib import Path
     frame = view.frame(index)
@@ -181,4 +182,4 @@ def write_frame(view, index: int, images, out_dir, scale: int = 2, predictor=Non
         written.append(render.save_figure(fig, out / "confusion.png"))
     index_json["files"] = sorted(p.name for p in written)
     (out / "frame.json").write_text(json.dumps(index_json, indent=1))
-    return written + [out / "frame.json"]
+    return written + [out / "frame.json"], pics.notes

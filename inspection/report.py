@@ -266,7 +266,7 @@ def build_report(view, out_dir, num_frames: int = 4, images_per_frame: int = 1, 
     palette = palette_for(view.class_names)
     s = summarize(view, max_frames=max_frames)
     ingested = np.flatnonzero(view.done_frames("correspond"))
-    frames = ingested[sample_frames(len(ingested), num_frames)] if len(ingested) else []
+    frames = ingested[sample_frames(len(ingested), num_frames)] if len(ingested) and num_frames else []
     confusions: dict = {}
     gallery = gallery_section(view, frames, images_per_frame, predictor, max_points, point_scale, confusions)
     body = [f"<h1>CNS cache report: {html.escape(view.path.name)}</h1>",
