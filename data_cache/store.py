@@ -92,13 +92,15 @@ def _json_default(o):
 class Store:
     """A CNS cache store on a local (or shared, POSIX-locking) file system."""
 
-    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+    def __init__(self, path: str | os.PathLike, mode: str = "r", consolidated: bool | None = None):
+        """``consolidated=False`` makes a reader ignore consolidated metadata: a stage running now (after an
+        earlier run consolidated the store) may have added arrays that the consolidated copy does not list."""
         self.path = Path(path)
         if mode == "r" and not (self.path / "zarr.json").exists():
             raise CacheError(f"{self.path} is not a CNS store (no zarr.json); write one with `cns-cli labels`")
         # writers never trust consolidated metadata: a later stage may have added arrays since
         self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a", zarr_format=3,
-                                     use_consolidated=False if mode != "r" else None)
+                                     use_consolidated=False if mode != "r" else consolidated)
         self.mode = mode
         if schema.ROOT_ATTR not in self.group.attrs and mode == "r":
             raise CacheError(f"{self.path} is a Zarr group but has no '{schema.ROOT_ATTR}' attributes")

@@ -1,0 +1,16 @@
+"""Inspect a CNS cache store: statistics, pictures and a static HTML report (``cns-cli inspect``).
+
+========== ==========================================================================================
+frames     read-only access to a store through :mod:`data_cache` (only the shards marked done)
+summary    statistics of a store as plain dicts (counts, pairs, SAM, class histograms, mIoU against GT)
+palettes   the class colours people know (nuScenes-lidarseg from the devkit, ScanNet's benchmark palette)
+render     pictures of a frame (label maps, SAM boundaries, projected points, bird's-eye view, charts)
+run        a training run: its metrics, evaluation tables and its networks' predictions on a frame
+report     one self-contained HTML page with all of the above
+commands   the click commands (registered in ``cli.py``)
+========== ==========================================================================================
+"""
+
+
+class InspectError(ValueError):
+    """A bad input (not a store, a newer schema, an unknown frame, ...): one line, nothing written."""
