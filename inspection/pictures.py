@@ -46,7 +46,7 @@ def point_label_sets(frame, predictions: dict | None = None) -> dict:
             lab = frame.images(name)
             if lab is not None:
                 out[key] = (f"{title} (transferred)", labels_to_points(lab, pairs, frame.num_points).astype(np.uint8))
-    if predictions is not None:
+    if predictions is not None and predictions.get("pred3d") is not None:  # None: a 2D-only run
         out["pred3d"] = ("3D prediction", predictions["pred3d"])
     return out
 

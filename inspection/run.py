@@ -69,21 +69,17 @@ class Predictor:
         from data_cache.store import CacheError
         from train.data import CacheFrameDataset
         from train.engine import check_stores
-        from train.models import build_model
+        from train.models import load_trained_model
         if not run.checkpoint.exists():
             raise InspectError(f"{run.path} has no checkpoint yet ({run.checkpoint}): predictions need one")
         cfg = copy.deepcopy(run.config)
         try:
-            info = check_stores([str(view.path)], cfg)
+            info = check_stores([str(view.path)], cfg, for_training=False)
         except CacheError as e:
             raise InspectError(f"the run's networks cannot read this store: {e}") from None
         cfg["eval"]["images_per_frame"] = 0  # every image of a frame
         cfg["data"]["num_workers"] = 0
-        state = torch.load(run.checkpoint, map_location=device, weights_only=False)
-        cfg_model = dict(cfg, model=dict(cfg["model"], pretrained_2d=False))  # the checkpoint has the weights
-        in_ch = info["point_channels"] + (3 if cfg["data"]["use_xyz"] else 0)
-        self.model = build_model(cfg_model, in_ch, info["text_embed"], info["sam_dim"], device)
-        self.model.load_state_dict(state["model"])
+        self.model, _ = load_trained_model(cfg, run.checkpoint, info, device)
         self.model.eval()
         self.dataset = CacheFrameDataset([str(view.path)], cfg, train=False)
         self.image_size = tuple(view.attrs.image_size)
@@ -99,7 +95,7 @@ class Predictor:
         b = batch_to(collate_offsets([self.dataset[frame]]), self.device)
         with torch.no_grad():
             out = self.model(b["rgb"], b["voxel_feat"], b["voxel_index"], b["inverse"], 1)
-        pred3d = out["logits3d"].argmax(1).to(torch.uint8).cpu().numpy()
+        pred3d = out["logits3d"].argmax(1).to(torch.uint8).cpu().numpy() if "logits3d" in out else None
         pred2d = None
         if "logits2d" in out:
             p = out["logits2d"].argmax(1)

@@ -7,12 +7,14 @@ same confusion matrix, same transfer to points through the pairs), so the two co
 =========== ===================================================================================
 clip_2d     ``clip/label`` against the 2D ground truth
 wo_cns_2d   ``clip/label_refined`` (SAM max-voting, Eq. 4) against the 2D ground truth
-clip_3d     ``clip/label`` read at each point's first paired pixel, against ``points/gt``
+clip_3d     ``clip/label`` read at each point's first paired pixel, against ``points/gt`` (a point
+            without a pair counts as a miss of its true class)
 wo_cns_3d   the same for ``clip/label_refined``
+\*_paired   ``clip_3d`` / ``wo_cns_3d`` over the points with a pair only
 =========== ===================================================================================
 
 The 2D ground truth is ``images/gt``; a store with point labels only scores the pixels labelled points
-project to (as ``cns-cli eval`` does). A point without a pair counts as a miss of its true class.
+project to (as ``cns-cli eval`` does).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from .frames import StoreView
 
 #: pseudo-label rows: key -> (label array, dimension)
 PSEUDO_ROWS = {"clip_2d": ("clip/label", "2d"), "wo_cns_2d": ("clip/label_refined", "2d"),
-               "clip_3d": ("clip/label", "3d"), "wo_cns_3d": ("clip/label_refined", "3d")}
+               "clip_3d": ("clip/label", "3d"), "wo_cns_3d": ("clip/label_refined", "3d"),
+               "clip_3d_paired": ("clip/label", "3d_paired"), "wo_cns_3d_paired": ("clip/label_refined", "3d_paired")}
 #: mask-area histogram bins, as a share of the image (log-spaced, 1e-5 .. 1)
 MASK_AREA_BINS = np.logspace(-5, 0, 21)
 
@@ -82,12 +85,18 @@ def scored_rows(frame, maps: dict, predictions: dict | None = None):
             continue
         if dim == "2d" and gt2 is not None:
             yield key, maps[name], gt2, source
-        elif dim == "3d" and gt3 is not None and pairs is not None:
-            yield key, labels_to_points(maps[name], pairs, frame.num_points), gt3, None
+        elif dim.startswith("3d") and gt3 is not None and pairs is not None:
+            projected = labels_to_points(maps[name], pairs, frame.num_points)
+            if dim == "3d_paired":  # points without a pair are left out (255) rather than missed
+                paired = np.zeros(frame.num_points, bool)
+                paired[pairs["point"]] = True
+                yield key, projected, np.where(paired, gt3, IGNORE_INDEX), None
+            else:
+                yield key, projected, gt3, None
     if predictions is not None:
         if predictions.get("pred2d") is not None and gt2 is not None:
             yield "cns_2d", predictions["pred2d"], gt2, source
-        if gt3 is not None:
+        if gt3 is not None and predictions.get("pred3d") is not None:
             yield "cns_3d", predictions["pred3d"], gt3, None
 
 

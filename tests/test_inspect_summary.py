@@ -72,7 +72,8 @@ def test_pseudo_label_miou_equals_eval_baselines(toy, toy_summary):
     check_stores([str(toy)], cfg)
     rows = evaluate(None, [str(toy)], cfg, "cpu")["rows"]
     mine = toy_summary["ground_truth"]["rows"]
-    assert set(mine) == set(rows) == {"clip_2d", "clip_3d", "wo_cns_2d", "wo_cns_3d"}
+    assert set(mine) == set(rows) == {"clip_2d", "clip_3d", "wo_cns_2d", "wo_cns_3d", "clip_3d_paired",
+                                      "wo_cns_3d_paired"}
     for key in rows:
         assert mine[key]["miou"] == pytest.approx(rows[key]["miou"], abs=1e-9), key
         assert mine[key]["iou"] == rows[key]["iou"], key
@@ -139,7 +140,8 @@ def test_cli_text_and_json(toy):
     text = runner.invoke(main, ["inspect", "summary", str(toy)])
     assert text.exit_code == 0, text.output
     for expected in ("4 frames, 12 images", "correspond", "refinement changed", "CLIP labels (MaskCLIP), 2D",
-                     "w/o CNS (SAM-refined, projected), 3D", "masks per image"):
+                     "w/o CNS (refined, projected), 3D, all points",
+                     "w/o CNS (refined, projected), 3D, paired points only", "masks per image"):
         assert expected in text.output, expected
     js = runner.invoke(main, ["inspect", "summary", str(toy), "--json", "--max-frames", "2"])
     assert js.exit_code == 0, js.output

@@ -166,13 +166,8 @@ def test_batchnorm_statistics_are_recalibrated_before_evaluation(straight_run, t
         return np.array([rows["cns_2d"]["miou"], rows["cns_3d"]["miou"]])
 
     def model_of(path):
-        from train.models import build_model
-        state = torch.load(path / "checkpoints" / "last.pth", map_location="cpu", weights_only=False)
-        info = check_stores([toy], cfg, for_training=False)
-        m = build_model(dict(cfg, model=dict(cfg["model"], pretrained_2d=False)), info["point_channels"] + 3,
-                        info["text_embed"], state["feature_dims"], "cpu")
-        m.load_state_dict(state["model"])
-        return m, state
+        from train.models import load_trained_model
+        return load_trained_model(cfg, path / "checkpoints" / "last.pth", check_stores([toy], cfg, False), "cpu")
 
     model, state = model_of(run)
     assert state["bn_recalibration"]["images"] == 12  # all 4 frames x 3 images (fewer than 256)

@@ -103,7 +103,7 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
     from data_cache.store import CacheError
     from .engine import StoreMismatch, check_stores
     from .evaluate import evaluate, format_tables, open_vocabulary_embeddings, store_text_tower, write_result
-    from .models import build_model
+    from .models import load_trained_model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         ov = parse_overrides(overrides)
@@ -120,13 +120,7 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
     if state_path is not None:
         if not state_path.exists():
             _fail(FileNotFoundError(f"no checkpoint at {state_path}"))
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        cfg_model = dict(cfg, model=dict(cfg["model"], pretrained_2d=False))  # the checkpoint has the weights
-        in_ch = info["point_channels"] + (3 if cfg["data"]["use_xyz"] else 0)
-        # the Eq. 7 heads' width: as trained (an evaluation store need not hold the feature grids)
-        model = build_model(cfg_model, in_ch, info["text_embed"], state.get("feature_dims", info["feature_dims"]),
-                            device)
-        model.load_state_dict(state["model"])
+        model, _ = load_trained_model(cfg, state_path, info, device)
     eval_classes, text_embed = None, None
     if classes:
         if model is None:

@@ -286,3 +286,17 @@ def build_model(cfg: dict, in_channels: int, text_embed: torch.Tensor, feature_d
     keys = LATENT_FEATURES[cfg["loss"]["latent_target"]]
     latent_dim = sum(int(feature_dims[k]) for k in keys)
     return CNSModel(net2d, net3d, text_embed, latent_dim or None).to(device)
+
+
+def load_trained_model(cfg: dict, checkpoint, info: dict, device):
+    """A run's networks with the weights of ``checkpoint`` (``cns-cli eval``, ``cns-cli inspect --run``).
+
+    ``info`` is :func:`train.engine.check_stores`' answer for the stores to evaluate; the Eq. 7 heads take
+    the width they were trained with (an evaluation store need not hold the feature grids). Returns
+    ``(model, state)``."""
+    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    cfg_model = dict(cfg, model=dict(cfg["model"], pretrained_2d=False))  # the checkpoint has the weights
+    in_ch = info["point_channels"] + (3 if cfg["data"]["use_xyz"] else 0)
+    model = build_model(cfg_model, in_ch, info["text_embed"], state.get("feature_dims", info["feature_dims"]), device)
+    model.load_state_dict(state["model"])
+    return model, state
