@@ -254,6 +254,35 @@ class Store:
     def stage_complete(self, stage: str) -> bool:
         return self.is_done(stage, "_complete")
 
+    def simulated_stages(self) -> dict[str, dict]:
+        """The stages whose recorded fingerprint says they were *simulated* from the ground truth
+        (``pipeline.simulate``: a benchmark component, not real CLIP/SAM outputs), each with its ``simulator``,
+        ``version`` and ``seed``. Empty for a store of real foundation-model outputs."""
+        out = {}
+        for stage, fp in self.raw_attrs.get("stages", {}).items():
+            config = (fp or {}).get("config") or {}
+            if config.get("simulated") is True:
+                out[stage] = {"simulator": config.get("simulator"), "version": config.get("simulator_version"),
+                              "seed": config.get("seed")}
+        return out
+
+    def stages_from_simulated(self) -> dict[str, list[str]]:
+        """Stages run on this store (with a recorded fingerprint) that are not simulated themselves but read,
+        directly or not, a simulated stage's outputs, with those stages: ``{"refine": ["maskclip", "sam"]}``."""
+        recorded = self.raw_attrs.get("stages", {})
+        simulated = set(self.simulated_stages())
+        tainted: dict[str, set] = {s: {s} for s in simulated}
+        out = {}
+        for stage in schema.STAGE_ORDER:
+            if stage in simulated:
+                continue
+            inputs = set().union(*(tainted.get(r, set()) for r in schema.STAGE_REQUIRES[stage]))
+            if inputs:
+                tainted[stage] = inputs
+                if stage in recorded:
+                    out[stage] = sorted(inputs, key=schema.STAGE_ORDER.index)
+        return out
+
     def clear_stage(self, stage: str) -> None:
         import shutil
         for kind in (schema.DONE_DIR, schema.FAILED_DIR, schema.PARTS_DIR):

@@ -187,5 +187,10 @@ def run_group(ctx: ShardContext, group, work) -> bool:
 
 
 def build_stage(name: str, **config) -> Stage:
+    """The stage ``name`` with ``config``; options carrying ``simulate`` select the simulated foundation model
+    of that name instead (:mod:`pipeline.simulate`: a benchmark component, never picked otherwise)."""
+    if config.get("simulate") is not None:
+        from ..simulate.stages import SIMULATED_STAGES
+        return SIMULATED_STAGES.get(name)(**config)
     from . import load_builtin  # noqa: F401  (registers the built-in stages)
     return STAGES.get(name)(**config)
