@@ -139,6 +139,10 @@ def check_fingerprint(store: Store, stage, overwrite: bool) -> None:
     current = _jsonable(stage.fingerprint())
     if recorded is not None and recorded != current and not overwrite:
         detail = _first_difference(recorded, current)
+        simulated = [bool((fp.get("config") or {}).get("simulated")) for fp in (recorded, current)]
+        if simulated[0] != simulated[1]:  # say first what matters most: simulated vs real foundation models
+            detail = (" (the store's outputs are simulated from the ground truth, this run uses real models)"
+                      if simulated[0] else " (the store's outputs come from real models, this run simulates them)")
         raise CacheError(f"stage '{stage.name}' of {store.path} was run with a different fingerprint{detail}; "
                          f"rerun with --overwrite to redo it")
     if recorded != current or overwrite:

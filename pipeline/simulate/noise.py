@@ -267,23 +267,29 @@ def _jitter(ids: np.ndarray, amplitude: float, scale: float, rng: np.random.Gene
     return ids[yy, xx]
 
 
+def _uncover(ids: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """Mask ids with the masks whose ``flags`` are set turned into uncovered pixels (-1)."""
+    if not flags.any():
+        return ids
+    return np.where((ids >= 0) & flags[np.maximum(ids, 0)], NO_MASK, ids).astype(np.int32)
+
+
 def simulate_sam_masks(filled: np.ndarray, knobs: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One image: mask ids int32 [H, W] (-1 = uncovered; 0..M-1 by area from the smallest) and the majority
     ground-truth class of each mask (uint8 [M], 255 = unknown)."""
     ids = connected_regions(filled)
     ids, n = _relabel(ids)
     area = np.bincount(ids[ids >= 0], minlength=n)
-    small = area < int(knobs["min_region_px"])
-    ids = np.where((ids >= 0) & small[np.maximum(ids, 0)], NO_MASK, ids).astype(np.int32)
-    ids, n = _relabel(ids)
+    ids, n = _relabel(_uncover(ids, area < int(knobs["min_region_px"])))
     ids, n = _split(ids, n, knobs, rng)
     ids = _merge(ids, n, float(knobs["merge_prob"]), rng)
     ids, n = _relabel(ids)
-    dropped = rng.random(n) < float(knobs["drop_prob"])
-    ids = np.where((ids >= 0) & dropped[np.maximum(ids, 0)], NO_MASK, ids).astype(np.int32)
+    ids = _uncover(ids, rng.random(n) < float(knobs["drop_prob"]))
     ids = _jitter(ids, float(knobs["boundary_jitter_px"]), float(knobs["boundary_jitter_scale_px"]), rng)
     ids, n = _relabel(ids)
     area = np.bincount(ids[ids >= 0], minlength=n)
+    if n == 0:  # every pixel uncovered (e.g. one region, dropped)
+        return np.full(ids.shape, NO_MASK, dtype=np.int32), np.zeros(0, dtype=np.uint8)
     rank = np.empty(n, dtype=np.int32)
     rank[np.argsort(area, kind="stable")] = np.arange(n, dtype=np.int32)
     ids = np.where(ids >= 0, rank[np.maximum(ids, 0)], NO_MASK).astype(np.int32)

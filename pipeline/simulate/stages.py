@@ -40,13 +40,14 @@ def image_rng(seed: int, stream: int, token: str, name: str) -> np.random.Genera
 
 
 # -- ground truth ----------------------------------------------------------------------------------------
-def frame_pixel_gt(store, frame: int) -> np.ndarray:
-    """uint8 [n_images, H, W] of one frame: ``images/gt`` where the store has it, else its labelled points
-    projected through the correspond stage's pairs (the nearest point wins a pixel; others stay 255)."""
+def frame_pixel_gt(store, frame: int, from_points: bool = False) -> np.ndarray:
+    """uint8 [n_images, H, W] of one frame: ``images/gt`` where the store has it (unless ``from_points``), else
+    its labelled points projected through the correspond stage's pairs (the nearest point wins a pixel; other
+    pixels stay 255)."""
     off = store.offsets("images")
     i0, i1 = int(off[frame]), int(off[frame + 1])
     attrs = store.attrs
-    if "image_gt" in attrs.capabilities and "images/gt" in store:
+    if not from_points and "image_gt" in attrs.capabilities and "images/gt" in store:
         return np.asarray(store.array("images/gt")[i0:i1])
     if "point_gt" not in attrs.capabilities or "points/gt" not in store:
         raise ValueError(f"{store.path} has neither images/gt nor points/gt: the simulated foundation models "
