@@ -293,9 +293,10 @@ class Store:
             os.fsync(f.fileno())
         os.replace(tmp, p)
 
-    def read_part(self, stage: str, shard: int) -> dict:
+    def read_part(self, stage: str, shard: int, *keys: str) -> dict:
+        """A shard's part arrays (only ``keys`` when given: the others are not read)."""
         with np.load(self.part_path(stage, shard)) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in (keys or z.files)}
 
     def remove_parts(self, stage: str) -> None:
         """Delete a stage's part files (once what they were committed into is durable), then ``_parts/`` when

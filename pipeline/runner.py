@@ -229,10 +229,22 @@ def task_finalize(stage, store_dir: str, num_shards: int, *deps):
     store = Store(store_dir, mode="a")
     if any(not store.is_done(stage.name, s) for s in range(num_shards)):
         return {"stage": stage.name, "finalized": False}
-    stage.finalize(store)
+    stage.finalize(store, map_tasks)
     store.mark_done(stage.name, "_complete", {"shards": num_shards})
     store.remove_parts(stage.name)
     return {"stage": stage.name, "finalized": True}
+
+
+def map_tasks(fn, jobs) -> list:
+    """``[fn(job) for job in jobs]``, as tasks on the dask cluster when called from inside a dask task (the
+    calling task secedes from its worker's thread pool while it waits), else in this process."""
+    try:
+        from distributed import get_worker, worker_client
+        get_worker()
+    except (ImportError, ValueError):
+        return [fn(job) for job in jobs]
+    with worker_client() as client:
+        return client.gather(client.map(fn, jobs, pure=False))
 
 
 def remove_leftover_parts(store: Store) -> None:
