@@ -195,7 +195,8 @@ def main() -> None:
             b = array_bytes(store, sp.name) / n
             total += b
             note = {"sam/mask_id": f" (synthetic {a.synthetic_masks}-region SAM-like map)",
-                    "sam/feat": " (random-weight features)"}.get(sp.name, "")
+                    "sam/feat": " (random-weight features)",
+                    "clip/feat": " (random-weight features)"}.get(sp.name, "")
             print(f"  {sp.name:20s} {b / 1e3:9.1f} KB{note}")
         empty = array_bytes(sam_store, "sam/mask_id") / a.sam_images
         print(f"  {'(sam/mask_id empty)':20s} {empty / 1e3:9.1f} KB (what the random model wrote)")

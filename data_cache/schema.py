@@ -18,6 +18,8 @@ E     text-embedding width (512 for CLIP ViT-B/16)
 D     SAM feature channels after the fixed projection (64)
 h, w  SAM feature grid with the padding cropped (64x36 for a 16:9 image)
 S     SAM image-embedding channels before projection (256)
+Dc    dense CLIP feature channels after the fixed projection (64)
+hc,wc CLIP ViT patch grid of the training image (H/16 x W/16: 14x26 for nuScenes, 15x20 for ScanNet)
 ====  ==========================================================================
 
 Ragged data are flat values plus ``offsets`` [F+1] (zarr 3 has no ragged arrays): frame ``f`` owns
@@ -165,6 +167,20 @@ ARRAYS: tuple[ArraySpec, ...] = (
               IGNORE_INDEX, "maskclip", "MaskCLIP dense pseudo-label (Eq. 1)", value_range=(0, "L-1|255")),
     ArraySpec("clip/confidence", "uint8", ("I", "H", "W"), ("image", "y", "x"), (1, "H", "W"),
               (IMAGE_SHARD, "H", "W"), 0, "maskclip", "softmax probability of the label, scaled to 0..255"),
+    ArraySpec("clip/feat", "float16", ("I", "Dc", "hc", "wc"), ("image", "channel", "y", "x"), (1, "Dc", "hc", "wc"),
+              (IMAGE_SHARD, "Dc", "hc", "wc"), 0.0, "maskclip",
+              "dense CLIP features of Eq. 1 (MaskCLIP value path after ln_post and the visual projection, "
+              "L2-normalised: the vectors whose dot product with clip/text_embed gives clip/label), minus "
+              "clip/proj_mean, projected to Dc channels by clip/proj (phi_f(c_i) of Eq. 7's CLIP rows). "
+              "Grid = the ViT patch grid at the training resolution, no padding: cell (i, j) is the 16x16 "
+              "patch of pixels [16i, 16i+16) x [16j, 16j+16), centred at ((i+0.5) H/hc, (j+0.5) W/wc) in "
+              "continuous pixel coordinates -- the grid spans the whole image exactly like sam/feat's, and "
+              "clip/label is its bilinear upsampling with the same convention (align_corners=False)"),
+    ArraySpec("clip/proj", "float32", ("E", "Dc"), ("embed", "channel"), ("E", "Dc"), None, 0.0, "maskclip",
+              "fixed PCA projection of the dense CLIP features (fitted once per dataset, like sam/proj)"),
+    ArraySpec("clip/proj_mean", "float32", ("E",), ("embed",), ("E",), None, 0.0, "maskclip",
+              "mean subtracted before clip/proj; clip/feat @ clip/proj.T + clip/proj_mean gives the features "
+              "back (exactly when Dc = E)"),
     # -- SAM (sam stage) ----------------------------------------------------------------------
     ArraySpec("sam/mask_id", "int32", ("I", "H", "W"), ("image", "y", "x"), (1, "H", "W"), (IMAGE_SHARD, "H", "W"),
               NO_MASK, "sam", "SAM automatic-mask id per pixel, -1 = no mask; smaller masks win overlaps"),
@@ -222,13 +238,17 @@ class RootAttrs:
 
 
 def dims_for(attrs: RootAttrs, num_points: int, num_images: int, num_pairs: int = 0,
-             text_dim: int = 512, sam_dim: int = 64, sam_grid=(0, 0), sam_embed_dim: int = 256) -> dict:
-    """Resolve the symbolic dimensions for a store."""
+             text_dim: int = 512, sam_dim: int = 64, sam_grid=(0, 0), sam_embed_dim: int = 256,
+             clip_dim: int | None = None, clip_grid=None, clip_patch: int = 16) -> dict:
+    """Resolve the symbolic dimensions for a store (``clip_dim``: min(64, ``text_dim``) unless given;
+    ``clip_grid``: the ``clip_patch`` grid of the training resolution unless given)."""
     h, w = attrs.image_size
+    clip_grid = clip_grid or (h // clip_patch, w // clip_patch)
     return {
         "F": attrs.num_frames, "F+1": attrs.num_frames + 1, "P": num_points, "I": num_images, "K": num_pairs,
         "H": h, "W": w, "C": max(1, len(attrs.point_features)), "L": len(attrs.class_names), "E": text_dim,
         "D": sam_dim, "h": sam_grid[0], "w": sam_grid[1], "S": sam_embed_dim,
+        "Dc": clip_dim if clip_dim is not None else min(64, text_dim), "hc": clip_grid[0], "wc": clip_grid[1],
     }
 
 

@@ -34,6 +34,15 @@ def store_path(cache_dir: str | os.PathLike, dataset: str, split: str) -> Path:
     return Path(cache_dir) / f"{dataset}-{split}{schema.STORE_SUFFIX}"
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_json(path: Path, payload: Mapping) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -42,6 +51,7 @@ def _atomic_write_json(path: Path, payload: Mapping) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def compressors(name: str):
@@ -312,9 +322,34 @@ class Store:
             os.fsync(f.fileno())
         os.replace(tmp, p)
 
-    def read_part(self, stage: str, shard: int) -> dict:
+    def read_part(self, stage: str, shard: int, *keys: str) -> dict:
+        """A shard's part arrays (only ``keys`` when given: the others are not read)."""
         with np.load(self.part_path(stage, shard)) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in (keys or z.files)}
+
+    def remove_parts(self, stage: str) -> None:
+        """Delete a stage's part files (once what they were committed into is durable), then ``_parts/`` when
+        no stage has any left."""
+        import shutil
+        root = self.path / schema.PARTS_DIR
+        shutil.rmtree(root / stage, ignore_errors=True)
+        try:
+            root.rmdir()
+        except OSError:  # absent, or another stage's parts remain
+            pass
+
+    def sync(self, names) -> None:
+        """fsync every file and directory of the arrays ``names``: their data survive a power loss."""
+        for name in names:
+            root = self.path / name
+            for dirpath, _, files in os.walk(root):
+                for fn in files:
+                    fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                _fsync_dir(Path(dirpath))
 
     def consolidate(self) -> None:
         """Consolidate the metadata so readers open the store with one read."""

@@ -4,8 +4,9 @@ Validation checks, in order, and stops at the first problem of each kind with th
 the root attributes and schema version; that every array of every complete stage exists with the schema's
 dtype, shape and dimension names; the offsets (start at 0, non-decreasing, end at the array length);
 per frame, the values: finite coordinates, labels in ``0..L-1`` or 255, pairs pointing inside their frame's
-points and images and inside the image, mask ids >= -1; and the fingerprints (every complete stage has one;
-a recorded checkpoint that still exists at its path must hash to the recorded sha256).
+points and images and inside the image, mask ids >= -1, finite SAM and CLIP features; and the fingerprints
+(every complete stage has one; a recorded checkpoint that still exists at its path must hash to the recorded
+sha256).
 """
 from __future__ import annotations
 
@@ -141,6 +142,10 @@ def _check_offsets(store: Store, complete, dims, report) -> None:
         report.error("images/frame disagrees with images/offsets")
 
 
+#: per-image feature arrays whose values must be finite
+FEATURE_ARRAYS = ("sam/feat", "clip/feat")
+
+
 def _labels_ok(values: np.ndarray, num_classes: int) -> bool:
     return bool(((values < num_classes) | (values == schema.IGNORE_INDEX)).all())
 
@@ -183,9 +188,9 @@ def _check_frames(store: Store, complete, report) -> None:
             ids = store.array("sam/mask_id")[i0:i1]
             if ids.min() < schema.NO_MASK:
                 return report.error(f"sam/mask_id below {schema.NO_MASK}", f, token)
-            feat = store.array("sam/feat")[i0:i1]
-            if not np.isfinite(feat.astype(np.float32)).all():
-                return report.error("sam/feat has NaN/inf values", f, token)
+        for name in FEATURE_ARRAYS:
+            if schema.spec(name).stage in complete and not np.isfinite(store.array(name)[i0:i1]).all():
+                return report.error(f"{name} has NaN/inf values", f, token)
 
 
 def _check_fingerprints(store: Store, complete, report, check_checkpoints: bool) -> None:

@@ -227,12 +227,35 @@ def task_shard(stage, store_dir: str, adapter_spec: dict, shard: Shard, device: 
 
 
 def task_finalize(stage, store_dir: str, num_shards: int, *deps):
+    """The stage's ``finalize`` (which leaves its output durable), its ``_complete`` marker (durable), then the
+    removal of its part files. A crash before the marker redoes ``finalize`` from the parts on the rerun; a
+    crash after it leaves only parts that the rerun removes (:func:`remove_leftover_parts`)."""
     store = Store(store_dir, mode="a")
     if any(not store.is_done(stage.name, s) for s in range(num_shards)):
         return {"stage": stage.name, "finalized": False}
-    stage.finalize(store)
+    stage.finalize(store, map_tasks)
     store.mark_done(stage.name, "_complete", {"shards": num_shards})
+    store.remove_parts(stage.name)
     return {"stage": stage.name, "finalized": True}
+
+
+def map_tasks(fn, jobs) -> list:
+    """``[fn(job) for job in jobs]``, as tasks on the dask cluster when called from inside a dask task (the
+    calling task secedes from its worker's thread pool while it waits), else in this process."""
+    try:
+        from distributed import get_worker, worker_client
+        get_worker()
+    except (ImportError, ValueError):
+        return [fn(job) for job in jobs]
+    with worker_client() as client:
+        return client.gather(client.map(fn, jobs, pure=False))
+
+
+def remove_leftover_parts(store: Store) -> None:
+    """Part files of complete stages: what a crash between a stage's ``_complete`` marker and their removal left."""
+    for name in STAGE_ORDER:
+        if store.stage_complete(name):
+            store.remove_parts(name)
 
 
 # -- executors ----------------------------------------------------------------------------------------
@@ -342,6 +365,7 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
     path = store_path(cache, dataset, adapter.split)
     shard_size = shard_size or DEFAULT_SHARD_SIZE.get(dataset, 8)
     store = plan_store(adapter, path, shard_size)
+    remove_leftover_parts(store)
     for name in stages:
         for req in STAGE_REQUIRES[name]:
             if req not in stages and not store.stage_complete(req):
@@ -349,6 +373,7 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
                                     f"add it to STAGES (e.g. STAGES={req},{name})")
     stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
     for name, stage in stage_objs.items():
+        stage.bind(store.attrs)
         if overwrite:
             for s in [name] + downstream(name):
                 store.clear_stage(s)

@@ -159,6 +159,29 @@ def test_nuscenes_missing_files(nuscenes_root, tmp_path):
     assert "point file is missing" in failure["error"] and "LIDAR_TOP" in failure["error"]
 
 
+def test_point_file_size_is_checked_in_bytes(tmp_path):
+    from pipeline.datasets.base import read_float_records
+    path = tmp_path / "sweep.pcd.bin"
+    np.arange(250, dtype="<f4").tofile(path)  # 1000 bytes: 50 whole 20-byte points
+    assert read_float_records(path, 5, "tok").shape == (50, 5)
+    path.write_bytes(path.read_bytes() + b"\0")  # 1001 bytes: still 250 whole floats, but not 50 points
+    with pytest.raises(DatasetError, match=r"1001 bytes is not a whole number of 20-byte points "
+                                           r"\[frame tok; file .*sweep\.pcd\.bin\]"):
+        read_float_records(path, 5, "tok")
+
+
+def test_nuscenes_lidar_cut_inside_a_float(nuscenes_root, tmp_path):
+    root = _nuscenes_copy(nuscenes_root, tmp_path)
+    lidar = next((root / "samples" / "LIDAR_TOP").glob("*.bin"))
+    lidar.write_bytes(lidar.read_bytes()[:1001])  # read as float32 this used to be 50 points, and succeed
+    summary = run_labels("nuscenes", tmp_path / "c", "correspond", data_root=root, split="all", workers=0,
+                         progress=False)
+    (failure,) = summary.failed_frames
+    assert "1001 bytes is not a whole number of 20-byte points" in failure["error"]
+    assert failure["token"] == "9d9bf11fb0e144c8b446d54a8a00184f" and failure["file"] == str(lidar)
+    assert not Store(summary.store).stage_complete("correspond")
+
+
 def test_unknown_dataset_and_not_a_dataset(tmp_path):
     with pytest.raises(DatasetError, match="unknown dataset 'kitti'.*nuscenes"):
         build_adapter("kitti", tmp_path)

@@ -13,6 +13,7 @@ from data_cache.schema import RootAttrs
 from data_cache.store import Store
 from pipeline.models import maskclip as mc
 from pipeline.models import prompts
+from pipeline.models.pca import project, unproject
 from pipeline.stages.base import Shard, ShardContext, build_stage
 
 H, W = 64, 96
@@ -39,8 +40,8 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     return np.clip(img + rng.integers(-10, 10, size=img.shape), 0, 255).astype(np.uint8)
 
 
-def make_store(path, n_images=(2, 1), class_names=CLASSES, seed=0) -> Store:
-    store = Store.create(path, RootAttrs(dataset="synthetic", split="train", class_names=list(class_names),
+def make_store(path, n_images=(2, 1), class_names=CLASSES, seed=0, dataset="synthetic") -> Store:
+    store = Store.create(path, RootAttrs(dataset=dataset, split="train", class_names=list(class_names),
                                          image_size=[H, W], point_features=["intensity"], capabilities=[],
                                          num_frames=len(n_images)))
     n = sum(n_images)
@@ -136,6 +137,45 @@ def test_descriptive_names(tiny):
     assert not torch.allclose(desc, plain)
 
 
+def test_prompt_names_follow_clip2scene():
+    from pipeline.datasets.classes import PROMPT_NAMES, SCANNET20, nuscenes16
+    assert list(PROMPT_NAMES["nuscenes"]) == list(nuscenes16())  # every class, in the dataset's order
+    assert list(PROMPT_NAMES["scannet"]) == list(SCANNET20)
+    scan = prompts.class_texts(SCANNET20, dataset="scannet")
+    assert scan[-1] == ("other furniture",) and scan[15] == ("shower curtain",) and scan[0] == ("wall",)
+    nus = prompts.class_texts(nuscenes16(), dataset="nuscenes")
+    assert nus[4] == ("construction vehicle",) and nus[10] == ("driveable surface",)
+    assert nus[7] == ("traffic_cone",) and nus[11] == ("other_flat",)  # CLIP2Scene's own spelling, verbatim
+    # synthetic stores (benchmark class names) and open-vocabulary names: every table, else the plain name
+    assert prompts.class_texts(["otherfurniture", "desk_lamp"], dataset="synthetic") == [("other furniture",),
+                                                                                         ("desk lamp",)]
+    assert prompts.class_texts(["otherfurniture"]) == [("other furniture",)]
+    assert prompts.class_texts(["otherfurniture"], descriptive=True, dataset="scannet") == [("furniture",)]
+
+
+def test_stage_prompts_use_clip2scene_names_and_record_them(tmp_path, tiny, monkeypatch):
+    from data_cache.store import CacheError
+    from pipeline.datasets.classes import PROMPT_NAMES, SCANNET20
+    from pipeline.runner import check_fingerprint
+    model, tok = tiny
+    store = make_store(tmp_path / "s.zarr", class_names=SCANNET20, dataset="scannet")
+    stage = build_stage("maskclip", tiny=True, feat_dim=4, pca_sample_images=1)
+    stage.bind(store.attrs)
+    check_fingerprint(store, stage, overwrite=False)  # what the runner records
+    stage.prepare(store, None)
+    assert store.attrs.class_names == list(SCANNET20)  # the store keeps the dataset's own names
+    recorded = store.raw_attrs["stages"]["maskclip"]["config"]["prompt_names"]
+    assert recorded[-1] == ["other furniture"] and recorded[0] == ["wall"] and len(recorded) == 20
+    assert store.array("clip/text_embed").attrs["prompt_names"] == recorded
+    text = store.array("clip/text_embed")[:]
+    np.testing.assert_allclose(text[-1], mc.embed_class_words(model, tok, [("other furniture",)])[0], atol=1e-5)
+    assert not np.allclose(text[-1], mc.embed_class_words(model, tok, [("otherfurniture",)])[0], atol=1e-3)
+    # other prompt names are another fingerprint: a rerun is refused, naming the field
+    monkeypatch.setitem(PROMPT_NAMES["scannet"], "otherfurniture", "furniture")
+    with pytest.raises(CacheError, match=r"prompt_names.*other furniture.*furniture"):
+        check_fingerprint(store, stage, overwrite=False)
+
+
 def test_build_text_embeddings_public_entry_point(tiny):
     model, tok = tiny
     t = mc.build_text_embeddings(CLASSES, tiny=True)
@@ -200,10 +240,14 @@ def test_stage_writes_labels_and_text_embeddings(tmp_path, tiny):
     stage = build_stage("maskclip", tiny=True, batch_size=2)
     fp = stage.fingerprint()
     assert fp["checkpoint_sha256"] is None and "batch_size" not in fp["config"]
+    assert fp["config"]["feat_dim"] == tiny[0].embed_dim == 32  # min(64, E) for the tiny model
     stage.prepare(store, None)
-    stage._build = lambda *a: pytest.fail("resume recomputed the text embeddings")
-    stage.prepare(store, None)  # resume: arrays and text embeddings exist already
-    del stage._build
+    fitted = store.array("clip/proj").attrs.asdict()
+    assert fitted["fitted_on_rows"] == [0, 1, 2]
+    stage.get_model = lambda *a: pytest.fail("resume recomputed the text embeddings or the projection")
+    stage.prepare(store, None)  # resume: arrays, text embeddings and projection exist already
+    del stage.get_model
+    assert store.array("clip/proj").attrs.asdict() == fitted
     assert store.dims()["E"] == tiny[0].embed_dim and store.dims()["L"] == len(CLASSES)
     ctx = ShardContext(store, Shard(0, 0, 2), adapter=None, model=stage.build_model("cpu"))
     stats = stage.process_shard(ctx)
@@ -251,3 +295,93 @@ def test_weights_registry_verifies_checksums(tmp_path):
     (tmp_path / "no-checkpoints").mkdir()
     (tmp_path / "no-checkpoints" / "ViT-B-16.pt").write_bytes(b"")
     assert mc.resolve_weights("ViT-B-16")["path"].endswith("ViT-B-16.pt")  # `make weights` is enough
+
+
+def run_maskclip(store, **config):
+    stage = build_stage("maskclip", tiny=True, batch_size=2, **config)
+    stage.prepare(store, None)
+    ctx = ShardContext(store, Shard(0, 0, store.attrs.num_frames), adapter=None, model=stage.build_model("cpu"))
+    stage.process_shard(ctx)
+    assert not ctx.failures, ctx.failures
+    return stage
+
+
+def test_stage_writes_the_dense_features_eq1_scored(tmp_path, tiny):
+    """clip/feat un-projected (lossless at Dc = E) are the model's dense features, and scoring them against
+    clip/text_embed as Eq. 1 does gives back clip/label."""
+    model, _ = tiny
+    store = make_store(tmp_path / "s.zarr")
+    run_maskclip(store)
+    feat, proj, mean = store.array("clip/feat")[:], store.array("clip/proj")[:], store.array("clip/proj_mean")[:]
+    gh, gw = model.grid_size
+    assert (store.dims()["hc"], store.dims()["wc"]) == (gh, gw) == (H // 16, W // 16)
+    assert feat.dtype == np.float16 and feat.shape == (3, 32, gh, gw)
+    assert proj.shape == (32, 32) and mean.shape == (32,)
+    np.testing.assert_allclose(proj.T @ proj, np.eye(32), atol=1e-4)
+    back = unproject(feat, proj, mean)
+    with torch.no_grad():
+        want = model(torch.from_numpy(store.array("images/rgb")[:])).numpy()
+    np.testing.assert_allclose(back, want, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(back, axis=1), 1.0, atol=5e-3)  # the L2-normalised features
+    pred = mc.MaskCLIPPredictor(model, torch.from_numpy(store.array("clip/text_embed")[:]))
+    labels, _ = pred.labels_from_scores(*pred.scores_from_features(torch.from_numpy(back)), (H, W))
+    stored = store.array("clip/label")[:]
+    assert (labels == stored).mean() > 0.995  # float16 storage may flip a near-tie pixel, nothing more
+    assert len(np.unique(stored)) > 1
+
+
+def test_stage_projects_features_to_fewer_channels(tmp_path, tiny):
+    model, _ = tiny
+    store = make_store(tmp_path / "s.zarr")
+    stage = run_maskclip(store, feat_dim=8, pca_sample_images=2)
+    assert stage.fingerprint()["config"]["feat_dim"] == 8
+    feat, proj, mean = store.array("clip/feat")[:], store.array("clip/proj")[:], store.array("clip/proj_mean")[:]
+    assert feat.shape == (3, 8, H // 16, W // 16) and proj.shape == (32, 8)
+    assert store.array("clip/proj").attrs["fitted_on_rows"] == [0, 2]
+    with torch.no_grad():
+        dense = model(torch.from_numpy(store.array("images/rgb")[:])).numpy()
+    np.testing.assert_allclose(feat.astype(np.float32), project(dense, proj, mean), atol=2e-3)
+    with pytest.raises(ValueError, match="feat_dim 33 must be in 1..32"):
+        build_stage("maskclip", tiny=True, feat_dim=33).fingerprint()
+
+
+def test_stage_reuses_another_stores_clip_projection(tmp_path):
+    train = make_store(tmp_path / "train.zarr")
+    build_stage("maskclip", tiny=True, feat_dim=4).prepare(train, None)
+    val = make_store(tmp_path / "val.zarr", seed=5)
+    run_maskclip(val, feat_dim=4, proj_store=str(train.path))
+    np.testing.assert_array_equal(val.array("clip/proj")[:], train.array("clip/proj")[:])
+    np.testing.assert_array_equal(val.array("clip/proj_mean")[:], train.array("clip/proj_mean")[:])
+    assert val.array("clip/proj").attrs["copied_from"] == str(train.path)
+    assert "fitted_on_rows" not in val.array("clip/proj").attrs
+    # a projection fitted on val's own images differs: the copy is not a refit
+    own = make_store(tmp_path / "own.zarr", seed=5)
+    build_stage("maskclip", tiny=True, feat_dim=4).prepare(own, None)
+    assert not np.allclose(own.array("clip/proj")[:], train.array("clip/proj")[:], atol=1e-3)
+
+
+def _bf16_unavailable(device: str = "cpu") -> str | None:
+    """Why bfloat16 autocast cannot run on ``device`` here, or None when it can."""
+    try:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)
+    except RuntimeError as e:
+        return f"bfloat16 autocast is not available on {device}: {e}"
+    return None if y.dtype == torch.bfloat16 else f"autocast on {device} did not compute in bfloat16"
+
+
+def test_bf16_autocast_agrees_with_float32(tiny):
+    reason = _bf16_unavailable("cpu")
+    if reason:
+        pytest.skip(reason)
+    model, tok = tiny
+    text = mc.text_embeddings(model, tok, CLASSES)
+    imgs = images(8, seed=2)
+    l32, c32, f32 = mc.MaskCLIPPredictor(model, text).predict(imgs, return_features=True)
+    l16, c16, f16 = mc.MaskCLIPPredictor(model, text, bf16=True).predict(imgs, return_features=True)
+    assert not np.array_equal(f16, f32), "bf16 autocast did not change the computation"
+    np.testing.assert_allclose(np.linalg.norm(f16, axis=1), 1.0, atol=1e-5)  # renormalised in float32
+    assert (f16 * f32).sum(axis=1).min() > 0.999  # cosine of every patch's feature
+    assert (l16 == l32).mean() > 0.98  # measured 0.995 on these images: flips only at near-ties
+    assert np.abs(c16.astype(int) - c32.astype(int)).mean() < 2
+    assert build_stage("maskclip", tiny=True, bf16=True).fingerprint() != build_stage("maskclip", tiny=True).fingerprint()

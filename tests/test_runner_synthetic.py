@@ -51,8 +51,12 @@ def test_all_stages_write_a_valid_store(sequential_store):
     store = Store(sequential_store)
     for stage in schema.STAGE_ORDER:
         assert store.stage_complete(stage)
-    for name in ("clip/label", "clip/label_refined", "sam/mask_id", "sam/feat", "clip/text_embed"):
+    for name in ("clip/label", "clip/label_refined", "sam/mask_id", "sam/feat", "clip/text_embed", "clip/feat",
+                 "clip/proj", "clip/proj_mean"):
         assert name in store
+    assert store.array("clip/feat").shape == (store.array("images/rgb").shape[0], 32, 224 // 16, 416 // 16)
+    prompt_names = store.raw_attrs["stages"]["maskclip"]["config"]["prompt_names"]
+    assert prompt_names[store.attrs.class_names.index("driveable_surface")] == ["driveable surface"]
 
 
 def test_two_worker_cluster_equals_sequential(sequential_store, tmp_path):
@@ -103,7 +107,164 @@ def test_kill_and_resume_equals_uninterrupted(sequential_store, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert validate_store(store).ok
+    assert not (store / "_parts").exists()
     _assert_same_arrays(_arrays(sequential_store), _arrays(store))
+
+
+def _correspond(cache):
+    return run_labels("synthetic", cache, "correspond", dataset_options={"num_scenes": 2, "seed": 3}, shard_size=1,
+                      workers=0, progress=False)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _crash_in_finalize_after_the_pairs(monkeypatch):
+    from pipeline.stages.correspond import CorrespondStage
+    original = CorrespondStage.finalize
+
+    def finalize(self, store, *args):
+        original(self, store, *args)
+        raise Crash("after pairs/* were written, before the done marker")
+    monkeypatch.setattr(CorrespondStage, "finalize", finalize)
+
+
+def _crash_after_the_marker(monkeypatch):
+    original = Store.mark_done
+
+    def mark_done(self, stage, shard, stats):
+        original(self, stage, shard, stats)
+        if (stage, shard) == ("correspond", "_complete"):
+            raise Crash("after the done marker, before the parts are removed")
+    monkeypatch.setattr(Store, "mark_done", mark_done)
+
+
+def _crash_while_removing(monkeypatch):
+    def remove_parts(self, stage):
+        next((self.path / "_parts" / stage).glob("*.npz")).unlink()
+        raise Crash("one part removed, the others not")
+    monkeypatch.setattr(Store, "remove_parts", remove_parts)
+
+
+@pytest.fixture(scope="module")
+def correspond_reference(tmp_path_factory):
+    summary = _correspond(tmp_path_factory.mktemp("ref"))
+    assert not summary.failed_frames
+    return summary.store
+
+
+def test_parts_are_removed_after_the_pairs_commit(correspond_reference):
+    assert Store(correspond_reference).stage_complete("correspond")
+    assert not (correspond_reference / "_parts").exists()
+    assert Store(correspond_reference).array("pairs/point").shape[0] > 0
+
+
+@pytest.mark.parametrize("crash", [_crash_in_finalize_after_the_pairs, _crash_after_the_marker,
+                                   _crash_while_removing])
+def test_crash_between_commit_and_part_removal_resumes(correspond_reference, tmp_path, crash):
+    with pytest.MonkeyPatch.context() as mp:
+        crash(mp)
+        with pytest.raises(Crash):
+            _correspond(tmp_path)
+    store_dir = tmp_path / "synthetic-train.zarr"
+    assert list((store_dir / "_parts" / "correspond").glob("*.npz")), "the crash left no parts: it proves nothing"
+    summary = _correspond(tmp_path)
+    assert not summary.failed_frames and validate_store(store_dir).ok
+    assert not (store_dir / "_parts").exists()
+    _assert_same_arrays(_arrays(correspond_reference), _arrays(store_dir))
+
+
+SMALL_CHUNK, SMALL_SHARD = 512, 2048
+PAIR_NAMES = ("pairs/point", "pairs/image", "pairs/uv", "pairs/depth")
+
+
+def _small_pair_shards(setitem) -> None:
+    """Pairs arrays of 2048-row zarr shards (instead of 2^20): several commit tasks on a small store.
+    ``setitem(name, spec)`` replaces a schema entry (``monkeypatch.setitem`` on ``schema.ARRAYS_BY_NAME``)."""
+    import dataclasses
+    for name in PAIR_NAMES:
+        sp = schema.ARRAYS_BY_NAME[name]
+        setitem(name, dataclasses.replace(sp, chunks=(SMALL_CHUNK,) + sp.chunks[1:],
+                                          shards=(SMALL_SHARD,) + sp.shards[1:]))
+
+
+def _small_pair_shards_here(monkeypatch) -> None:
+    _small_pair_shards(lambda name, sp: monkeypatch.setitem(schema.ARRAYS_BY_NAME, name, sp))
+
+
+def test_parallel_pairs_commit_equals_reference(correspond_reference, tmp_path, monkeypatch):
+    """Pairs arrays with small zarr shards: many commit tasks, parts straddling their boundaries; in this
+    process and as tasks of a two-worker dask cluster, the arrays equal the reference's."""
+    import threading
+
+    from distributed import LocalCluster
+
+    from pipeline.stages import correspond
+    _small_pair_shards_here(monkeypatch)
+    original = correspond.commit_pairs_block
+    log = tmp_path / "calls"
+    log.mkdir()
+
+    def counted(job):  # dask pickles the task: calls are recorded in files
+        (log / f"{job[1]}-{threading.current_thread().name}").touch()
+        return original(job)
+
+    def calls():
+        out = [(int(p.name.split("-", 1)[0]), p.name.split("-", 1)[1]) for p in log.iterdir()]
+        for p in log.iterdir():
+            p.unlink()
+        return out
+    monkeypatch.setattr(correspond, "commit_pairs_block", counted)
+    ref = _arrays(correspond_reference)
+    total = len(ref["pairs/point"])
+    assert total > 4 * SMALL_SHARD, "too few pairs for several commit tasks"
+
+    summary = _correspond(tmp_path / "here")
+    assert not summary.failed_frames and Store(summary.store).array("pairs/point").shards == (SMALL_SHARD,)
+    assert sorted(c[0] for c in calls()) == list(range(0, total, SMALL_SHARD))
+    _assert_same_arrays(ref, _arrays(summary.store))
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        summary = run_labels("synthetic", tmp_path / "dask", "correspond", dataset_options={"num_scenes": 2, "seed": 3},
+                             shard_size=1, scheduler=cluster.scheduler_address, progress=False)
+    assert not summary.failed_frames
+    done = calls()
+    assert sorted(c[0] for c in done) == list(range(0, total, SMALL_SHARD))
+    assert all(name != threading.main_thread().name for _, name in done)  # they ran as the cluster's tasks
+    assert len({name for _, name in done}) >= 2  # on both workers
+    _assert_same_arrays(ref, _arrays(summary.store))
+
+
+def test_sigkill_during_pairs_commit_then_resume(correspond_reference, tmp_path, monkeypatch):
+    script = f"""
+import os, signal
+from data_cache import schema
+from tests.test_runner_synthetic import _small_pair_shards
+_small_pair_shards(schema.ARRAYS_BY_NAME.__setitem__)
+from pipeline.runner import run_labels
+from pipeline.stages import correspond
+_original, _done = correspond.commit_pairs_block, []
+def _commit_then_die(job):
+    _done.append(_original(job))
+    if len(_done) == 2:  # two zarr shards of the pairs written, the others not
+        os.kill(os.getpid(), signal.SIGKILL)
+correspond.commit_pairs_block = _commit_then_die
+run_labels("synthetic", {str(tmp_path)!r}, "correspond", dataset_options={{"num_scenes": 2, "seed": 3}},
+           shard_size=1, workers=0, progress=False)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    store_dir = tmp_path / "synthetic-train.zarr"
+    store = Store(store_dir)
+    assert "pairs/point" in store and not store.stage_complete("correspond")
+    assert list((store_dir / "_parts" / "correspond").glob("*.npz"))
+    _small_pair_shards_here(monkeypatch)  # the rerun commits with the same zarr shards
+    summary = _correspond(tmp_path)
+    assert not summary.failed_frames and validate_store(store_dir).ok
+    assert not (store_dir / "_parts").exists()
+    _assert_same_arrays(_arrays(correspond_reference), _arrays(store_dir))
 
 
 def test_indoor_rooms_store(tmp_path):

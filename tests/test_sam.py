@@ -10,6 +10,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 
 from pipeline.models import sam as ms
+from pipeline.models.pca import unproject
 from pipeline.stages.base import Shard, ShardContext, build_stage
 
 from .test_maskclip import H, W, images, make_store
@@ -115,6 +116,8 @@ def test_pca_finds_the_principal_axes():
     np.testing.assert_allclose(proj, proj2, atol=1e-5)  # deterministic signs
     emb = x[:6].T.reshape(8, 2, 3)
     np.testing.assert_allclose(ms.project(emb, proj, mean), ((x[:6] - mean) @ proj).T.reshape(3, 2, 3), rtol=1e-4)
+    full, mean = ms.fit_pca(x, 8)  # D = S: un-projecting gives the input back
+    np.testing.assert_allclose(unproject(ms.project(emb, full, mean), full, mean), emb, rtol=1e-4, atol=1e-4)
 
 
 # -- stage ------------------------------------------------------------------------------------------------
@@ -130,9 +133,12 @@ def test_stage_writes_mask_ids_and_projected_features(tmp_path, tiny):
     np.testing.assert_allclose(proj.T @ proj, np.eye(8), atol=1e-4)
     assert store.array("sam/proj").attrs["fitted_on_rows"] == [0, 2]
 
-    # resume: the projection is not refitted
-    stage._fit_projection = lambda *a: pytest.fail("refitted on resume")
+    # resume: the projection is not refitted (no image goes through the model)
+    fitted = store.array("sam/proj").attrs.asdict()
+    stage.get_model = lambda *a: pytest.fail("refitted on resume")
     stage.prepare(store, None)
+    del stage.get_model
+    assert store.array("sam/proj").attrs.asdict() == fitted
 
     ctx = ShardContext(store, Shard(0, 0, 2), adapter=None, model=stage.build_model("cpu"))
     stats = stage.process_shard(ctx)
@@ -167,6 +173,11 @@ def test_stage_reuses_another_stores_projection(tmp_path):
     val = make_store(tmp_path / "val.zarr", seed=5)
     build_stage("sam", tiny=True, feat_dim=4, proj_store=str(train.path)).prepare(val, None)
     np.testing.assert_array_equal(val.array("sam/proj")[:], train.array("sam/proj")[:])
+    np.testing.assert_array_equal(val.array("sam/proj_mean")[:], train.array("sam/proj_mean")[:])
+    assert val.array("sam/proj").attrs["copied_from"] == str(train.path)
+    with pytest.raises(ValueError, match="sam/proj of .* is \\(32, 4\\), this store needs \\(32, 8\\)"):
+        build_stage("sam", tiny=True, feat_dim=8, proj_store=str(train.path)).prepare(make_store(tmp_path / "x.zarr"),
+                                                                                    None)
 
 
 def test_missing_checkpoint_says_how_to_get_it():

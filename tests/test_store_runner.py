@@ -23,6 +23,21 @@ def test_schema_doc_lists_every_array():
     assert schema.markdown_table() in doc, "SCHEMA.md is stale: regenerate its table with python -m data_cache.schema"
 
 
+@pytest.mark.parametrize("name", ["sam/feat", "clip/feat"])
+def test_validation_names_non_finite_features(tmp_path, name):
+    from data_cache.validate import validate_store
+
+    from .toy_store import build_toy_store
+    path = build_toy_store(tmp_path / "toy.zarr", num_frames=2, num_images=2)
+    assert validate_store(path).ok
+    arr = Store(path, mode="a").array(name)
+    row = arr[3]
+    row[0, 0, 0] = np.nan
+    arr[3] = row
+    report = validate_store(path)
+    assert report.errors == [f"frame 1 (toy0-001): {name} has NaN/inf values"]
+
+
 def test_resolve_shards_hold_whole_chunks():
     sp = schema.spec("points/xyz")
     res = sp.resolve({"P": 3_000_000})

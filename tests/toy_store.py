@@ -5,7 +5,9 @@ cameras placed around the scene centre. Every pixel is ray-cast (depth, class, o
 subsample of the back-projected pixels, and the pairs come from projecting every point into every camera
 with a depth test against the ray-cast depth, exactly as the ``correspond`` stage does with real data.
 ``clip/label`` is the ground truth with noise, ``sam/mask_id`` the object regions, ``sam/feat`` a fixed
-per-class prototype plus noise on a coarser grid, ``clip/text_embed`` random unit vectors.
+per-class prototype plus noise on a coarser grid, ``clip/text_embed`` random unit vectors, ``clip/feat`` the
+text embedding of the cell's class plus noise on the 16-pixel patch grid, projected by a random orthonormal
+``clip/proj`` (drawn from a separate random stream, so the other arrays do not depend on it).
 """
 from __future__ import annotations
 
@@ -204,6 +206,20 @@ def build_toy_store(path: str | Path, num_frames: int = 4, num_images: int = 3, 
     store.write_rows("sam/feat", 0, sfeat.transpose(0, 3, 1, 2).astype(np.float16))
     store.write_rows("sam/proj", 0, rng.normal(size=(16, sam_dim)).astype(np.float32))
     store.write_rows("sam/proj_mean", 0, np.zeros(16, np.float32))
+
+    # dense CLIP features: the text embedding of the cell's class (noisy), normalised, projected (own stream)
+    crng = np.random.default_rng(seed + 7919)
+    d = store.dims()
+    ys = ((np.arange(d["hc"]) + 0.5) * h / d["hc"]).astype(int)
+    xs = ((np.arange(d["wc"]) + 0.5) * w / d["wc"]).astype(int)
+    cell = noisy[:, ys][:, :, xs]
+    cfeat = text_embed[cell] + crng.normal(0, 0.1, cell.shape + (text_dim,))
+    cfeat /= np.linalg.norm(cfeat, axis=-1, keepdims=True)
+    cproj = np.linalg.qr(crng.normal(size=(text_dim, text_dim)))[0][:, :d["Dc"]]
+    cmean = cfeat.reshape(-1, text_dim).mean(0)
+    store.write_rows("clip/feat", 0, ((cfeat - cmean) @ cproj).transpose(0, 3, 1, 2).astype(np.float16))
+    store.write_rows("clip/proj", 0, cproj.astype(np.float32))
+    store.write_rows("clip/proj_mean", 0, cmean.astype(np.float32))
 
     # refine stage with the project's Eq. 4 implementation
     import torch

@@ -135,16 +135,22 @@ def check_rigid(matrix: np.ndarray, what: str, frame: str, file: str, atol: floa
 
 
 def read_float_records(path: Path, columns: int, frame: str) -> np.ndarray:
-    """A raw little-endian float32 point file of ``columns`` values per point; truncation is an error."""
+    """A raw little-endian float32 point file of ``columns`` values per point; truncation is an error.
+
+    The byte size is checked, not the float count: a file cut inside a float (e.g. 1001 bytes of 20-byte
+    nuScenes records) would otherwise read as a whole number of points.
+    """
+    record = 4 * columns
     try:
+        size = path.stat().st_size
         raw = np.fromfile(path, dtype="<f4")
     except FileNotFoundError:
         raise DatasetError("point file is missing", frame, path) from None
     except OSError as e:
         raise DatasetError(f"cannot read point file: {e}", frame, path) from None
-    if raw.size == 0 or raw.size % columns:
-        raise DatasetError(f"point file is truncated or not float32 x{columns} ({path.stat().st_size} bytes)",
-                           frame, path)
+    if size == 0 or size % record or raw.size * 4 != size:
+        raise DatasetError(f"point file is truncated or not float32 x{columns}: {size} bytes is not a whole "
+                           f"number of {record}-byte points", frame, path)
     return raw.reshape(-1, columns)
 
 

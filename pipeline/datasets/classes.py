@@ -42,6 +42,24 @@ SCANNET20 = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door"
              "bathtub", "otherfurniture")
 SCANNET20_NYU40_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
 
+#: The words each class gets in CLIP's prompts, by dataset and canonical class name (index order as above):
+#: the names CLIP2Scene (Chen et al., CVPR 2023) embedded for its text classifier, which the CNS paper builds
+#: on -- ``nuscenes_classes`` and ``scannet_classes`` of ``utils/prompt_engineering.py`` in
+#: github.com/runnanchen/CLIP2Scene (commit 875ce71), the script that wrote its ``nuscenes_ViT16_clip_text.pth``.
+#: Verbatim: ``traffic_cone`` and ``other_flat`` keep their underscores there, and so here. The store's
+#: ``class_names`` stay the dataset's own; :mod:`pipeline.models.prompts` uses these, and the ``maskclip``
+#: stage records the names it used in its fingerprint.
+PROMPT_NAMES: dict[str, dict[str, str]] = {
+    "nuscenes": {
+        "barrier": "barrier", "bicycle": "bicycle", "bus": "bus", "car": "car",
+        "construction_vehicle": "construction vehicle", "motorcycle": "motorcycle", "pedestrian": "pedestrian",
+        "traffic_cone": "traffic_cone", "trailer": "trailer", "truck": "truck",
+        "driveable_surface": "driveable surface", "other_flat": "other_flat", "sidewalk": "sidewalk",
+        "terrain": "terrain", "manmade": "manmade", "vegetation": "vegetation",
+    },
+    "scannet": {**{name: name for name in SCANNET20}, "otherfurniture": "other furniture"},
+}
+
 
 def nyu40_to_scannet20_lut():
     """A 256-entry uint8 lookup table NYU40 id -> ScanNet-20 index (255 for every other id)."""

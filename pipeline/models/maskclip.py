@@ -319,7 +319,15 @@ def text_embeddings(model: MaskCLIP, tokenizer, class_names: Sequence[str], desc
     Every prompt (template x synonym) is embedded and L2-normalised; a class's prompts are averaged and the
     mean normalised again.
     """
-    words = prompts.class_texts(class_names, descriptive=descriptive, dataset=dataset)
+    return embed_class_words(model, tokenizer, prompts.class_texts(class_names, descriptive=descriptive,
+                                                                   dataset=dataset), templates)
+
+
+@torch.no_grad()
+def embed_class_words(model: MaskCLIP, tokenizer, words: Sequence[Sequence[str]],
+                      templates: Sequence[str] = prompts.TEMPLATES) -> torch.Tensor:
+    """[L, E] embeddings of classes given by their prompt words (one tuple of synonyms per class,
+    :func:`pipeline.models.prompts.class_texts`), as :func:`text_embeddings` describes."""
     texts, owner = [], []
     for cls, synonyms in enumerate(words):
         for w in synonyms:
@@ -330,6 +338,19 @@ def text_embeddings(model: MaskCLIP, tokenizer, class_names: Sequence[str], desc
     owner_t = torch.tensor(owner, device=emb.device)
     sums = torch.zeros(len(words), emb.shape[1], device=emb.device).index_add_(0, owner_t, emb)
     return F.normalize(sums / torch.bincount(owner_t, minlength=len(words))[:, None], dim=-1).cpu()
+
+
+def architecture(name: str = "ViT-B-16") -> dict:
+    """``embed_dim`` (E) and ``patch_size`` of an open_clip architecture, from its config (nothing is built)."""
+    import open_clip
+    _register_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise KeyError(f"unknown open_clip architecture '{name}'")
+    patch = cfg["vision_cfg"].get("patch_size")
+    if patch is None:
+        raise NotImplementedError(f"MaskCLIP needs a ViT image tower; {name} has none")
+    return {"embed_dim": int(cfg["embed_dim"]), "patch_size": int(patch)}
 
 
 def build_maskclip(model: str = "ViT-B-16", pretrained: str | None = None, checkpoint: str | None = None,
@@ -373,14 +394,17 @@ class MaskCLIPPredictor:
             similarity of the last block's keys (negative similarities count as 0 and the weights are
             normalised, so the result stays a distribution). When on, probabilities (not logits) are
             upsampled.
+        bf16: run the image tower under bfloat16 autocast (for CUDA; also works on CPUs with bf16 support);
+            the features are cast back and renormalised in float32 before scoring.
 
     :meth:`predict` returns ``labels`` uint8 [B, H, W] (argmax class) and ``confidence`` uint8 [B, H, W]
     (softmax probability of that class x 255, rounded).
     """
 
     def __init__(self, model: MaskCLIP, text_embed: torch.Tensor | None, logit_scale: float = DEFAULT_LOGIT_SCALE,
-                 prompt_denoising: float = 0.0, key_smoothing: float = 0.0):
+                 prompt_denoising: float = 0.0, key_smoothing: float = 0.0, bf16: bool = False):
         self.model = model
+        self.bf16 = bool(bf16)
         self.device = model.mean.device
         self.text = None
         if text_embed is not None:
@@ -401,11 +425,32 @@ class MaskCLIPPredictor:
     @torch.no_grad()
     def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Patch-level scores [B, L, h, w] and whether they are probabilities (else logits)."""
+        s, is_prob, _ = self._scores_and_features(images)
+        return s, is_prob
+
+    def _scores_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor]:
         if self.text is None:
             raise RuntimeError("no class text embeddings set (MaskCLIPPredictor.set_text)")
+        feat, keys = self.features(images, return_keys=self.key_smoothing > 0)
+        s, is_prob = self.scores_from_features(feat, keys)
+        return s, is_prob, feat
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, return_keys: bool = False):
+        """The dense features [B, E, h, w] float32, L2-normalised (and the last block's keys, or None)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(torch.as_tensor(images).to(self.device), return_keys=return_keys)
+        feat, keys = out if return_keys else (out, None)
+        feat = F.normalize(feat.float(), dim=1)  # bf16 features renormalised in float32 (a no-op in float32)
+        return feat, (keys.float() if keys is not None else None)
+
+    @torch.no_grad()
+    def scores_from_features(self, feat: torch.Tensor, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """Patch-level scores from dense features [B, E, h, w] (and the last block's keys, for key smoothing)."""
         smooth = self.key_smoothing > 0
-        out = self.model(images.to(self.device), return_keys=smooth)
-        feat, keys = out if smooth else (out, None)
+        if smooth and keys is None:
+            raise ValueError("key smoothing needs the last block's keys")
+        feat = feat.to(self.device, torch.float32)
         logits = self.logit_scale * torch.einsum("behw,le->blhw", feat, self.text)
         if self.prompt_denoising > 0:
             p = logits.softmax(dim=1).flatten(2).amax(dim=2)  # [B, L]
@@ -424,10 +469,18 @@ class MaskCLIPPredictor:
         return prob.transpose(1, 2).reshape(b, l, h, w), True
 
     @torch.no_grad()
-    def predict(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, images: np.ndarray | torch.Tensor, return_features: bool = False):
+        """``(labels, confidence)`` uint8 [B, H, W]; with ``return_features`` also the dense features
+        float32 [B, E, h, w] that were scored (the model's L2-normalised patch embeddings)."""
         imgs = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
-        s, is_prob = self.scores(imgs)
-        s = F.interpolate(s, size=tuple(imgs.shape[1:3]), mode="bilinear", align_corners=False)
+        s, is_prob, feat = self._scores_and_features(imgs)
+        labels, conf = self.labels_from_scores(s, is_prob, tuple(imgs.shape[1:3]))
+        return (labels, conf, feat.float().cpu().numpy()) if return_features else (labels, conf)
+
+    @staticmethod
+    def labels_from_scores(s: torch.Tensor, is_prob: bool, size_hw) -> tuple[np.ndarray, np.ndarray]:
+        """Patch scores [B, L, h, w] upsampled bilinearly to ``size_hw`` -> labels and confidences (uint8)."""
+        s = F.interpolate(s, size=tuple(size_hw), mode="bilinear", align_corners=False)
         if is_prob:
             p = s / s.sum(dim=1, keepdim=True).clamp_min(1e-12)
         else:

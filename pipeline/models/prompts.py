@@ -5,15 +5,19 @@
 embedding is the normalised mean of its normalised prompt embeddings (:func:`pipeline.models.maskclip.
 build_text_embeddings`).
 
-``CLASS_TEXT`` maps each benchmark's canonical class name (``pipeline.datasets.classes``) to the words put
-in the templates: ``plain`` is the canonical name made readable (underscores to spaces); ``descriptive``
-may name what the class looks like in an image (``driveable_surface`` -> ``road``) and may list several
-synonyms, whose prompts are all averaged into the one class embedding. Names not listed (e.g. a synthetic
-dataset's) are used as they are, underscores replaced by spaces.
+The words put in the templates for a benchmark's canonical class name (``pipeline.datasets.classes``) are, by
+default, the names CLIP2Scene used (:data:`pipeline.datasets.classes.PROMPT_NAMES`: ScanNet's
+``otherfurniture`` is "other furniture"); with ``descriptive`` they may name what the class looks like in an
+image (``driveable_surface`` -> ``road``, :data:`DESCRIPTIVE_NAMES`) and may list several synonyms, whose
+prompts are all averaged into the one class embedding. Names in neither table (an open-vocabulary query) are
+used as they are, underscores replaced by spaces. A dataset without its own table (``synthetic``, whose
+classes are nuScenes-16 or ScanNet-20) and ``dataset=None`` look a name up in every table.
 """
 from __future__ import annotations
 
 from typing import Sequence
+
+from pipeline.datasets.classes import PROMPT_NAMES
 
 #: CLIP's 80 ImageNet prompt templates.
 IMAGENET_TEMPLATES = (
@@ -153,18 +157,22 @@ def class_texts(class_names: Sequence[str], descriptive: bool = False,
     Args:
         class_names: canonical class names (index = class).
         descriptive: use ``DESCRIPTIVE_NAMES`` where a class is listed there.
-        dataset: which table to use; ``None`` searches every dataset's table (names are unambiguous
-            across the benchmarks).
+        dataset: which tables to use; ``None`` or a dataset without tables searches every dataset's (names
+            are unambiguous across the benchmarks).
     Returns:
-        One tuple of synonyms per class (a single plain name unless ``descriptive``).
+        One tuple of synonyms per class: the CLIP2Scene prompt name (a single one) unless ``descriptive``
+        lists the class; else the plain name.
     """
-    tables = [DESCRIPTIVE_NAMES.get(dataset, {})] if dataset else list(DESCRIPTIVE_NAMES.values())
+    def lookup(table: dict, name: str):
+        tables = [table[dataset]] if dataset in table else list(table.values())
+        return next((t[name] for t in tables if name in t), None)
+
     out = []
     for name in class_names:
-        words = None
-        if descriptive:
-            words = next((t[name] for t in tables if name in t), None)
-        out.append(tuple(words) if words else (plain_name(name),))
+        words = lookup(DESCRIPTIVE_NAMES, name) if descriptive else None
+        if not words:
+            words = (lookup(PROMPT_NAMES, name) or plain_name(name),)
+        out.append(tuple(words))
     return out
 
 

@@ -13,7 +13,8 @@ Layers, as in segment-anything itself:
   ``predictor.reset_image()``, which drops the embedding; here it is kept from the single pass instead.
 
 Helpers: :func:`feature_grid` (embedding cells that hold image, not padding), :func:`masks_to_id_map` (one
-mask id per pixel), :func:`fit_pca`/:func:`project` (the fixed projection to D channels, phi_f of Eq. 7).
+mask id per pixel); :func:`fit_pca`/:func:`project` (the fixed projection to D channels, phi_f of Eq. 7) live in
+:mod:`.pca` and are re-exported here.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from . import weights
+from .pca import fit_pca, project  # noqa: F401  (the fixed projection, shared with the maskclip stage)
 from .weights import WeightsError
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "sam"
@@ -277,27 +279,3 @@ def masks_to_id_map(masks: np.ndarray, areas: np.ndarray | None = None) -> np.nd
     visible[np.unique(first[covered])] = True
     rank = np.cumsum(visible) - 1
     return np.where(covered, rank[first], -1).astype(np.int32)
-
-
-def fit_pca(samples: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of ``samples`` [N, S]: ``proj`` [S, dim] (principal axes, by decreasing variance) and ``mean`` [S].
-
-    Deterministic: float64 covariance, ``eigh``, each axis signed so its largest-magnitude entry is positive.
-    """
-    x = np.asarray(samples, dtype=np.float64)
-    if x.ndim != 2 or dim > x.shape[1]:
-        raise ValueError(f"cannot project {x.shape} samples to {dim} channels")
-    mean = x.mean(axis=0)
-    xc = x - mean
-    cov = xc.T @ xc / max(1, len(x) - 1)
-    vals, vecs = np.linalg.eigh(cov)
-    vecs = vecs[:, np.argsort(vals)[::-1][:dim]]
-    sign = np.sign(vecs[np.abs(vecs).argmax(axis=0), np.arange(dim)])
-    vecs = vecs * np.where(sign == 0, 1.0, sign)
-    return vecs.astype(np.float32), mean.astype(np.float32)
-
-
-def project(embedding: np.ndarray, proj: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """[S, h, w] (or [B, S, h, w]) embedding -> [D, h, w] (or [B, D, h, w]): ``(e - mean) @ proj``."""
-    e = np.asarray(embedding, dtype=np.float32)
-    return np.einsum("...shw,sd->...dhw", e - mean[:, None, None], proj, optimize=True)

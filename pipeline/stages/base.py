@@ -3,15 +3,18 @@
 Lifecycle, driven by :mod:`pipeline.runner`:
 
 1. ``Stage(**config)`` — cheap; anywhere (driver and workers).
-2. ``fingerprint()`` — version, configuration and checkpoint sha256; stored in the store's ``cns.stages``
-   and compared on every rerun (a difference is refused, naming the field).
+2. ``bind(attrs)`` — the store's root attributes (dataset, class names), for a stage whose output depends
+   on them beyond its configuration; then ``fingerprint()`` — version, configuration and checkpoint sha256;
+   stored in the store's ``cns.stages`` and compared on every rerun (a difference is refused, naming the
+   field).
 3. ``prepare(store, adapter)`` — once, on the driver, before any shard runs: create the stage's arrays,
    write global arrays (text embeddings, a fitted projection).
 4. ``build_model(device)`` — once per worker process (the runner caches the result), never per task.
 5. ``process_shard(ctx)`` — one work shard (a contiguous frame range); reads its inputs from the store and
    writes its outputs with ``store.write_rows``; wraps each frame in ``ctx.frame(i)`` so that a failing
    frame is recorded and the shard is not marked done; returns per-shard statistics.
-6. ``finalize(store)`` — once, on the driver, after every shard is done (e.g. the pairs commit).
+6. ``finalize(store, map_tasks)`` — once, after every shard is done (e.g. the pairs commit); ``map_tasks(fn,
+   jobs)`` runs ``fn`` over ``jobs`` as tasks of the cluster (in this process without one).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from data_cache.schema import STAGE_REQUIRES
 from data_cache.store import sha256_file  # noqa: F401  (re-exported for the stages)
@@ -93,6 +98,13 @@ class Stage:
             raise TypeError(f"unknown {self.name} option(s) {sorted(unknown)} "
                             f"(known: {', '.join(sorted(self.defaults)) or 'none'})")
         self.config = {**self.defaults, **config}
+        self.store_attrs = None  # the store's RootAttrs once bound
+
+    def bind(self, attrs) -> None:
+        """Bind the stage to a store's root attributes (the runner does, before ``fingerprint``; ``prepare``
+        does again); a stage whose output depends on them (e.g. the class names) records that in
+        ``fingerprint_config``."""
+        self.store_attrs = attrs
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -126,7 +138,7 @@ class Stage:
     def process_shard(self, ctx: ShardContext) -> dict:
         raise NotImplementedError
 
-    def finalize(self, store) -> None:
+    def finalize(self, store, map_tasks=None) -> None:
         pass
 
 
@@ -184,6 +196,63 @@ def run_group(ctx: ShardContext, group, work) -> bool:
             if err is not None:
                 raise err
     return err is None
+
+
+# -- the fixed feature projection (sam/proj, clip/proj) -------------------------------------------------------
+PAPER_FEAT_DIM = 64  # D of Eq. 7
+
+
+def sample_rows(n_images: int, n: int) -> np.ndarray:
+    """``n`` image rows spread evenly over ``n_images`` (first and last included), unique and sorted."""
+    n = max(1, min(int(n), n_images))
+    return np.unique(np.linspace(0, n_images - 1, n).round().astype(np.int64))
+
+
+def ensure_projection(stage: Stage, store, proj_name: str, mean_name: str, encode) -> None:
+    """Fit, copy or keep the store's fixed PCA projection ``proj_name`` [S, D] with its mean ``mean_name`` [S].
+
+    * kept when an earlier run with this very stage fingerprint fitted or copied it (resume; nothing is
+      encoded);
+    * copied from the store at ``stage.config["proj_store"]`` when given (e.g. the train split's for the val
+      split);
+    * else fitted (:func:`pipeline.models.pca.fit_pca`, D = ``stage.feat_dim()``) on the features of
+      ``pca_sample_images`` images spread evenly over the store, ``encode(uint8 [B, H, W, 3]) -> float
+      [B, S, h, w]`` run on ``batch_size`` images at a time.
+
+    How it was obtained is recorded in the projection array's attributes (``fit_key``, and
+    ``fitted_on_rows`` or ``copied_from``). Both arrays must exist.
+    """
+    from ..models.pca import fit_pca
+    fit_key = json.dumps(stage.fingerprint(), sort_keys=True, default=str)
+    proj = store.array(proj_name)
+    if proj.attrs.get("fit_key") == fit_key:
+        return
+    c = stage.config
+    if c["proj_store"]:
+        from data_cache.store import Store
+        src = Store(c["proj_store"], mode="r")
+        p, m = src.array(proj_name)[:], src.array(mean_name)[:]
+        if p.shape != proj.shape or m.shape != store.array(mean_name).shape:
+            raise ValueError(f"{proj_name} of {src.path} is {p.shape}, this store needs {proj.shape}")
+        how = {"copied_from": str(src.path)}
+    else:
+        rgb = store.array("images/rgb")
+        if rgb.shape[0] == 0:
+            raise ValueError(f"{store.path} has no images to fit {proj_name} on")
+        rows = sample_rows(rgb.shape[0], c["pca_sample_images"])
+        images = np.stack([rgb[int(r)] for r in rows])
+        if not images.any():
+            raise ValueError(f"{store.path}: images/rgb is empty where sampled; run the correspond stage first")
+        bs = max(1, int(c["batch_size"]))
+        samples = []
+        for i in range(0, len(images), bs):
+            e = np.asarray(encode(images[i:i + bs]), dtype=np.float32)
+            samples.append(e.transpose(0, 2, 3, 1).reshape(-1, e.shape[1]))
+        p, m = fit_pca(np.concatenate(samples), stage.feat_dim())
+        how = {"fitted_on_rows": rows.tolist()}
+    proj[:] = p
+    store.array(mean_name)[:] = m
+    proj.attrs.update({"fit_key": fit_key, **how})
 
 
 def build_stage(name: str, **config) -> Stage:

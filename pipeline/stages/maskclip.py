@@ -1,6 +1,11 @@
-"""The ``maskclip`` stage: dense CLIP pseudo-labels per image (paper Eq. 1).
+"""The ``maskclip`` stage: dense CLIP pseudo-labels per image (paper Eq. 1) and the dense CLIP features.
 
-Writes ``clip/text_embed`` [L, E] (in ``prepare``), ``clip/label`` and ``clip/confidence`` [I, H, W] uint8.
+Writes ``clip/text_embed`` [L, E] and the projection ``clip/proj`` [E, Dc] / ``clip/proj_mean`` [E] (in
+``prepare``), and per image ``clip/label`` and ``clip/confidence`` uint8 [H, W] and ``clip/feat`` float16
+[Dc, hc, wc]: the dense features the labels were scored from (the L2-normalised MaskCLIP patch embeddings,
+one per ViT patch, hc x wc = H/16 x W/16), minus ``clip/proj_mean``, projected by ``clip/proj`` -- a PCA
+fitted once per store exactly like ``sam/proj`` (:func:`pipeline.stages.base.ensure_projection`: on
+``pca_sample_images`` images spread over the store, reused on resume, or copied from ``proj_store``).
 The model (:mod:`pipeline.models.maskclip`) is built at the store's training resolution on first use in a
 worker; the text embeddings are computed once on the driver and read back from the store by every shard.
 
@@ -10,11 +15,19 @@ Config keys (defaults in :attr:`MaskCLIPStage.defaults`):
 ``pretrained``         open_clip pretrained tag, e.g. ``openai`` (downloads) — CLI ``--clip-pretrained``
 ``checkpoint``         checkpoint file, OpenAI or open_clip format — CLI ``--clip-checkpoint``; when neither is
                        given, the registry's file in ``$CNS_CHECKPOINTS``/``checkpoints`` (``make weights``)
-``descriptive_names``  use the descriptive class names of :mod:`pipeline.models.prompts`
+``descriptive_names``  use the descriptive class names of :mod:`pipeline.models.prompts` (default: the
+                       names CLIP2Scene used, :data:`pipeline.datasets.classes.PROMPT_NAMES`; the words used
+                       per class enter the fingerprint as ``prompt_names``)
 ``key_smoothing``      MaskCLIP key-smoothing threshold, 0 = off (MaskCLIP: 1.0)
 ``prompt_denoising``   MaskCLIP prompt-denoising threshold, 0 = off (MaskCLIP: 0.5)
 ``logit_scale``        temperature of the softmax behind ``clip/confidence`` (CLIP's 100)
-``batch_size``         images per forward pass (not part of the fingerprint)
+``feat_dim``           Dc, channels of ``clip/feat`` (default 64, the paper's D; capped at the embedding width E
+                       when that is smaller, as for the tiny test model)
+``pca_sample_images``  images the projection is fitted on (32)
+``proj_store``         path of a store whose ``clip/proj`` to reuse instead of fitting
+``batch_size``         images per forward pass, across the frames of a shard (not part of the fingerprint)
+``bf16``               the image tower under bfloat16 autocast (for CUDA; changes the output slightly, so it is
+                       part of the fingerprint; ``tests/test_maskclip.py`` compares it with float32)
 ``tiny``               tiny random-weight model — tests only (CLI ``--test-tiny-models``)
 ``random_init``        the real architecture with random weights — benchmarks only
 """
@@ -26,8 +39,8 @@ import numpy as np
 
 from data_cache.schema import IMAGE_SHARD
 
-from .base import STAGES, ShardContext, Stage, cached_sha256, image_groups, run_group
-
+from .base import (PAPER_FEAT_DIM, STAGES, ShardContext, Stage, cached_sha256, ensure_projection, image_groups,
+                   run_group)
 
 
 class _ModelsBySize:
@@ -46,15 +59,16 @@ class _ModelsBySize:
 @STAGES.register("maskclip")
 class MaskCLIPStage(Stage):
     name = "maskclip"
-    version = 1
+    version = 2  # 2: clip/feat, clip/proj, clip/proj_mean
     defaults = {
         "model": "ViT-B-16", "pretrained": None, "checkpoint": None, "descriptive_names": False,
-        "key_smoothing": 0.0, "prompt_denoising": 0.0, "logit_scale": 100.0, "batch_size": 8,
-        "tiny": False, "random_init": False,
+        "key_smoothing": 0.0, "prompt_denoising": 0.0, "logit_scale": 100.0, "feat_dim": None,
+        "pca_sample_images": 32, "proj_store": None, "batch_size": 8, "bf16": False, "tiny": False,
+        "random_init": False,
     }
     uses_gpu = True
     runtime_keys = ("batch_size",)
-    arrays = ("clip/text_embed", "clip/label", "clip/confidence")
+    arrays = ("clip/text_embed", "clip/label", "clip/confidence", "clip/feat", "clip/proj", "clip/proj_mean")
 
     # -- identity --------------------------------------------------------------------------------------
     def weights_source(self) -> dict:
@@ -68,7 +82,28 @@ class MaskCLIPStage(Stage):
 
     def fingerprint_config(self) -> dict:
         # the checkpoint's content enters through checkpoint_sha256, not its path
-        return {k: v for k, v in self.config.items() if k not in self.runtime_keys and k != "checkpoint"}
+        c = {k: v for k, v in self.config.items() if k not in self.runtime_keys and k != "checkpoint"}
+        c["feat_dim"] = self.feat_dim()
+        if self.store_attrs is not None:  # the words put in the prompts, per class (bound to a store)
+            c["prompt_names"] = [list(words) for words in self.prompt_words(self.store_attrs)]
+        return c
+
+    def prompt_words(self, attrs) -> list[tuple[str, ...]]:
+        from ..models.prompts import class_texts
+        return class_texts(list(attrs.class_names), descriptive=bool(self.config["descriptive_names"]),
+                           dataset=attrs.dataset)
+
+    def architecture(self) -> dict:
+        from ..models.maskclip import architecture
+        return architecture(self.weights_source()["model"])
+
+    def feat_dim(self) -> int:
+        """Dc: the configured value, else the paper's 64 capped at the embedding width E."""
+        e = self.architecture()["embed_dim"]
+        d = int(self.config["feat_dim"]) if self.config["feat_dim"] is not None else min(PAPER_FEAT_DIM, e)
+        if not 0 < d <= e:
+            raise ValueError(f"maskclip feat_dim {d} must be in 1..{e} (the CLIP embedding width)")
+        return d
 
     # -- model -----------------------------------------------------------------------------------------
     def _build(self, image_size, device: str):
@@ -76,8 +111,8 @@ class MaskCLIPStage(Stage):
         c = self.config
         model, tokenizer, info = build_maskclip(c["model"], c["pretrained"], c["checkpoint"], image_size,
                                                 c["tiny"], c["random_init"], device=device)
-        pred = MaskCLIPPredictor(model, None, logit_scale=c["logit_scale"],
-                                 prompt_denoising=c["prompt_denoising"], key_smoothing=c["key_smoothing"])
+        pred = MaskCLIPPredictor(model, None, logit_scale=c["logit_scale"], prompt_denoising=c["prompt_denoising"],
+                                 key_smoothing=c["key_smoothing"], bf16=c["bf16"])
         pred.tokenizer, pred.info = tokenizer, info
         return pred
 
@@ -87,30 +122,45 @@ class MaskCLIPStage(Stage):
 
     # -- driver ----------------------------------------------------------------------------------------
     def prepare(self, store, adapter) -> None:
+        import json
+
         import torch
 
-        from ..models.maskclip import text_embeddings
-        import json
+        from ..models.maskclip import embed_class_words
         attrs = store.attrs
-        fit_key = json.dumps(self.fingerprint(), sort_keys=True, default=str)
-        if "clip/text_embed" in store and store.array("clip/text_embed").attrs.get("fit_key") == fit_key:
-            store.ensure_arrays(self.arrays)
-            return  # resume: the text embeddings of this very configuration are stored
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        pred = self.get_model(device).get(attrs.image_size)  # cached for this process's shards
-        text = text_embeddings(pred.model, pred.tokenizer, list(attrs.class_names),
-                               descriptive=bool(self.config["descriptive_names"]), dataset=attrs.dataset)
-        store.set_dims(L=len(attrs.class_names), E=int(text.shape[1]))
+        self.bind(attrs)
+        arch = self.architecture()
+        h, w = attrs.image_size
+        store.set_dims(L=len(attrs.class_names), E=arch["embed_dim"], Dc=self.feat_dim(),
+                       hc=h // arch["patch_size"], wc=w // arch["patch_size"])
         store.ensure_arrays(self.arrays)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+        def predictor():  # built on first use only, then cached for this process's shards
+            return self.get_model(device).get(attrs.image_size)
+
+        fit_key = json.dumps(self.fingerprint(), sort_keys=True, default=str)
         arr = store.array("clip/text_embed")
-        arr[:] = text.numpy().astype(np.float32)
-        arr.attrs.update({"fit_key": fit_key, "templates": 85, "descriptive_names": self.config["descriptive_names"]})
+        if arr.attrs.get("fit_key") != fit_key:  # else: resume, the text embeddings of this configuration are stored
+            pred = predictor()
+            words = self.prompt_words(attrs)
+            text = embed_class_words(pred.model, pred.tokenizer, words)
+            arr[:] = text.numpy().astype(np.float32)
+            arr.attrs.update({"fit_key": fit_key, "templates": 85, "prompt_names": [list(w) for w in words],
+                              "descriptive_names": self.config["descriptive_names"]})
+
+        def encode(images):
+            return predictor().features(torch.from_numpy(images))[0].cpu().numpy()
+
+        ensure_projection(self, store, "clip/proj", "clip/proj_mean", encode)
 
     # -- worker ----------------------------------------------------------------------------------------
     def process_shard(self, ctx: ShardContext) -> dict:
+        from ..models.pca import project
         store = ctx.store
         pred = ctx.model.get(store.attrs.image_size)
         pred.set_text(store.array("clip/text_embed")[:])
+        proj, mean = store.array("clip/proj")[:], store.array("clip/proj_mean")[:]
         bs = max(1, int(self.config["batch_size"]))
         rgb = store.array("images/rgb")
         stats = {"images": 0, "model_s": 0.0, "read_s": 0.0, "write_s": 0.0}
@@ -120,16 +170,18 @@ class MaskCLIPStage(Stage):
             with ctx.timed("read_s"):
                 images = rgb[a:b]
             t1 = time.perf_counter()
-            labels, conf = [], []
+            labels, conf, feats = [], [], []
             with ctx.timed("model_s"):
                 for i in range(0, len(images), bs):
-                    lab, c = pred.predict(images[i:i + bs])
+                    lab, c, f = pred.predict(images[i:i + bs], return_features=True)
                     labels.append(lab)
                     conf.append(c)
+                    feats.append(project(f, proj, mean).astype(np.float16))
             t2 = time.perf_counter()
             with ctx.timed("write_s"):
                 store.write_rows("clip/label", a, np.concatenate(labels))
                 store.write_rows("clip/confidence", a, np.concatenate(conf))
+                store.write_rows("clip/feat", a, np.concatenate(feats))
             t3 = time.perf_counter()
             stats["images"] += b - a
             stats["read_s"] += t1 - t0

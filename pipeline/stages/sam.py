@@ -12,7 +12,8 @@ Writes, per image at the training resolution:
 ``prepare`` fits ``sam/proj`` (PCA) once per store on ``pca_sample_images`` images spread evenly over the
 store (it needs ``images/rgb``, so it runs after ``correspond``), or copies it from ``proj_store`` (e.g. use
 the train split's projection for the val split). A fitted projection is reused on resume; it is refitted
-when the stage's fingerprint changed (``--overwrite`` with other weights or options).
+when the stage's fingerprint changed (``--overwrite`` with other weights or options). The ``maskclip`` stage
+does the same for ``clip/proj`` (:func:`pipeline.stages.base.ensure_projection`).
 
 Config keys (defaults in :attr:`SAMStage.defaults`; ``None`` = the model config's generator default, see
 :data:`pipeline.models.sam.GENERATOR_DEFAULTS` for every threshold):
@@ -40,9 +41,9 @@ import numpy as np
 
 from data_cache.schema import IMAGE_SHARD
 
-from .base import STAGES, ShardContext, Stage, cached_sha256, image_groups, run_group
+from .base import (PAPER_FEAT_DIM, STAGES, ShardContext, Stage, cached_sha256, ensure_projection, image_groups,
+                   run_group)
 
-PAPER_FEAT_DIM = 64  # D of Eq. 7
 GENERATOR_KEYS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
                   "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh",
                   "crop_overlap_ratio", "crop_n_points_downscale_factor", "min_mask_region_area")
@@ -105,8 +106,6 @@ class SAMStage(Stage):
 
     # -- driver ----------------------------------------------------------------------------------------
     def prepare(self, store, adapter) -> None:
-        import json
-
         import torch
 
         from ..models.sam import feature_grid, sam_config
@@ -114,47 +113,13 @@ class SAMStage(Stage):
         h, w = feature_grid(store.attrs.image_size, cfg["image_size"], cfg["vit_patch_size"])
         store.set_dims(h=h, w=w, S=cfg["prompt_embed_dim"], D=self.feat_dim())
         store.ensure_arrays(self.arrays)
-        fit_key = json.dumps(self.fingerprint(), sort_keys=True, default=str)
-        proj = store.array("sam/proj")
-        if proj.attrs.get("fit_key") == fit_key:
-            return  # fitted by an earlier run with this very configuration
-        if self.config["proj_store"]:
-            p, m, how = self._copy_projection(store)
-        else:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            p, m, how = self._fit_projection(store, self.get_model(device))  # cached for this process's shards
-        proj[:] = p
-        store.array("sam/proj_mean")[:] = m
-        proj.attrs.update({"fit_key": fit_key, **how})
+        device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def _copy_projection(self, store):
-        from data_cache.store import Store
-        src = Store(self.config["proj_store"], mode="r")
-        p, m = src.array("sam/proj")[:], src.array("sam/proj_mean")[:]
-        if p.shape != store.array("sam/proj").shape:
-            raise ValueError(f"sam/proj of {src.path} is {p.shape}, this store needs {store.array('sam/proj').shape}")
-        return p, m, {"copied_from": str(src.path)}
+        def encode(images):  # the model is built on first use only (cached for this process's shards)
+            emb, _ = self.get_model(device).encode(images)
+            return emb[:, :, :h, :w].float().cpu().numpy()
 
-    def _fit_projection(self, store, gen):
-        from ..models.sam import fit_pca
-        rgb = store.array("images/rgb")
-        n_images = rgb.shape[0]
-        if n_images == 0:
-            raise ValueError(f"{store.path} has no images to fit the SAM projection on")
-        n = max(1, min(int(self.config["pca_sample_images"]), n_images))
-        rows = np.unique(np.linspace(0, n_images - 1, n).round().astype(np.int64))
-        images = np.stack([rgb[int(r)] for r in rows])
-        if not images.any():
-            raise ValueError(f"{store.path}: images/rgb is empty where sampled; run the correspond stage first")
-        h, w = store.dims()["h"], store.dims()["w"]
-        samples = []
-        bs = max(1, int(self.config["batch_size"]))
-        for i in range(0, len(images), bs):
-            emb, _ = gen.encode(images[i:i + bs])
-            e = emb[:, :, :h, :w].float().cpu().numpy()
-            samples.append(e.transpose(0, 2, 3, 1).reshape(-1, e.shape[1]))
-        p, m = fit_pca(np.concatenate(samples), self.feat_dim())
-        return p, m, {"fitted_on_rows": rows.tolist()}
+        ensure_projection(self, store, "sam/proj", "sam/proj_mean", encode)
 
     # -- worker ----------------------------------------------------------------------------------------
     def process_shard(self, ctx: ShardContext) -> dict:
