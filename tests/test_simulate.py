@@ -21,8 +21,8 @@ from pipeline.stages.base import build_stage
 STAGES = "correspond,maskclip,sam,refine"
 STREET = {"kind": "street", "num_scenes": 3, "seed": 11}  # 18 images 224x416
 INDOOR = {"kind": "indoor", "num_scenes": 3, "frames_per_room": 8, "seed": 11}  # 24 images 240x320
-SIM_ARRAYS = ("clip/text_embed", "clip/label", "clip/confidence", "sam/mask_id", "sam/feat", "sam/proj",
-              "sam/proj_mean", "clip/label_refined")
+SIM_ARRAYS = ("clip/text_embed", "clip/label", "clip/confidence", "clip/feat", "clip/proj", "clip/proj_mean",
+              "sam/mask_id", "sam/feat", "sam/proj", "sam/proj_mean", "clip/label_refined")
 
 
 def _simulated_store(cache, options, config="default", **kw):
@@ -94,6 +94,8 @@ def test_simulated_arrays_have_the_real_stages_shapes(street_store):
     assert st.array("clip/label").shape == (I, 224, 416)
     assert st.array("clip/text_embed").shape == (16, 512)
     assert np.allclose(np.linalg.norm(st.array("clip/text_embed")[:], axis=1), 1, atol=1e-5)
+    assert st.array("clip/feat").shape == (I, 64, 14, 26)  # the ViT-B/16 patch grid of 224x416, Dc = 64
+    assert st.array("clip/proj").shape == (512, 64) and st.array("clip/proj_mean").shape == (512,)
     assert st.array("sam/feat").shape == (I, 64, 35, 64)  # the real ViT-H grid of 224x416, D = 64
     assert st.array("sam/proj").shape == (256, 64)
     ids = np.asarray(st.array("sam/mask_id")[:])
@@ -102,6 +104,24 @@ def test_simulated_arrays_have_the_real_stages_shapes(street_store):
         area = np.bincount(img[img >= 0])
         assert (area > 0).all() and (np.diff(area) >= 0).all()
     assert validate_store(street_store).ok
+
+
+def test_clip_features_carry_the_labels_and_their_confusions(street_store):
+    """Scored against clip/text_embed, the unprojected clip/feat give clip/label at the patch centres (the real
+    stage's relation), hence the same errors against the ground truth."""
+    from pipeline.models.pca import unproject
+    st = Store(street_store)
+    text = np.asarray(st.array("clip/text_embed")[:])
+    feat = unproject(np.asarray(st.array("clip/feat")[:], np.float32), *(np.asarray(st.array(n)[:]) for n in
+                                                                        ("clip/proj", "clip/proj_mean")))
+    patch_label = np.einsum("iehw,le->ilhw", feat, text).argmax(1)  # [I, hc, wc]
+    centres = (np.arange(14) * 16 + 8)[:, None], (np.arange(26) * 16 + 8)[None, :]
+    label = np.asarray(st.array("clip/label")[:])[:, centres[0], centres[1]]
+    gt = np.asarray(st.array("images/gt")[:])[:, centres[0], centres[1]]
+    assert (patch_label == label).mean() > 0.9
+    known = gt != schema.IGNORE_INDEX
+    assert abs((patch_label == gt)[known].mean() - (label == gt)[known].mean()) < 0.05
+    assert (patch_label == gt)[known].mean() < 0.7  # the features are as wrong as the labels
 
 
 def test_sam_features_are_per_mask_embeddings(street_store):

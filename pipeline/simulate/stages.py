@@ -108,31 +108,42 @@ class _SimulatedStage(Stage):
     def filled(self, gt: np.ndarray) -> np.ndarray:
         return noise.fill_ground_truth(gt, float(self.knobs["ground_truth"]["fill_max_distance_px"]))
 
-    def _sample_rows(self, store, n_wanted: int) -> list[int]:
-        n_images = store.array("images/rgb").shape[0]
-        if n_images == 0:
-            raise ValueError(f"{store.path} has no images")
-        n = max(1, min(int(n_wanted), n_images))
-        return np.unique(np.linspace(0, n_images - 1, n).round().astype(np.int64)).tolist()
-
     def tables(self, store):
-        """What every image of the store shares (text embeddings, confusion matrix, ...), computed per shard."""
+        """What every image of the store shares (text embeddings, confusion matrix, projection, ...)."""
         raise NotImplementedError
 
-    def _sample_outputs(self, store, n_wanted: int, features) -> np.ndarray:
-        """Stacked [N, channels] raw features (``features(output)``) of sample images spread over the store
-        (what the PCA projection is fitted on)."""
+    def ensure_projection(self, store, proj_name: str, mean_name: str, output_index: int, knobs: dict) -> None:
+        """Fit the store's fixed PCA projection ``proj_name`` (+ ``mean_name``) to ``knobs["feat_dim"]`` channels
+        on the raw features (``simulate_image(...)[output_index]``) of ``knobs["pca_sample_images"]`` images
+        spread over the store, as the real stages fit theirs; kept on resume with this fingerprint."""
+        from ..models.pca import fit_pca
+        from ..stages.base import sample_rows
+        proj = store.array(proj_name)
+        if proj.attrs.get("fit_key") == self._fit_key():
+            return
+        n_images = store.array("images/rgb").shape[0]
+        if n_images == 0:
+            raise ValueError(f"{store.path} has no images to fit {proj_name} on")
         tables = self.tables(store)
-        tokens = store.array("frames/token")
-        names = store.array("images/name")
+        tokens, names = store.array("frames/token"), store.array("images/name")
+        rows = sample_rows(n_images, knobs["pca_sample_images"])
         samples, gt_cache = [], {}
-        for row in self._sample_rows(store, n_wanted):
-            f, j = _frame_of_row(store, row)
+        for row in rows:
+            f, j = _frame_of_row(store, int(row))
             if f not in gt_cache:
                 gt_cache = {f: frame_pixel_gt(store, f)}
-            feat = features(self.simulate_image(self.filled(gt_cache[f][j]), str(tokens[f]), str(names[row]), tables))
+            out = self.simulate_image(self.filled(gt_cache[f][j]), str(tokens[f]), str(names[int(row)]), tables)
+            feat = out[output_index]
             samples.append(feat.reshape(feat.shape[0], -1).T)
-        return np.concatenate(samples)
+        p, mean = fit_pca(np.concatenate(samples), int(knobs["feat_dim"]))
+        proj[:] = p
+        store.array(mean_name)[:] = mean
+        proj.attrs.update({"fit_key": self._fit_key(), "fitted_on_rows": rows.tolist(), "simulated": True,
+                           "simulator": SIMULATOR_NAME})
+
+    @staticmethod
+    def projection(store, proj_name: str, mean_name: str) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(store.array(proj_name)[:]), np.asarray(store.array(mean_name)[:])
 
     def process_shard(self, ctx: ShardContext) -> dict:
         store = ctx.store
@@ -160,52 +171,53 @@ class _SimulatedStage(Stage):
 
 @SIMULATED_STAGES.register("maskclip")
 class SimulatedMaskCLIPStage(_SimulatedStage):
-    """Simulated MaskCLIP: ``clip/text_embed``, ``clip/label``, ``clip/confidence`` (+ the dense features)."""
+    """Simulated MaskCLIP: ``clip/text_embed``, ``clip/label``, ``clip/confidence``, and the dense features
+    ``clip/feat`` on the patch grid, PCA-projected by ``clip/proj``/``clip/proj_mean``."""
 
     name = "maskclip"
     section = "maskclip"
     version = SIMULATOR_VERSION
-    arrays = ("clip/text_embed", "clip/label", "clip/confidence")
+    arrays = ("clip/text_embed", "clip/label", "clip/confidence", "clip/feat", "clip/proj", "clip/proj_mean")
 
     def text(self, class_names) -> np.ndarray:
-        k = self.knobs
-        rng = np.random.default_rng(np.random.SeedSequence([int(k["seed"]), STREAM_TEXT]))
-        return noise.text_embeddings(list(class_names), k["maskclip"]["confusion_groups"], k["maskclip"]["embed_dim"],
-                                     k["maskclip"]["text_group_similarity"], rng)
+        m = self.knobs["maskclip"]
+        rng = np.random.default_rng(np.random.SeedSequence([int(self.knobs["seed"]), STREAM_TEXT]))
+        return noise.text_embeddings(list(class_names), m["confusion_groups"], m["embed_dim"],
+                                     m["text_group_similarity"], rng)
 
     def confusion(self, class_names) -> np.ndarray:
         m = self.knobs["maskclip"]
         return noise.confusion_matrix(list(class_names), m["confusion_groups"], m["accuracy"], m["group_confusion"],
                                       m["uniform_confusion"])
 
-    def build_model(self, device: str):
-        return None
-
     def tables(self, store):
-        names = store.attrs.class_names
-        return {"text": np.asarray(store.array("clip/text_embed")[:]), "confusion": self.confusion(names)}
+        # the text embeddings are computed from the seed alone: no need to wait for clip/text_embed
+        return {"text": self.text(store.attrs.class_names), "confusion": self.confusion(store.attrs.class_names)}
 
     def prepare(self, store, adapter) -> None:
         attrs = store.attrs
         m = self.knobs["maskclip"]
         H, W = attrs.image_size
         p = int(m["patch_size"])
-        store.set_dims(L=len(attrs.class_names), E=int(m["embed_dim"]))
+        store.set_dims(L=len(attrs.class_names), E=int(m["embed_dim"]), Dc=int(m["feat_dim"]), hc=max(1, H // p),
+                       wc=max(1, W // p))
         store.ensure_arrays(self.arrays)
         arr = store.array("clip/text_embed")
-        if arr.attrs.get("fit_key") == self._fit_key():
-            return
-        arr[:] = self.text(attrs.class_names)
-        arr.attrs.update({"fit_key": self._fit_key(), "simulated": True, "simulator": SIMULATOR_NAME,
-                          "patch_grid": [max(1, H // p), max(1, W // p)]})
+        if arr.attrs.get("fit_key") != self._fit_key():
+            arr[:] = self.text(attrs.class_names)
+            arr.attrs.update({"fit_key": self._fit_key(), "simulated": True, "simulator": SIMULATOR_NAME})
+        self.ensure_projection(store, "clip/proj", "clip/proj_mean", 2, m)
 
     def simulate_image(self, filled, token, name, tables):
         rng = image_rng(self.knobs["seed"], STREAM_CLIP, token, name)
         return noise.simulate_clip(filled, tables["text"], tables["confusion"], self.knobs["maskclip"], rng)
 
     def write(self, store, row: int, outputs, tables) -> None:
+        from ..models.pca import project
+        proj = self.projection(store, "clip/proj", "clip/proj_mean")
         store.write_rows("clip/label", row, np.stack([o[0] for o in outputs]))
         store.write_rows("clip/confidence", row, np.stack([o[1] for o in outputs]))
+        store.write_rows("clip/feat", row, np.stack([project(o[2], *proj) for o in outputs]).astype(np.float16))
 
 
 @SIMULATED_STAGES.register("sam")
@@ -216,10 +228,7 @@ class SimulatedSAMStage(_SimulatedStage):
     section = "sam"
     version = SIMULATOR_VERSION
     arrays = ("sam/mask_id", "sam/feat", "sam/proj", "sam/proj_mean")
-    model_type = "vit_h"  # whose feature grid and embedding width the simulated features take
-
-    def build_model(self, device: str):
-        return None
+    model_type = "vit_h"  # whose feature grid the simulated features take
 
     def grid(self, image_size) -> tuple[int, int]:
         from ..models.sam import feature_grid, sam_config
@@ -238,34 +247,20 @@ class SimulatedSAMStage(_SimulatedStage):
         return ids, emb
 
     def tables(self, store):
-        out = {"grid": self.grid(store.attrs.image_size), "directions": self.directions(len(store.attrs.class_names))}
-        if "sam/proj" in store and store.array("sam/proj").attrs.get("fit_key") == self._fit_key():
-            out["proj"] = (np.asarray(store.array("sam/proj")[:]), np.asarray(store.array("sam/proj_mean")[:]))
-        return out
+        return {"grid": self.grid(store.attrs.image_size), "directions": self.directions(len(store.attrs.class_names))}
 
     def prepare(self, store, adapter) -> None:
-        from ..models.sam import fit_pca
         s = self.knobs["sam"]
-        grid = self.grid(store.attrs.image_size)
-        store.set_dims(h=grid[0], w=grid[1], S=int(s["embed_dim"]), D=int(s["feat_dim"]))
+        h, w = self.grid(store.attrs.image_size)
+        store.set_dims(h=h, w=w, S=int(s["embed_dim"]), D=int(s["feat_dim"]))
         store.ensure_arrays(self.arrays)
-        proj = store.array("sam/proj")
-        if proj.attrs.get("fit_key") == self._fit_key():
-            return
-        samples = self._sample_outputs(store, s["pca_sample_images"], lambda out: out[1])
-        p, mean = fit_pca(samples, int(s["feat_dim"]))
-        proj[:] = p
-        store.array("sam/proj_mean")[:] = mean
-        proj.attrs.update({"fit_key": self._fit_key(), "simulated": True, "simulator": SIMULATOR_NAME})
+        self.ensure_projection(store, "sam/proj", "sam/proj_mean", 1, s)
 
     def write(self, store, row: int, outputs, tables) -> None:
-        from ..models.sam import project
+        from ..models.pca import project
+        proj = self.projection(store, "sam/proj", "sam/proj_mean")
         store.write_rows("sam/mask_id", row, np.stack([o[0] for o in outputs]))
-        if "proj" not in tables:
-            raise ValueError(f"sam/proj of {store.path} was not fitted for this configuration (run the stage's "
-                             f"prepare step first)")
-        feats = np.stack([project(o[1], *tables["proj"]) for o in outputs]).astype(np.float16)
-        store.write_rows("sam/feat", row, feats)
+        store.write_rows("sam/feat", row, np.stack([project(o[1], *proj) for o in outputs]).astype(np.float16))
 
 
 def simulated_stage_options(config: str | dict = "default") -> dict:
