@@ -62,10 +62,13 @@ def main(verbose: bool) -> None:
               help="Any other stage option, e.g. sam.pred_iou_thresh=0.8.")
 @click.option("--test-tiny-models", is_flag=True,
               help="TEST/BENCH ONLY: tiny random-initialised CLIP and SAM instead of real weights.")
+@click.option("--simulate", "simulate", default=None, metavar="CONFIG",
+              help="BENCHMARK ONLY: simulated CLIP and SAM made from the ground truth with the knobs of CONFIG "
+                   "(a YAML file, or a name in configs/simulate, e.g. default); the store is marked simulated.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker, scheduler, shard_size, overwrite,
            device, dataset_options, clip_checkpoint, clip_pretrained, clip_model, sam_checkpoint, sam_model,
-           sam_points_per_side, stage_options, test_tiny_models, no_progress):
+           sam_points_per_side, stage_options, test_tiny_models, simulate, no_progress):
     """Run the label stages into CACHE/<dataset>-<split>.zarr (resumable)."""
     from pipeline.runner import run_labels
     per_stage = {"maskclip": {}, "sam": {}}
@@ -81,12 +84,21 @@ def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker
         if not key:
             raise click.BadParameter(f"'{item}' must be STAGE.KEY", param_hint="--stage-option")
         per_stage.setdefault(stage, {})[key] = value
+    if simulate and (test_tiny_models or per_stage["maskclip"] or per_stage["sam"]):
+        raise click.UsageError("--simulate replaces CLIP and SAM: it cannot be combined with --test-tiny-models, "
+                               "the --clip-*/--sam-* options or --stage-option maskclip.*/sam.*")
     if test_tiny_models:
         click.secho("WARNING: --test-tiny-models: random-initialised tiny CLIP/SAM; the labels are meaningless",
                     fg="yellow", err=True)
         per_stage["maskclip"]["tiny"] = True
         per_stage["sam"]["tiny"] = True
     try:
+        if simulate:
+            from pipeline.simulate import simulated_stage_options
+            per_stage.update(simulated_stage_options(simulate))
+            click.secho(f"SIMULATED foundation models ({simulate}): maskclip and sam write labels made from the ground "
+                        f"truth by a controlled corruption, not by CLIP/SAM; the store is marked simulated",
+                        fg="yellow", err=True)
         summary = run_labels(dataset, cache, stages, data_root=data_root, split=split,
                              dataset_options=_parse_options(dataset_options), stage_options=per_stage,
                              workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
@@ -115,7 +127,7 @@ def cache():
 def cache_status(store):
     """Done/total shards per stage."""
     from data_cache.store import CacheError, Store
-    from data_cache.validate import stage_status
+    from data_cache.validate import simulated_note, stage_status
     try:
         st = Store(store)
     except CacheError as e:
@@ -123,9 +135,16 @@ def cache_status(store):
     attrs = st.attrs
     click.echo(f"{st.path}: {attrs.dataset}/{attrs.split}, {attrs.num_frames} frames, {len(attrs.class_names)} "
                f"classes, images {attrs.image_size[0]}x{attrs.image_size[1]}")
+    note = simulated_note(st)
+    if note:
+        click.secho(note, fg="yellow")
     for row in stage_status(st):
         state = "complete" if row["complete"] else ("partial" if row["done"] else "not run")
         extra = f", {row['failed_frames']} failed frame(s)" if row["failed_frames"] else ""
+        if row["simulated"]:
+            extra += f"  [simulated: {row['simulated']['simulator']} v{row['simulated']['version']}]"
+        elif row["from_simulated"]:
+            extra += f"  [on simulated {', '.join(row['from_simulated'])}]"
         click.echo(f"  {row['stage']:<11} {row['done']}/{row['total']} shards  {state}{extra}")
 
 
@@ -136,6 +155,8 @@ def cache_validate(store, no_checkpoint_hash):
     """Check shapes, offsets, value ranges and fingerprints; name the first bad frame."""
     from data_cache.validate import validate_store
     report = validate_store(store, check_checkpoints=not no_checkpoint_hash)
+    if report.simulated:
+        click.secho(report.simulated, fg="yellow")
     if report.ok:
         click.echo(f"OK: {report.path} ({len(report.checked)} arrays checked)")
         return

@@ -266,6 +266,35 @@ class Store:
     def stage_complete(self, stage: str) -> bool:
         return self.is_done(stage, "_complete")
 
+    def simulated_stages(self) -> dict[str, dict]:
+        """The stages whose recorded fingerprint says they were *simulated* from the ground truth
+        (``pipeline.simulate``: a benchmark component, not real CLIP/SAM outputs), each with its ``simulator``,
+        ``version`` and ``seed``. Empty for a store of real foundation-model outputs."""
+        out = {}
+        for stage, fp in self.raw_attrs.get("stages", {}).items():
+            config = (fp or {}).get("config") or {}
+            if config.get("simulated") is True:
+                out[stage] = {"simulator": config.get("simulator"), "version": config.get("simulator_version"),
+                              "seed": config.get("seed")}
+        return out
+
+    def stages_from_simulated(self) -> dict[str, list[str]]:
+        """Stages run on this store (with a recorded fingerprint) that are not simulated themselves but read,
+        directly or not, a simulated stage's outputs, with those stages: ``{"refine": ["maskclip", "sam"]}``."""
+        recorded = self.raw_attrs.get("stages", {})
+        simulated = set(self.simulated_stages())
+        tainted: dict[str, set] = {s: {s} for s in simulated}
+        out = {}
+        for stage in schema.STAGE_ORDER:
+            if stage in simulated:
+                continue
+            inputs = set().union(*(tainted.get(r, set()) for r in schema.STAGE_REQUIRES[stage]))
+            if inputs:
+                tainted[stage] = inputs
+                if stage in recorded:
+                    out[stage] = sorted(inputs, key=schema.STAGE_ORDER.index)
+        return out
+
     def clear_stage(self, stage: str) -> None:
         import shutil
         for kind in (schema.DONE_DIR, schema.FAILED_DIR, schema.PARTS_DIR):
@@ -295,9 +324,10 @@ class Store:
             os.fsync(f.fileno())
         os.replace(tmp, p)
 
-    def read_part(self, stage: str, shard: int) -> dict:
+    def read_part(self, stage: str, shard: int, *keys: str) -> dict:
+        """A shard's part arrays (only ``keys`` when given: the others are not read)."""
         with np.load(self.part_path(stage, shard)) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in (keys or z.files)}
 
     def remove_parts(self, stage: str) -> None:
         """Delete a stage's part files (once what they were committed into is durable), then ``_parts/`` when

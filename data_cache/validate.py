@@ -25,6 +25,7 @@ class ValidationReport:
     path: Path
     errors: list = field(default_factory=list)
     checked: list = field(default_factory=list)
+    simulated: str | None = None  # simulated_note() of the store
 
     @property
     def ok(self) -> bool:
@@ -36,14 +37,29 @@ class ValidationReport:
 
 
 def stage_status(store: Store) -> list[dict]:
+    """One row per stage: shards done/total, complete, failed frames, and ``simulated`` (the simulator's
+    name/version/seed when the stage's outputs were simulated from the ground truth, else None) and
+    ``from_simulated`` (the simulated stages it read, for a real stage run on simulated inputs)."""
     num_shards = len(store.raw_attrs.get("shards", []))
+    simulated, derived = store.simulated_stages(), store.stages_from_simulated()
     rows = []
     for stage in schema.STAGE_ORDER:
         failures = store.failures(stage)
         rows.append({"stage": stage, "done": len(store.done_shards(stage)), "total": num_shards,
                      "complete": store.stage_complete(stage),
-                     "failed_frames": sum(len(v) for v in failures.values())})
+                     "failed_frames": sum(len(v) for v in failures.values()),
+                     "simulated": simulated.get(stage), "from_simulated": derived.get(stage, [])})
     return rows
+
+
+def simulated_note(store: Store) -> str | None:
+    """One line saying that a store holds simulated foundation-model outputs (None for a real store)."""
+    simulated = store.simulated_stages()
+    if not simulated:
+        return None
+    tools = sorted({f"{v['simulator']} v{v['version']}, seed {v['seed']}" for v in simulated.values()})
+    return (f"SIMULATED foundation models ({'; '.join(tools)}): {', '.join(simulated)} made from the ground truth "
+            f"by a controlled corruption, not by CLIP/SAM -- a benchmark store")
 
 
 def validate_store(path, check_checkpoints: bool = True) -> ValidationReport:
@@ -51,6 +67,7 @@ def validate_store(path, check_checkpoints: bool = True) -> ValidationReport:
     try:
         store = Store(path, mode="r")
         attrs = store.attrs
+        report.simulated = simulated_note(store)
     except (CacheError, KeyError, TypeError) as e:
         report.error(f"cannot open: {e}")
         return report

@@ -146,6 +146,10 @@ def check_fingerprint(store: Store, stage, overwrite: bool) -> None:
     current = _jsonable(stage.fingerprint())
     if recorded is not None and recorded != current and not overwrite:
         detail = _first_difference(recorded, current)
+        simulated = [bool((fp.get("config") or {}).get("simulated")) for fp in (recorded, current)]
+        if simulated[0] != simulated[1]:  # say first what matters most: simulated vs real foundation models
+            detail = (" (the store's outputs are simulated from the ground truth, this run uses real models)"
+                      if simulated[0] else " (the store's outputs come from real models, this run simulates them)")
         raise CacheError(f"stage '{stage.name}' of {store.path} was run with a different fingerprint{detail}; "
                          f"rerun with --overwrite to redo it")
     if recorded != current or overwrite:
@@ -236,10 +240,22 @@ def task_finalize(stage, store_dir: str, num_shards: int, *deps):
     store = Store(store_dir, mode="a")
     if any(not store.is_done(stage.name, s) for s in range(num_shards)):
         return {"stage": stage.name, "finalized": False}
-    stage.finalize(store)
+    stage.finalize(store, map_tasks)
     store.mark_done(stage.name, "_complete", {"shards": num_shards})
     store.remove_parts(stage.name)
     return {"stage": stage.name, "finalized": True}
+
+
+def map_tasks(fn, jobs) -> list:
+    """``[fn(job) for job in jobs]``, as tasks on the dask cluster when called from inside a dask task (the
+    calling task secedes from its worker's thread pool while it waits), else in this process."""
+    try:
+        from distributed import get_worker, worker_client
+        get_worker()
+    except (ImportError, ValueError):
+        return [fn(job) for job in jobs]
+    with worker_client() as client:
+        return client.gather(client.map(fn, jobs, pure=False))
 
 
 def remove_leftover_parts(store: Store) -> None:

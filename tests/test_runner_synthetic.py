@@ -124,8 +124,8 @@ def _crash_in_finalize_after_the_pairs(monkeypatch):
     from pipeline.stages.correspond import CorrespondStage
     original = CorrespondStage.finalize
 
-    def finalize(self, store):
-        original(self, store)
+    def finalize(self, store, *args):
+        original(self, store, *args)
         raise Crash("after pairs/* were written, before the done marker")
     monkeypatch.setattr(CorrespondStage, "finalize", finalize)
 
@@ -169,6 +169,98 @@ def test_crash_between_commit_and_part_removal_resumes(correspond_reference, tmp
             _correspond(tmp_path)
     store_dir = tmp_path / "synthetic-train.zarr"
     assert list((store_dir / "_parts" / "correspond").glob("*.npz")), "the crash left no parts: it proves nothing"
+    summary = _correspond(tmp_path)
+    assert not summary.failed_frames and validate_store(store_dir).ok
+    assert not (store_dir / "_parts").exists()
+    _assert_same_arrays(_arrays(correspond_reference), _arrays(store_dir))
+
+
+SMALL_CHUNK, SMALL_SHARD = 512, 2048
+PAIR_NAMES = ("pairs/point", "pairs/image", "pairs/uv", "pairs/depth")
+
+
+def _small_pair_shards(setitem) -> None:
+    """Pairs arrays of 2048-row zarr shards (instead of 2^20): several commit tasks on a small store.
+    ``setitem(name, spec)`` replaces a schema entry (``monkeypatch.setitem`` on ``schema.ARRAYS_BY_NAME``)."""
+    import dataclasses
+    for name in PAIR_NAMES:
+        sp = schema.ARRAYS_BY_NAME[name]
+        setitem(name, dataclasses.replace(sp, chunks=(SMALL_CHUNK,) + sp.chunks[1:],
+                                          shards=(SMALL_SHARD,) + sp.shards[1:]))
+
+
+def _small_pair_shards_here(monkeypatch) -> None:
+    _small_pair_shards(lambda name, sp: monkeypatch.setitem(schema.ARRAYS_BY_NAME, name, sp))
+
+
+def test_parallel_pairs_commit_equals_reference(correspond_reference, tmp_path, monkeypatch):
+    """Pairs arrays with small zarr shards: many commit tasks, parts straddling their boundaries; in this
+    process and as tasks of a two-worker dask cluster, the arrays equal the reference's."""
+    import threading
+
+    from distributed import LocalCluster
+
+    from pipeline.stages import correspond
+    _small_pair_shards_here(monkeypatch)
+    original = correspond.commit_pairs_block
+    log = tmp_path / "calls"
+    log.mkdir()
+
+    def counted(job):  # dask pickles the task: calls are recorded in files
+        (log / f"{job[1]}-{threading.current_thread().name}").touch()
+        return original(job)
+
+    def calls():
+        out = [(int(p.name.split("-", 1)[0]), p.name.split("-", 1)[1]) for p in log.iterdir()]
+        for p in log.iterdir():
+            p.unlink()
+        return out
+    monkeypatch.setattr(correspond, "commit_pairs_block", counted)
+    ref = _arrays(correspond_reference)
+    total = len(ref["pairs/point"])
+    assert total > 4 * SMALL_SHARD, "too few pairs for several commit tasks"
+
+    summary = _correspond(tmp_path / "here")
+    assert not summary.failed_frames and Store(summary.store).array("pairs/point").shards == (SMALL_SHARD,)
+    assert sorted(c[0] for c in calls()) == list(range(0, total, SMALL_SHARD))
+    _assert_same_arrays(ref, _arrays(summary.store))
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        summary = run_labels("synthetic", tmp_path / "dask", "correspond", dataset_options={"num_scenes": 2, "seed": 3},
+                             shard_size=1, scheduler=cluster.scheduler_address, progress=False)
+    assert not summary.failed_frames
+    done = calls()
+    assert sorted(c[0] for c in done) == list(range(0, total, SMALL_SHARD))
+    assert all(name != threading.main_thread().name for _, name in done)  # they ran as the cluster's tasks
+    assert len({name for _, name in done}) >= 2  # on both workers
+    _assert_same_arrays(ref, _arrays(summary.store))
+
+
+def test_sigkill_during_pairs_commit_then_resume(correspond_reference, tmp_path, monkeypatch):
+    script = f"""
+import os, signal
+from data_cache import schema
+from tests.test_runner_synthetic import _small_pair_shards
+_small_pair_shards(schema.ARRAYS_BY_NAME.__setitem__)
+from pipeline.runner import run_labels
+from pipeline.stages import correspond
+_original, _done = correspond.commit_pairs_block, []
+def _commit_then_die(job):
+    _done.append(_original(job))
+    if len(_done) == 2:  # two zarr shards of the pairs written, the others not
+        os.kill(os.getpid(), signal.SIGKILL)
+correspond.commit_pairs_block = _commit_then_die
+run_labels("synthetic", {str(tmp_path)!r}, "correspond", dataset_options={{"num_scenes": 2, "seed": 3}},
+           shard_size=1, workers=0, progress=False)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    store_dir = tmp_path / "synthetic-train.zarr"
+    store = Store(store_dir)
+    assert "pairs/point" in store and not store.stage_complete("correspond")
+    assert list((store_dir / "_parts" / "correspond").glob("*.npz"))
+    _small_pair_shards_here(monkeypatch)  # the rerun commits with the same zarr shards
     summary = _correspond(tmp_path)
     assert not summary.failed_frames and validate_store(store_dir).ok
     assert not (store_dir / "_parts").exists()

@@ -394,14 +394,17 @@ class MaskCLIPPredictor:
             similarity of the last block's keys (negative similarities count as 0 and the weights are
             normalised, so the result stays a distribution). When on, probabilities (not logits) are
             upsampled.
+        bf16: run the image tower under bfloat16 autocast (for CUDA; also works on CPUs with bf16 support);
+            the features are cast back and renormalised in float32 before scoring.
 
     :meth:`predict` returns ``labels`` uint8 [B, H, W] (argmax class) and ``confidence`` uint8 [B, H, W]
     (softmax probability of that class x 255, rounded).
     """
 
     def __init__(self, model: MaskCLIP, text_embed: torch.Tensor | None, logit_scale: float = DEFAULT_LOGIT_SCALE,
-                 prompt_denoising: float = 0.0, key_smoothing: float = 0.0):
+                 prompt_denoising: float = 0.0, key_smoothing: float = 0.0, bf16: bool = False):
         self.model = model
+        self.bf16 = bool(bf16)
         self.device = model.mean.device
         self.text = None
         if text_embed is not None:
@@ -428,11 +431,18 @@ class MaskCLIPPredictor:
     def _scores_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor]:
         if self.text is None:
             raise RuntimeError("no class text embeddings set (MaskCLIPPredictor.set_text)")
-        smooth = self.key_smoothing > 0
-        out = self.model(images.to(self.device), return_keys=smooth)
-        feat, keys = out if smooth else (out, None)
+        feat, keys = self.features(images, return_keys=self.key_smoothing > 0)
         s, is_prob = self.scores_from_features(feat, keys)
         return s, is_prob, feat
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, return_keys: bool = False):
+        """The dense features [B, E, h, w] float32, L2-normalised (and the last block's keys, or None)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(torch.as_tensor(images).to(self.device), return_keys=return_keys)
+        feat, keys = out if return_keys else (out, None)
+        feat = F.normalize(feat.float(), dim=1)  # bf16 features renormalised in float32 (a no-op in float32)
+        return feat, (keys.float() if keys is not None else None)
 
     @torch.no_grad()
     def scores_from_features(self, feat: torch.Tensor, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:

@@ -13,7 +13,8 @@ Lifecycle, driven by :mod:`pipeline.runner`:
 5. ``process_shard(ctx)`` — one work shard (a contiguous frame range); reads its inputs from the store and
    writes its outputs with ``store.write_rows``; wraps each frame in ``ctx.frame(i)`` so that a failing
    frame is recorded and the shard is not marked done; returns per-shard statistics.
-6. ``finalize(store)`` — once, on the driver, after every shard is done (e.g. the pairs commit).
+6. ``finalize(store, map_tasks)`` — once, after every shard is done (e.g. the pairs commit); ``map_tasks(fn,
+   jobs)`` runs ``fn`` over ``jobs`` as tasks of the cluster (in this process without one).
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ class Stage:
     def process_shard(self, ctx: ShardContext) -> dict:
         raise NotImplementedError
 
-    def finalize(self, store) -> None:
+    def finalize(self, store, map_tasks=None) -> None:
         pass
 
 
@@ -255,5 +256,10 @@ def ensure_projection(stage: Stage, store, proj_name: str, mean_name: str, encod
 
 
 def build_stage(name: str, **config) -> Stage:
+    """The stage ``name`` with ``config``; options carrying ``simulate`` select the simulated foundation model
+    of that name instead (:mod:`pipeline.simulate`: a benchmark component, never picked otherwise)."""
+    if config.get("simulate") is not None:
+        from ..simulate.stages import SIMULATED_STAGES
+        return SIMULATED_STAGES.get(name)(**config)
     from . import load_builtin  # noqa: F401  (registers the built-in stages)
     return STAGES.get(name)(**config)

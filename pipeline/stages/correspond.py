@@ -4,9 +4,10 @@ Per frame it writes the points (``points/xyz``, ``points/feat``, ``points/gt``),
 resolution (``images/rgb``, ``images/gt``, ``images/intrinsics``) and the pairs: every point a camera sees
 (depth > ``min_depth``, inside the image, and where the dataset has depth maps, confirmed by the depth map
 within ``occlusion_tolerance``) with its pixel at the training resolution. The number of pairs is known
-only after projection, so a shard saves its pairs as a part file; ``finalize`` concatenates the parts in
-frame order into ``pairs/*`` (a single writer) once every shard is done and fsyncs them; the runner then
-writes the stage's ``_complete`` marker and deletes the parts.
+only after projection, so a shard saves its pairs as a part file; ``finalize`` commits the parts in frame
+order into ``pairs/*`` once every shard is done -- one task per zarr shard of the pairs arrays, in parallel on
+the dask cluster -- and fsyncs them; the runner then writes the stage's ``_complete`` marker and deletes the
+parts.
 
 In a store without points (``cns.modalities == ["images"]``, a 2D-only dataset such as nuImages) it writes
 the images only: no points, no pairs, no part files.
@@ -162,36 +163,62 @@ class CorrespondStage(Stage):
                             else np.full(size_hw, schema.IGNORE_INDEX, np.uint8) for im in frame.images])
             store.write_rows("images/gt", i0, gts.astype(np.uint8))
 
-    def finalize(self, store) -> None:
-        """Concatenate the shards' pairs in frame order into ``pairs/*`` and write ``pairs/offsets``."""
+    def finalize(self, store, map_tasks=None) -> None:
+        """Commit the shards' pairs, in frame order, into ``pairs/*``.
+
+        ``pairs/offsets`` comes from the parts' per-frame counts alone; then one task per zarr shard of the
+        pairs arrays (:func:`commit_pairs_block`, run by ``map_tasks(fn, jobs)``: the dask cluster's tasks
+        from the runner, else a loop here) reads the parts that overlap its rows and writes its zarr shard
+        of every pairs array whole: one writer per zarr shard, no lock, no part held in memory beyond its
+        block. Finally the arrays are fsynced. Run again after a crash, it rewrites everything from the parts.
+        """
         if "points" not in store.attrs.modalities:
             return  # a store without points has no pairs
         num_shards = len(store.raw_attrs["shards"])
-        parts = [store.read_part(self.name, s) for s in range(num_shards)]
-        counts = np.concatenate([p["counts"] for p in parts])
-        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        store.set_dims(K=int(offsets[-1]))
+        counts = [store.read_part(self.name, s, "counts")["counts"] for s in range(num_shards)]
+        offsets = np.zeros(sum(len(c) for c in counts) + 1, dtype=np.int64)
+        np.cumsum(np.concatenate(counts), out=offsets[1:])
+        total = int(offsets[-1])
+        store.set_dims(K=total)
         store.create_array("pairs/offsets", overwrite=True)[:] = offsets
-        for name in PAIR_ARRAYS:
-            arr = store.create_array(name, overwrite=True)
-            _write_aligned(arr, (p[name.replace("/", "__")] for p in parts))
+        arrays = [store.create_array(name, overwrite=True) for name in PAIR_ARRAYS]
+        blocks = {(a.shards or a.chunks)[0] for a in arrays}
+        if len(blocks) != 1:
+            raise ValueError(f"the pairs arrays have different zarr shard lengths {sorted(blocks)}")
+        block = blocks.pop()
+        part_start = np.concatenate([[0], np.cumsum([int(c.sum()) for c in counts])]).tolist()
+        jobs = [(str(store.path), a, min(a + block, total), part_start) for a in range(0, total, block)]
+        (map_tasks or _map_here)(commit_pairs_block, jobs)
         store.sync(("pairs/offsets",) + PAIR_ARRAYS)  # durable before the runner deletes the parts
 
 
-def _write_aligned(arr, pieces) -> None:
-    """Append ``pieces`` to ``arr`` in writes of whole zarr shards (no read-modify-write of a shard)."""
-    block = (arr.shards or arr.chunks)[0]
-    buffered, start = [], 0
-    held = 0
-    for values in pieces:
-        buffered.append(values)
-        held += len(values)
-        if held >= block:
-            data = np.concatenate(buffered)
-            n = held // block * block
-            arr[start:start + n] = data[:n]
-            start += n
-            buffered, held = [data[n:]], held - n
-    if held:
-        arr[start:start + held] = np.concatenate(buffered)
+def _map_here(fn, jobs):
+    return [fn(job) for job in jobs]
+
+
+def commit_pairs_block(job) -> int:
+    """Write rows ``start:stop`` (one zarr shard) of every pairs array from the parts that overlap them.
+
+    ``job`` = ``(store_dir, start, stop, part_start)``, where work shard ``s`` owns the committed rows
+    ``part_start[s]:part_start[s+1]``. Returns the number of rows written.
+    """
+    from data_cache.store import Store
+    store_dir, start, stop, part_start = job
+    store = Store(store_dir, mode="a")
+    first = int(np.searchsorted(part_start, start, side="right")) - 1
+    pieces = {k: [] for k in PAIR_ARRAYS}
+    for s in range(first, len(part_start) - 1):
+        if part_start[s] >= stop:
+            break
+        a, b = max(start, part_start[s]) - part_start[s], min(stop, part_start[s + 1]) - part_start[s]
+        if b <= a:
+            continue
+        part = store.read_part(CorrespondStage.name, s, *(k.replace("/", "__") for k in PAIR_ARRAYS))
+        for k in PAIR_ARRAYS:
+            pieces[k].append(part[k.replace("/", "__")][a:b])
+    for k in PAIR_ARRAYS:
+        values = np.concatenate(pieces[k])
+        if len(values) != stop - start:
+            raise ValueError(f"parts hold {len(values)} pairs for rows {start}:{stop} of {k}")
+        store.array(k)[start:stop] = values
+    return stop - start

@@ -25,7 +25,9 @@ Config keys (defaults in :attr:`MaskCLIPStage.defaults`):
                        when that is smaller, as for the tiny test model)
 ``pca_sample_images``  images the projection is fitted on (32)
 ``proj_store``         path of a store whose ``clip/proj`` to reuse instead of fitting
-``batch_size``         images per forward pass (not part of the fingerprint)
+``batch_size``         images per forward pass, across the frames of a shard (not part of the fingerprint)
+``bf16``               the image tower under bfloat16 autocast (for CUDA; changes the output slightly, so it is
+                       part of the fingerprint; ``tests/test_maskclip.py`` compares it with float32)
 ``tiny``               tiny random-weight model — tests only (CLI ``--test-tiny-models``)
 ``random_init``        the real architecture with random weights — benchmarks only
 """
@@ -61,7 +63,8 @@ class MaskCLIPStage(Stage):
     defaults = {
         "model": "ViT-B-16", "pretrained": None, "checkpoint": None, "descriptive_names": False,
         "key_smoothing": 0.0, "prompt_denoising": 0.0, "logit_scale": 100.0, "feat_dim": None,
-        "pca_sample_images": 32, "proj_store": None, "batch_size": 8, "tiny": False, "random_init": False,
+        "pca_sample_images": 32, "proj_store": None, "batch_size": 8, "bf16": False, "tiny": False,
+        "random_init": False,
     }
     uses_gpu = True
     runtime_keys = ("batch_size",)
@@ -108,8 +111,8 @@ class MaskCLIPStage(Stage):
         c = self.config
         model, tokenizer, info = build_maskclip(c["model"], c["pretrained"], c["checkpoint"], image_size,
                                                 c["tiny"], c["random_init"], device=device)
-        pred = MaskCLIPPredictor(model, None, logit_scale=c["logit_scale"],
-                                 prompt_denoising=c["prompt_denoising"], key_smoothing=c["key_smoothing"])
+        pred = MaskCLIPPredictor(model, None, logit_scale=c["logit_scale"], prompt_denoising=c["prompt_denoising"],
+                                 key_smoothing=c["key_smoothing"], bf16=c["bf16"])
         pred.tokenizer, pred.info = tokenizer, info
         return pred
 
@@ -147,8 +150,7 @@ class MaskCLIPStage(Stage):
                               "descriptive_names": self.config["descriptive_names"]})
 
         def encode(images):
-            with torch.no_grad():
-                return predictor().model(torch.from_numpy(images)).float().cpu().numpy()
+            return predictor().features(torch.from_numpy(images))[0].cpu().numpy()
 
         ensure_projection(self, store, "clip/proj", "clip/proj_mean", encode)
 
