@@ -218,6 +218,45 @@ def spunet_small(in_channels: int, device="cpu") -> SparseUNet:
                       base=16, stem_kernel=3, algo=conv_algo(device))
 
 
+class GridContextMLP(nn.Module):
+    """A small from-scratch 3D network for CPU studies (not the paper's): a per-voxel MLP whose blocks also
+    see the mean feature of the coarser grid cells the voxel lies in (cells of ``scales`` voxels, pooled per
+    frame with scatter-mean). Context from a few voxels to a whole street in a handful of dense matrix
+    products: a CPU step costs a fraction of a sparse U-Net's, which spconv runs with its slow native
+    algorithm there. Output: per input voxel, in the input's order."""
+
+    def __init__(self, in_channels: int, width: int = 64, scales=(2, 4, 8, 16, 32), blocks: int = 3):
+        super().__init__()
+        self.scales = tuple(scales)
+        self.inp = nn.Sequential(nn.Linear(in_channels, width), nn.BatchNorm1d(width), nn.ReLU())
+        self.blocks = nn.ModuleList([
+            nn.Sequential(nn.Linear(width * (1 + len(self.scales)), width), nn.BatchNorm1d(width), nn.ReLU())
+            for _ in range(blocks)])
+        self.out_channels = width
+
+    def forward(self, feat: torch.Tensor, index: torch.Tensor, batch_size: int) -> torch.Tensor:
+        index = index.long()
+        cells = []
+        for s in self.scales:  # (frame, cell) -> dense cell id, and each cell's voxel count
+            c = index[:, 1:] // s
+            extent = c.max(0).values + 1 if len(c) else torch.ones(3, dtype=torch.long, device=c.device)
+            key = ((index[:, 0] * extent[0] + c[:, 0]) * extent[1] + c[:, 1]) * extent[2] + c[:, 2]
+            _, cell, count = torch.unique(key, return_inverse=True, return_counts=True)
+            cells.append((cell, count.unsqueeze(1).to(feat.dtype)))
+        x = self.inp(feat)
+        for block in self.blocks:
+            ctx = [torch.zeros(len(c), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, cell, x)[cell]
+                   / c[cell] for cell, c in cells]
+            x = x + block(torch.cat([x] + ctx, 1))
+        return x
+
+
+@MODELS_3D.register("grid_mlp_small")
+def grid_mlp_small(in_channels: int, device="cpu") -> GridContextMLP:
+    """CPU study network (see :class:`GridContextMLP`)."""
+    return GridContextMLP(in_channels)
+
+
 # -- heads ------------------------------------------------------------------------------------------
 class CNSModel(nn.Module):
     """Both networks and their heads.
