@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from train.models import MODELS_2D, MODELS_3D, CNSModel, conv_algo
+from train.models import MODELS_2D, MODELS_3D, CNSModel, PretrainedWeightsError, conv_algo
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,7 +43,7 @@ def test_small_3d_variant_and_the_cpu_algorithm():
     assert net(feat, index, 2).shape == (len(index), net.out_channels)
 
 
-@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "deeplabv3_mobilenet_v3"])
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "deeplabv3_mobilenet_v3", "unet_small"])
 def test_2d_nets_and_eq5_heads(name):
     text = torch.nn.functional.normalize(torch.randn(5, 16), dim=1)
     net2d = MODELS_2D.get(name)(pretrained=False)
@@ -60,3 +60,24 @@ def test_2d_nets_and_eq5_heads(name):
     model.set_text_embeddings(torch.nn.functional.normalize(torch.randn(3, 16), dim=1))
     with torch.no_grad():
         assert model(rgb, feat, index, inverse, 1)["logits3d"].shape[1] == 3
+
+
+def test_grid_context_mlp_follows_the_input_order_and_pools_per_frame():
+    net = MODELS_3D.get("grid_mlp_small")(4).eval()
+    index, feat = _voxels()
+    with torch.no_grad():
+        out = net(feat, index, 2)
+        perm = torch.randperm(len(index), generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(net(feat[perm], index[perm], 2), out[perm], atol=1e-5)
+        # frame 1's voxels never see frame 0's: changing frame 0 leaves frame 1's output as it was
+        other = feat.clone()
+        other[index[:, 0] == 0] += 5.0
+        moved = net(other, index, 2)
+    assert out.shape == (len(index), net.out_channels)
+    one = index[:, 0] == 1
+    assert torch.allclose(moved[one], out[one], atol=1e-5) and not torch.allclose(moved[~one], out[~one])
+
+
+def test_unet_small_has_no_pretrained_weights():
+    with pytest.raises(PretrainedWeightsError, match="unet_small"):
+        MODELS_2D.get("unet_small")(pretrained=True)
