@@ -4,7 +4,9 @@ A frame's data of a stage are read only when the stage's done marker covers the 
 stage is complete), so a store that a labelling job is still writing, or one that lacks later stages, shows
 what exists and nothing half-written. Metadata are never taken from the consolidated copy (a running stage
 may have created arrays since it was written). Until the ``correspond`` stage has finished every shard, the
-pairs of its done shards are read from their part files (``_parts/correspond``).
+pairs of its done shards are read from their part files (``_parts/correspond``). A store without points
+(``cns.modalities == ["images"]``, nuImages) has no ``points/*`` or ``pairs/*`` array at all: its frames own
+no points and no pairs, and only their images are read.
 """
 from __future__ import annotations
 
@@ -42,13 +44,16 @@ class StoreView:
         try:
             self.attrs = self.store.attrs
             self.tokens = np.asarray(self.store.array("frames/token")[:]).astype(str)
-            self.point_off = self.store.offsets("points")
+            self.has_points = "points" in self.attrs.modalities  # a 2D-only store (nuImages) has no points/pairs
             self.image_off = self.store.offsets("images")
+            # without points every frame owns none (no points/offsets array exists)
+            self.point_off = (self.store.offsets("points") if self.has_points
+                              else np.zeros(len(self.image_off), np.int64))
             self.image_names = np.asarray(self.store.array("images/name")[:]).astype(str)
         except (CacheError, TypeError, KeyError) as e:
             raise InspectError(f"{path}: the store was not planned completely ({e})") from None
         self.path = path
-        self.num_frames = len(self.point_off) - 1
+        self.num_frames = len(self.image_off) - 1
         self.class_names = list(self.attrs.class_names)
         self.shards = [tuple(s) for s in raw.get("shards") or [[0, self.num_frames]]]
         self._done: dict[str, np.ndarray] = {}
@@ -122,7 +127,7 @@ class StoreView:
         return Frame(self, index)
 
     def _pairs(self, f: int) -> dict | None:
-        if not self.done_frames("correspond")[f]:
+        if not self.has_points or not self.done_frames("correspond")[f]:
             return None
         if self.store.stage_complete("correspond") and "pairs/offsets" in self.store:
             off = self.store.offsets("pairs")
@@ -173,9 +178,8 @@ class Frame:
         key = ("points", name)
         if key not in self._cache:
             v = self.view
-            ok = v.readable(name, self.index)
             p0, p1 = int(v.point_off[self.index]), int(v.point_off[self.index + 1])
-            self._cache[key] = np.asarray(v.store.array(name)[p0:p1]) if ok else None
+            self._cache[key] = np.asarray(v.store.array(name)[p0:p1]) if v.readable(name, self.index) else None
         return self._cache[key]
 
     def images(self, name: str, local=None) -> np.ndarray | None:

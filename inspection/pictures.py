@@ -4,7 +4,8 @@ Per image: the image, its 2D ground truth, the raw and the SAM-refined CLIP labe
 projected points coloured by their label (ground truth where the store has it, else the transferred
 pseudo-label) and by depth, and with a run the 2D prediction and the points coloured by the 3D prediction.
 Per frame: bird's-eye views of the points coloured by their transferred labels (and ground truth and 3D
-prediction). Only what the store's done shards hold is drawn.
+prediction). Only what the store's done shards hold is drawn; a store without points (nuImages) gets the
+image pictures only.
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def frame_pictures(frame, images, scale: int = 2, predictions: dict | None = Non
     L = len(view.class_names)
     pics = FramePictures(frame, palette)
     pairs = frame.pairs
-    if pairs is None:
+    if not view.has_points:
+        pics.notes.append("the store has no points (a 2D-only store): no projected points, no bird's-eye view")
+    elif pairs is None:
         pics.notes.append("no pairs: the frame's correspond shard is not done")
     labels3d = point_label_sets(frame, predictions)
     pics.point_labels = labels3d

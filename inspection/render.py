@@ -284,7 +284,7 @@ def sam_figure(summary: dict):
     plt = _mpl()
     from matplotlib.ticker import MaxNLocator
     hist = summary["sam"]["mask_area_histogram"]
-    per_point = summary["pairs"]["pixels_per_point_histogram"]
+    per_point = (summary["pairs"] or {}).get("pixels_per_point_histogram", [])  # None: a store without points
     panels = [p for p, has in (("sam", summary["sam"]["masks"] > 0), ("pairs", len(per_point) > 0)) if has]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.75 * len(panels), 3.0), dpi=100, squeeze=False)
     for ax, panel in zip(axes[0], panels):

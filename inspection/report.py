@@ -1,10 +1,11 @@
 """``cns-cli inspect report``: one self-contained static HTML page (no server, no network).
 
 Every picture is a PNG inlined as a data URI; the interactive 3D views are plotly figures whose JavaScript
-library is embedded once in the page, so the file opens from disk in any browser, offline. Sections: the
-store's summary tables, its histograms as charts, pseudo-labels against ground truth (tables and confusion
-heat maps), with a run its evaluation tables against the baselines and the paper, its training curves and
-its predictions, and a gallery of frames with a 3D view of each frame's points.
+library is embedded once in the page (only when it has a 3D view), so the file opens from disk in any
+browser, offline. Sections: the store's summary tables, its histograms as charts, pseudo-labels against
+ground truth (tables and confusion heat maps), with a run its evaluation tables against the baselines and
+the paper, its training curves and its predictions, and a gallery of frames with a 3D view of each frame's
+points (a store without points: the image pictures only).
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def summary_section(s: dict, palette) -> str:
                                     ["schema version", s["schema_version"]],
                                     ["classes", f"{len(s['class_names'])} ({palette.name} colours)"],
                                     ["image size (H x W)", "x".join(map(str, s["image_size"]))],
-                                    ["frames / images / points", f"{s['frames']} / {s['images']} / {s['points']}"],
+                                    ["frames / images / points", f"{s['frames']} / {s['images']} / "
+                                     + (str(s["points"]) if s["points"] is not None else "no points (2D only)")],
                                     ["statistics over", f"{s['frames_sampled']} frame(s)"]]),
              "<h3>Stages</h3>",
              _table(["stage", "shards done", "frames done", "state", "failed frames"],
@@ -81,14 +83,18 @@ def summary_section(s: dict, palette) -> str:
                       "complete" if r["complete"] else ("partial" if r["done"] else "not run"), r["failed_frames"]]
                      for r in s["stages"]])]
     p = s["pairs"]
-    parts += ["<h3>Point-pixel pairs</h3>",
-              _table(["", "value"], [["frames with pairs", p["frames"]], ["pairs", p["pairs"]],
-                                     ["points with at least one pixel",
-                                      f"{p['points_with_pixel']} of {p['points']} ({_pct(p['share_points_with_pixel'])})"],
-                                     ["pixels per point", "-" if p["pixels_per_point"] is None
-                                      else f"{p['pixels_per_point']:.2f}"],
-                                     ["pixels per paired point", "-" if p["pixels_per_paired_point"] is None
-                                      else f"{p['pixels_per_paired_point']:.2f}"]])]
+    if p is None:
+        parts.append("<p class='note'>This store has no points (modalities: images only): no point-pixel pairs, "
+                     "no 3D rows, no bird's-eye or 3D views.</p>")
+    else:
+        parts += ["<h3>Point-pixel pairs</h3>",
+                  _table(["", "value"], [["frames with pairs", p["frames"]], ["pairs", p["pairs"]],
+                                         ["points with at least one pixel",
+                                          f"{p['points_with_pixel']} of {p['points']} ({_pct(p['share_points_with_pixel'])})"],
+                                         ["pixels per point", "-" if p["pixels_per_point"] is None
+                                          else f"{p['pixels_per_point']:.2f}"],
+                                         ["pixels per paired point", "-" if p["pixels_per_paired_point"] is None
+                                          else f"{p['pixels_per_paired_point']:.2f}"]])]
     m = s["sam"]
     if m["images"]:
         mp, cov, area = m["masks_per_image"], m["pixel_coverage"], m["mask_area_share"]
@@ -100,7 +106,7 @@ def summary_section(s: dict, palette) -> str:
                            _pct(cov["max"])]]
                          + ([["mask area (share of the image)", _pct(area["mean"]), _pct(area["min"]),
                               _pct(area["median"]), _pct(area["max"])]] if area["n"] else []))]
-    if p["frames"] or m["images"]:
+    if (p is not None and p["frames"]) or m["images"]:
         parts.append(_img(render.png_bytes(render.sam_figure(s)), "SAM mask areas and pairs per point", "chart"))
     raw, ref = s["labels"]["clip/label"], s["labels"]["clip/label_refined"]
     if raw["pixels"] or ref["pixels"]:
@@ -117,7 +123,8 @@ def summary_section(s: dict, palette) -> str:
     if g["rows"]:
         names = s["class_names"]
         parts += ["<h3>Pseudo-labels against ground truth (IoU %)</h3>",
-                  f"<p>2D ground truth: {html.escape(str(g['image_gt']))}; 3D: points/gt. The rows of "
+                  f"<p>2D ground truth: {html.escape(str(g['image_gt']))}; "
+                  f"{'3D: points/gt' if s['points'] is not None else 'no 3D rows (no points)'}. The rows of "
                   f"<code>cns-cli eval</code>'s label-only baselines.</p>",
                   _table(["row", "mIoU"] + names, _iou_rows(g["rows"], names, ROW_TITLES))]
         from train.evaluate import ConfusionMatrix
@@ -278,7 +285,8 @@ def build_report(view, out_dir, num_frames: int = 4, images_per_frame: int = 1, 
     body.append(gallery)
     page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>CNS report {html.escape(view.path.name)}</title><style>{CSS}</style>"
-            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>\n"
+            + (f"<script type='text/javascript'>{get_plotlyjs()}</script>" if "class='view3d'" in gallery else "")
+            + "</head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ wo_cns_3d   the same for ``clip/label_refined``
 =========== ===================================================================================
 
 The 2D ground truth is ``images/gt``; a store with point labels only scores the pixels labelled points
-project to (as ``cns-cli eval`` does).
+project to (as ``cns-cli eval`` does). A store without points (``modalities: ["images"]``, nuImages) has
+only the 2D rows; its ``points`` and ``pairs`` are ``None`` in the dict.
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def summarize(view: StoreView, max_frames: int | None = None, progress: bool = F
     out = {
         "store": str(view.path), "dataset": attrs.dataset, "split": attrs.split,
         "schema_version": attrs.schema_version, "class_names": names, "image_size": list(attrs.image_size),
-        "frames": view.num_frames, "images": int(view.image_off[-1]), "points": int(view.point_off[-1]),
+        "modalities": list(attrs.modalities), "frames": view.num_frames, "images": int(view.image_off[-1]),
+        "points": int(view.point_off[-1]) if view.has_points else None,
         "frames_sampled": int(len(frames)), "stages": view.stage_rows(),
     }
     pair_counts, pair_frames, pair_points = [], 0, 0
@@ -162,7 +164,7 @@ def summarize(view: StoreView, max_frames: int | None = None, progress: bool = F
 
     counts = np.concatenate(pair_counts) if pair_counts else np.zeros(0, np.int64)
     paired = counts > 0
-    out["pairs"] = {
+    out["pairs"] = None if not view.has_points else {
         "frames": pair_frames, "points": pair_points, "pairs": int(counts.sum()),
         "points_with_pixel": int(paired.sum()),
         "share_points_with_pixel": float(paired.mean()) if len(counts) else None,
@@ -206,7 +208,9 @@ def format_summary(s: dict) -> str:
     lines = [f"store     {s['store']}",
              f"dataset   {s['dataset']}/{s['split']}, schema {s['schema_version']}, {len(s['class_names'])} classes, "
              f"images {s['image_size'][0]}x{s['image_size'][1]}",
-             f"contents  {s['frames']} frames, {s['images']} images, {s['points']} points"
+             f"contents  {s['frames']} frames, {s['images']} images, "
+             + (f"{s['points']} points" if s["points"] is not None else "no points (a 2D-only store: no point "
+                                                                       "clouds, no pairs, no 3D rows)")
              + (f"  (statistics over {s['frames_sampled']} frames spread evenly)"
                 if s["frames_sampled"] < s["frames"] else ""),
              "", f"{'stage':<11} {'shards':>9} {'frames':>9}  state"]
@@ -216,8 +220,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"{r['stage']:<11} {r['done']:>4}/{r['total']:<4} {r['frames_done']:>4}/{s['frames']:<4}  "
                      f"{state}{fail}")
     p = s["pairs"]
-    lines += ["", f"pairs     {p['pairs']} point-pixel pairs over {p['frames']} frames"]
-    if p["points"]:
+    if p is not None:
+        lines += ["", f"pairs     {p['pairs']} point-pixel pairs over {p['frames']} frames"]
+    if p is not None and p["points"]:
         lines.append(f"          points with a pixel {p['points_with_pixel']}/{p['points']} "
                      f"({_pct(p['share_points_with_pixel'])}); pixels per point {_num(p['pixels_per_point'], '.2f')}, "
                      f"per paired point {_num(p['pixels_per_paired_point'], '.2f')}")
@@ -253,7 +258,8 @@ def format_summary(s: dict) -> str:
     if g["rows"]:
         names = s["class_names"]
         width = max(len(ROW_TITLES[k]) for k in g["rows"])
-        lines += ["", f"pseudo-labels against ground truth (2D: {g['image_gt'] or '-'}; 3D: points/gt), IoU %",
+        lines += ["", f"pseudo-labels against ground truth (2D: {g['image_gt'] or '-'}"
+                      + ("; 3D: points/gt" if s["points"] is not None else "; no 3D rows: no points") + "), IoU %",
                   f"{'row':<{width}}  {'mIoU':>6}  " + " ".join(f"{n[:8]:>8}" for n in names)]
         for k, r in g["rows"].items():
             ious = " ".join(f"{'-' if r['iou'][n] is None else format(r['iou'][n], '.1f'):>8}" for n in names)
