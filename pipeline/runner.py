@@ -223,7 +223,8 @@ def task_shard(stage, store_dir: str, adapter_spec: dict, shard: Shard, device: 
     dev = _device(device)
     ctx = ShardContext(store=store, shard=shard, adapter=_adapter(adapter_spec) if stage.reads_dataset else None,
                        model=stage.get_model(dev), device=dev)
-    stats = stage.process_shard(ctx)
+    with stage.model_in_use(dev):  # one shard at a time per shared model (SAM's predictor is stateful)
+        stats = stage.process_shard(ctx)
     stats = {**base, **(stats or {}), "seconds": time.perf_counter() - t0,
              "timings": {k: round(v, 4) for k, v in ctx.timings.items()}}
     if ctx.failures:

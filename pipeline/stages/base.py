@@ -37,6 +37,7 @@ STAGES = Registry("stage")
 # Models live once per worker process, keyed by stage fingerprint and device (built on first use).
 _MODELS: dict = {}
 _MODELS_LOCK = threading.Lock()
+_MODEL_USE_LOCKS: dict = {}
 
 
 @dataclass(frozen=True)
@@ -127,13 +128,24 @@ class Stage:
     def build_model(self, device: str):
         return None
 
+    def _model_key(self, device: str) -> tuple:
+        return (self.name, json.dumps(self.fingerprint(), sort_keys=True, default=str), device)
+
     def get_model(self, device: str):
         """This process's model for the stage (``build_model`` runs once per process and fingerprint)."""
-        key = (self.name, json.dumps(self.fingerprint(), sort_keys=True, default=str), device)
+        key = self._model_key(device)
         with _MODELS_LOCK:
             if key not in _MODELS:
                 _MODELS[key] = self.build_model(device)
+                _MODEL_USE_LOCKS[key] = threading.Lock() if _MODELS[key] is not None else None
             return _MODELS[key]
+
+    def model_in_use(self, device: str):
+        """A lock a shard holds while it uses this process's model: the models are shared by the threads of
+        a worker, and some are stateful (SAM's predictor keeps the image it was last given), so two tasks of
+        one process must not run one model at once. A stage without a model gets a no-op context."""
+        self.get_model(device)
+        return _MODEL_USE_LOCKS.get(self._model_key(device)) or contextlib.nullcontext()
 
     def process_shard(self, ctx: ShardContext) -> dict:
         raise NotImplementedError
