@@ -20,6 +20,7 @@ SAM_MODEL ?=
 SAM_POINTS ?=
 SIMULATE ?=
 LABELS_ARGS ?=
+FRAMES ?=  # make bench-scale: copies of the nuScenes keyframe (default 2000)
 
 # make train / make eval variables (passed through to `cns-cli train` / `cns-cli eval`)
 STORE ?= $(CACHE)/$(DATASET)-train.zarr
@@ -31,7 +32,7 @@ EVAL_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install test test-all labels train eval weights bench bench-stages clean
+.PHONY: help install test test-all labels train eval weights bench bench-stages bench-scale clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -74,6 +75,9 @@ bench:  ## the quick benchmarks (correspondences, Eq. 4 refine, synthetic scenes
 
 bench-stages:  ## model-stage throughput and cache bytes per image (real architectures, random weights; slow on CPU)
 	$(BIN)/python bench/bench_stages.py
+
+bench-scale:  ## scale rehearsal: the nuScenes keyframe x FRAMES (2000): planning, correspond 1 vs 2 workers, pairs commit
+	$(BIN)/python bench/bench_scale.py $(call opt,--frames,$(FRAMES))
 
 clean:  ## remove caches of Python and pytest
 	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache

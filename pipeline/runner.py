@@ -241,8 +241,9 @@ def task_finalize(stage, store_dir: str, num_shards: int, *deps):
     store = Store(store_dir, mode="a")
     if any(not store.is_done(stage.name, s) for s in range(num_shards)):
         return {"stage": stage.name, "finalized": False}
+    t0 = time.perf_counter()
     stage.finalize(store, map_tasks)
-    store.mark_done(stage.name, "_complete", {"shards": num_shards})
+    store.mark_done(stage.name, "_complete", {"shards": num_shards, "finalize_s": time.perf_counter() - t0})
     store.remove_parts(stage.name)
     return {"stage": stage.name, "finalized": True}
 

@@ -6,7 +6,7 @@ import pytest
 
 from data_cache.store import Store
 from data_cache.validate import validate_store
-from pipeline.datasets import build_adapter
+from pipeline.datasets import DatasetError, build_adapter
 from pipeline.projection import project_points
 from pipeline.runner import run_labels
 
@@ -34,6 +34,25 @@ def test_nuscenes_counts_match_devkit(nusc_adapter):
         # same points at the same pixels: the devkit keeps the surviving columns in input order
         np.testing.assert_allclose(uv.T, devkit_points[:2], atol=0.05)  # the devkit computes in float32
         np.testing.assert_allclose(z, devkit_depth, atol=1e-3)
+
+
+def test_nuscenes_replicated_keyframe(nuscenes_root, tmp_path, nusc_adapter):
+    """The scale-rehearsal option: the keyframe three times under distinct tokens, the same data each time."""
+    summary = run_labels("nuscenes", tmp_path, "correspond", data_root=nuscenes_root, split="all", shard_size=2,
+                         dataset_options={"replicate": 3}, workers=0, progress=False)
+    assert not summary.failed_frames and validate_store(summary.store).ok
+    store = Store(summary.store)
+    token = nusc_adapter.frames()[0].token
+    assert list(store.array("frames/token")[:]) == [token, f"{token}~1", f"{token}~2"]
+    assert store.attrs.dataset_config["replicate"] == 3 and "replicate" not in nusc_adapter.config()
+    p, i, k = store.offsets("points"), store.offsets("images"), store.offsets("pairs")
+    for name, off in (("points/xyz", p), ("images/rgb", i), ("pairs/point", k), ("pairs/uv", k)):
+        arr = store.array(name)[:]
+        for f in (1, 2):
+            np.testing.assert_array_equal(arr[off[f]:off[f + 1]], arr[off[0]:off[1]], err_msg=name)
+    np.testing.assert_array_equal(store.array("pairs/image")[k[2]:k[3]], store.array("pairs/image")[k[0]:k[1]] + 12)
+    with pytest.raises(DatasetError, match="replicate=0 must be an integer >= 1"):
+        build_adapter("nuscenes", nuscenes_root, split="all", replicate=0)
 
 
 def test_nuscenes_store_pairs(nuscenes_root, tmp_path, nusc_adapter):

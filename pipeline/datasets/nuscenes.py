@@ -8,6 +8,8 @@
   lidar -> ego(t_lidar) -> global -> ego(t_camera) -> camera, so the ego motion between the LiDAR and each
   camera's timestamp is compensated.
 * Images (1600x900) are resized to the training resolution 224x416.
+* ``replicate=N`` (a scale rehearsal, ``bench/bench_scale.py``): every keyframe of the split N times, copy ``r``
+  under the distinct token ``<sample_data token>~<r>`` (copy 0 keeps its own token).
 """
 from __future__ import annotations
 
@@ -33,9 +35,17 @@ class NuScenesDataset(DatasetAdapter):
     min_depth = 1.0
     voxel_size = 0.1
 
-    def __init__(self, root=None, split: str = "train", version: str | None = None, **options):
+    def __init__(self, root=None, split: str = "train", version: str | None = None, replicate: int = 1, **options):
         if root is None:
             raise DatasetError("nuScenes needs a data root (--data-root / DATA_ROOT=/path/to/nuscenes)")
+        try:
+            self.replicate = int(replicate)
+            if self.replicate != replicate or self.replicate < 1:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise DatasetError(f"nuScenes option replicate={replicate!r} must be an integer >= 1") from None
+        if self.replicate > 1:
+            options["replicate"] = self.replicate  # recorded in the store's dataset_config
         super().__init__(root, split, **options)
         if not self.root.is_dir():
             raise DatasetError("the nuScenes data root does not exist", file=self.root)
@@ -93,15 +103,18 @@ class NuScenesDataset(DatasetAdapter):
             raise DatasetError(f"split '{self.split}' has no scenes in {self.version}", file=self.root)
         return tokens
 
+    @cached_property
+    def _frame_tokens(self) -> list[tuple[str, str]]:
+        """(frame token, LiDAR sample_data token) of every frame (``replicate`` copies of each keyframe)."""
+        return [(t if r == 0 else f"{t}~{r}", t) for r in range(self.replicate) for t in self._lidar_tokens]
+
     def frames(self) -> list[FrameInfo]:
-        out = []
+        files = {}
         for token in self._lidar_tokens:
-            sd = self.nusc.get("sample_data", token)
-            path = self.root / sd["filename"]
-            size = path.stat().st_size if path.exists() else 0
-            out.append(FrameInfo(token=token, num_points=size // (4 * POINT_COLUMNS), image_names=list(CAMERAS),
-                                 points_file=str(path)))
-        return out
+            path = self.root / self.nusc.get("sample_data", token)["filename"]
+            files[token] = (path, path.stat().st_size if path.exists() else 0)
+        return [FrameInfo(token=token, num_points=files[lidar][1] // (4 * POINT_COLUMNS), image_names=list(CAMERAS),
+                          points_file=str(files[lidar][0])) for token, lidar in self._frame_tokens]
 
     # -- loading ------------------------------------------------------------------------------------
     def _pose(self, table: str, token: str, frame: str, inverse: bool = False) -> np.ndarray:
@@ -117,9 +130,10 @@ class NuScenesDataset(DatasetAdapter):
                                f"{np.linalg.norm(q):.4f}), i.e. a non-orthonormal rotation", frame, table_file)
         return transform_matrix(t, Quaternion(q), inverse=inverse)
 
-    def lidar_to_camera(self, lidar_sd: dict, cam_sd: dict) -> np.ndarray:
-        """4x4 transform from the LiDAR frame at its timestamp into the camera at the camera's timestamp."""
-        frame = lidar_sd["token"]
+    def lidar_to_camera(self, lidar_sd: dict, cam_sd: dict, frame: str | None = None) -> np.ndarray:
+        """4x4 transform from the LiDAR frame at its timestamp into the camera at the camera's timestamp
+        (``frame``: the frame token errors name, by default the LiDAR sample_data token)."""
+        frame = frame or lidar_sd["token"]
         lidar2ego = self._pose("calibrated_sensor", lidar_sd["calibrated_sensor_token"], frame)
         ego2global = self._pose("ego_pose", lidar_sd["ego_pose_token"], frame)
         global2ego_cam = self._pose("ego_pose", cam_sd["ego_pose_token"], frame, inverse=True)
@@ -127,8 +141,8 @@ class NuScenesDataset(DatasetAdapter):
         return ego2cam @ global2ego_cam @ ego2global @ lidar2ego
 
     def load(self, index: int) -> Frame:
-        token = self._lidar_tokens[index]
-        lidar_sd = self.nusc.get("sample_data", token)
+        token, lidar_token = self._frame_tokens[index]
+        lidar_sd = self.nusc.get("sample_data", lidar_token)
         path = self.root / lidar_sd["filename"]
         raw = read_float_records(path, POINT_COLUMNS, token)
         xyz = np.ascontiguousarray(raw[:, :3])
@@ -147,16 +161,16 @@ class NuScenesDataset(DatasetAdapter):
             if k.shape != (3, 3) or not np.isfinite(k).all():
                 raise DatasetError(f"{cam} has malformed intrinsics", token, self.root / self.version /
                                    "calibrated_sensor.json")
-            t = self.lidar_to_camera(lidar_sd, cam_sd)
+            t = self.lidar_to_camera(lidar_sd, cam_sd, token)
             check_rigid(t, f"lidar->{cam} transform", token, str(cam_path))
             images.append(ImageRecord(name=cam, file=str(cam_path), rgb=rgb, intrinsics=k, points_to_camera=t))
         return Frame(token=token, points_file=str(path), xyz=xyz, feat=feat.astype(np.float32), images=images,
-                     gt=self._load_gt(token, len(xyz)))
+                     gt=self._load_gt(token, lidar_token, len(xyz)))
 
-    def _load_gt(self, token: str, num_points: int) -> np.ndarray | None:
+    def _load_gt(self, token: str, lidar_token: str, num_points: int) -> np.ndarray | None:
         if not getattr(self.nusc, "lidarseg", None):
             return None
-        rec = self.nusc.get("lidarseg", token)
+        rec = self.nusc.get("lidarseg", lidar_token)
         path = self.root / rec["filename"]
         try:
             fine = np.fromfile(path, dtype=np.uint8)

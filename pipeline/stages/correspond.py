@@ -169,8 +169,8 @@ class CorrespondStage(Stage):
         ``pairs/offsets`` comes from the parts' per-frame counts alone; then one task per zarr shard of the
         pairs arrays (:func:`commit_pairs_block`, run by ``map_tasks(fn, jobs)``: the dask cluster's tasks
         from the runner, else a loop here) reads the parts that overlap its rows and writes its zarr shard
-        of every pairs array whole: one writer per zarr shard, no lock, no part held in memory beyond its
-        block. Finally the arrays are fsynced. Run again after a crash, it rewrites everything from the parts.
+        of every pairs array whole: one writer per zarr shard, no lock, in memory only the parts that
+        overlap its block. Finally the arrays are fsynced. Run again after a crash, it rewrites everything from the parts.
         """
         if "points" not in store.attrs.modalities:
             return  # a store without points has no pairs

@@ -1,0 +1,265 @@
+"""Scale rehearsal of the ``correspond`` stage and the pairs commit (issue 12, item 5: the correspond part).
+
+The real nuScenes keyframe of ``../shared/data/nuscenes_sample`` (34 688 points, 6 cameras, 22 103 pairs)
+replicated N times under distinct tokens (the nuScenes dataset option ``replicate=N``). Measured:
+
+1. planning: the adapter, the frame list and the store's frame-level arrays (``plan_store``);
+2. correspond frames/s on a dask ``LocalCluster`` of 1 and of 2 worker processes (one thread each), over the
+   shards phase: from the first shard's start to the last shard's done marker (cluster start-up and the
+   commit excluded); the ratio 2 : 1;
+3. the pairs commit on the same parts: the old single writer (every part in memory, one sequential writer
+   of whole zarr shards: the code the parallel commit replaced, kept here as the baseline), the new commit
+   in one process (a loop over the zarr-shard tasks), and the new commit as tasks of 1 and 2 workers; every
+   variant's arrays are checked equal (the new commit fsyncs the pairs, the old writer did not: the fsync
+   alone is timed after the old writer); with ``--commit-frames M`` also at M frames, on parts that tile the
+   keyframe's real pairs (a commit rehearsal without M correspond frames);
+4. bytes per frame of the store, by array group;
+5. each worker's RSS, sampled every second during the correspond run: first sample, the sample a tenth into
+   the run, max and last.
+
+    python bench/bench_scale.py [--frames 2000] [--commit-frames M] [--shard-size 32]
+                                [--out bench/results/bench_scale.json]
+
+The store of each run is written under a temporary folder and deleted at the end (``--keep`` keeps it).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_stages import array_bytes  # bench/ is on sys.path when this script runs
+
+from data_cache.store import Store
+from pipeline.datasets import build_adapter
+from pipeline.runner import map_tasks, plan_store, run_labels
+from pipeline.stages.correspond import PAIR_ARRAYS, CorrespondStage
+
+FIXTURE = Path(os.environ.get("CNS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \
+    / "nuscenes_sample"
+GROUPS = ("frames", "points", "images", "pairs")
+
+
+def _rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+class RssSampler(threading.Thread):
+    """Every worker's RSS once a second, while the run goes on."""
+
+    def __init__(self, client, period: float = 1.0):
+        super().__init__(daemon=True)
+        self.client, self.period, self.samples, self.stop = client, period, {}, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                for worker, rss in self.client.run(_rss).items():
+                    self.samples.setdefault(worker, []).append(rss)
+            except Exception:  # noqa: BLE001 — a worker between tasks may not answer; the next sample will
+                pass
+            self.stop.wait(self.period)
+
+    def summary(self) -> dict:
+        mib = 1 << 20
+        # "after_10pct": the sample a tenth into the run (imports done, first shard under way): the level any
+        # growth is measured from
+        return {w: {"first_mib": round(s[0] / mib), "after_10pct_mib": round(s[len(s) // 10] / mib),
+                    "max_mib": round(max(s) / mib), "last_mib": round(s[-1] / mib), "samples": len(s)}
+                for w, s in sorted(self.samples.items()) if s}
+
+
+def shards_phase(store: Store) -> float:
+    """Seconds from the first correspond shard's start to the last shard's done marker."""
+    starts, ends = [], []
+    for s in range(len(store.raw_attrs["shards"])):
+        marker = store.path / "_done" / "correspond" / f"{s:05d}.json"
+        end = marker.stat().st_mtime
+        starts.append(end - json.loads(marker.read_text())["seconds"])
+        ends.append(end)
+    return max(ends) - min(starts)
+
+
+def pairs_digest(store: Store) -> str:
+    h = hashlib.sha256()
+    for name in ("pairs/offsets",) + PAIR_ARRAYS:
+        h.update(np.ascontiguousarray(store.array(name)[:]).tobytes())
+    return h.hexdigest()
+
+
+def correspond_run(cache: Path, frames: int, workers: int, shard_size: int) -> dict:
+    from distributed import Client, LocalCluster
+    adapter = build_adapter("nuscenes", FIXTURE, split="all", replicate=frames)
+    t0 = time.perf_counter()
+    adapter.frames()
+    store = plan_store(adapter, cache / "nuscenes-all.zarr", shard_size)
+    plan_s = time.perf_counter() - t0
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        sampler = RssSampler(client)
+        sampler.start()
+        t0 = time.perf_counter()
+        summary = run_labels("nuscenes", cache, "correspond", data_root=FIXTURE, split="all",
+                             dataset_options={"replicate": frames}, shard_size=shard_size,
+                             scheduler=cluster.scheduler_address, threads_per_worker=1, progress=False)
+        wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
+    if summary.failed_frames:
+        raise RuntimeError(summary.failed_frames[0]["error"])
+    store = Store(summary.store)
+    phase = shards_phase(store)
+    return {"workers": workers, "plan_s": round(plan_s, 2), "run_wall_s": round(wall, 2),
+            "shards_phase_s": round(phase, 2), "frames_per_s": round(frames / phase, 3),
+            "commit_in_run_s": round(store.done_info("correspond", "_complete")["finalize_s"], 3),
+            "worker_rss": sampler.summary(), "store": str(summary.store)}
+
+
+def rebuild_parts(store: Store) -> None:
+    """The part files the shards wrote (the runner deleted them after the commit), from the committed pairs."""
+    off = store.offsets("pairs")
+    for s, (a, b) in enumerate(store.raw_attrs["shards"]):
+        rows = slice(int(off[a]), int(off[b]))
+        store.write_part("correspond", s, counts=np.diff(off[a:b + 1]),
+                         **{k.replace("/", "__"): store.array(k)[rows] for k in PAIR_ARRAYS})
+
+
+def old_single_writer_commit(store: Store) -> None:
+    """The pairs commit before the parallel one (the baseline): every part in memory, one sequential writer."""
+    num_shards = len(store.raw_attrs["shards"])
+    parts = [store.read_part("correspond", s) for s in range(num_shards)]
+    counts = np.concatenate([p["counts"] for p in parts])
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    store.set_dims(K=int(offsets[-1]))
+    store.create_array("pairs/offsets", overwrite=True)[:] = offsets
+    for name in PAIR_ARRAYS:
+        arr = store.create_array(name, overwrite=True)
+        block = (arr.shards or arr.chunks)[0]
+        buffered, start, held = [], 0, 0
+        for values in (p[name.replace("/", "__")] for p in parts):
+            buffered.append(values)
+            held += len(values)
+            if held >= block:
+                data = np.concatenate(buffered)
+                n = held // block * block
+                arr[start:start + n] = data[:n]
+                start += n
+                buffered, held = [data[n:]], held - n
+        if held:
+            arr[start:start + held] = np.concatenate(buffered)
+
+
+def _commit_on_cluster(store_dir: str) -> None:
+    CorrespondStage().finalize(Store(store_dir, mode="a"), map_tasks)
+
+
+def tiled_parts_store(cache: Path, frames: int, shard_size: int) -> str:
+    """A store planned for ``frames`` copies of the keyframe whose correspond parts are the keyframe's real
+    pairs, tiled (the pairs commit at N frames without running correspond N times)."""
+    one = run_labels("nuscenes", cache / "one", "correspond", data_root=FIXTURE, split="all", workers=0,
+                     progress=False)
+    src = Store(one.store)
+    pairs = {k.replace("/", "__"): src.array(k)[:] for k in PAIR_ARRAYS}
+    images = int(src.offsets("images")[-1])
+    store = plan_store(build_adapter("nuscenes", FIXTURE, split="all", replicate=frames),
+                       cache / "nuscenes-all.zarr", shard_size)
+    for s, (a, b) in enumerate(store.raw_attrs["shards"]):
+        n = b - a
+        part = {k: np.concatenate([v] * n) for k, v in pairs.items()}
+        part["pairs__image"] = part["pairs__image"] + np.repeat(np.arange(a, b, dtype=np.int32) * images,
+                                                                len(pairs["pairs__image"]))
+        store.write_part("correspond", s, counts=np.full(n, len(pairs["pairs__point"]), np.int64), **part)
+    return str(store.path)
+
+
+def commit_variants(store_dir: str) -> dict:
+    """Time every commit variant on the store's parts (which must exist); all must write the same pairs."""
+    from distributed import Client, LocalCluster
+    out, want = {}, []
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        fn()
+        out[name] = round(time.perf_counter() - t0, 3)
+        want.append(pairs_digest(Store(store_dir)))
+        if want[-1] != want[0]:
+            raise RuntimeError(f"{name}: the committed pairs differ from the old single writer's")
+
+    timed("old_single_writer_s", lambda: old_single_writer_commit(Store(store_dir, mode="a")))
+    # the old writer never fsynced; the new commit does (before the parts may be deleted): its share
+    timed("fsync_of_the_pairs_s", lambda: Store(store_dir).sync(("pairs/offsets",) + PAIR_ARRAYS))
+    store = Store(store_dir)
+    out["pairs"] = int(store.offsets("pairs")[-1])
+    out["zarr_shards"] = -(-out["pairs"] // store.array("pairs/point").shards[0])
+    timed("parallel_in_process_s", lambda: CorrespondStage().finalize(Store(store_dir, mode="a")))
+    for workers in (1, 2):
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            client.submit(sum, [1]).result()  # workers up before the clock starts
+            timed(f"parallel_{workers}_workers_s", lambda: client.submit(_commit_on_cluster, store_dir).result())
+    Store(store_dir, mode="a").remove_parts("correspond")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, default=2000, help="copies of the keyframe (N)")
+    p.add_argument("--shard-size", type=int, default=32, help="frames per work shard (the nuScenes default)")
+    p.add_argument("--commit-frames", type=int, default=None,
+                   help="also time the pairs commit at this many frames, on the keyframe's parts tiled "
+                        "(correspond itself is not run that many times)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_scale.json"))
+    p.add_argument("--keep", action="store_true")
+    a = p.parse_args()
+    if not (FIXTURE / "v1.0-mini").exists():
+        raise SystemExit(f"the nuScenes fixture is not at {FIXTURE} (set CNS_SHARED_DATA)")
+    tmp = Path(tempfile.mkdtemp(prefix="cns-bench-scale-"))
+    result = {"frames": a.frames, "shard_size": a.shard_size, "cpu_count": os.cpu_count(),
+              "load_average_at_start": os.getloadavg(), "machine": platform.platform(), "runs": []}
+    try:
+        for workers in (1, 2):
+            run = correspond_run(tmp / f"w{workers}", a.frames, workers, a.shard_size)
+            result["runs"].append(run)
+            print(f"correspond, {workers} worker(s): plan {run['plan_s']} s, {run['frames_per_s']} frames/s over "
+                  f"{run['shards_phase_s']} s, commit in the run {run['commit_in_run_s']} s, worker RSS "
+                  f"{run['worker_rss']}", flush=True)
+        r1, r2 = result["runs"]
+        result["ratio_2_to_1"] = round(r2["frames_per_s"] / r1["frames_per_s"], 3)
+        store_dir = r1["store"]
+        sizes = {g: array_bytes(Store(store_dir), g) for g in GROUPS}  # data files, not zarr.json
+        result["bytes_per_frame"] = {g: round(b / a.frames) for g, b in sizes.items()}
+        result["bytes_per_frame"]["total"] = round(sum(sizes.values()) / a.frames)
+        rebuild_parts(Store(store_dir, mode="a"))
+        result["commit"] = commit_variants(store_dir)
+        print(f"ratio 2:1 workers {result['ratio_2_to_1']}; bytes per frame {result['bytes_per_frame']}; "
+              f"commit {result['commit']}", flush=True)
+        if a.commit_frames and a.commit_frames != a.frames:
+            result["commit_tiled"] = {"frames": a.commit_frames,
+                                      **commit_variants(tiled_parts_store(tmp / "tiled", a.commit_frames,
+                                                                          a.shard_size))}
+            print(f"commit at {a.commit_frames} frames (the keyframe's parts tiled): {result['commit_tiled']}")
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        for run in result["runs"]:
+            run.pop("store")
+        result["load_average_at_end"] = os.getloadavg()
+        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"written {a.out}")
+    finally:
+        if a.keep:
+            print(f"stores kept under {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
