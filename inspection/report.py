@@ -279,6 +279,8 @@ def build_report(view, out_dir, num_frames: int = 4, images_per_frame: int = 1, 
     body = [f"<h1>CNS cache report: {html.escape(view.path.name)}</h1>",
             f"<p>{html.escape(str(view.path))} &middot; generated "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} by <code>cns-cli inspect report</code></p>",
+            *([f"<p class='simulated'><strong>{html.escape(s['simulated'])}</strong></p>"] if s.get("simulated")
+              else []),
             summary_section(s, palette)]
     if run is not None:
         body.append(run_section(run, view.attrs.dataset, view.class_names, confusions, len(frames)))

@@ -24,6 +24,8 @@ import torch
 
 from data_cache.schema import IGNORE_INDEX
 
+from data_cache.validate import simulated_note
+
 from .frames import StoreView
 
 #: pseudo-label rows: key -> (label array, dimension)
@@ -116,6 +118,7 @@ def summarize(view: StoreView, max_frames: int | None = None, progress: bool = F
         "modalities": list(attrs.modalities), "frames": view.num_frames, "images": int(view.image_off[-1]),
         "points": int(view.point_off[-1]) if view.has_points else None,
         "frames_sampled": int(len(frames)), "stages": view.stage_rows(),
+        "simulated": simulated_note(view.store),
     }
     pair_counts, pair_frames, pair_points = [], 0, 0
     masks_per_image, coverage, mask_areas, sam_images = [], [], [], 0
@@ -205,7 +208,8 @@ def _num(x, fmt=".1f") -> str:
 def format_summary(s: dict) -> str:
     """The summary as plain-text tables."""
     from train.evaluate import ROW_TITLES
-    lines = [f"store     {s['store']}",
+    lines = ([f"NOTE      {s['simulated']}"] if s.get("simulated") else []) + [
+             f"store     {s['store']}",
              f"dataset   {s['dataset']}/{s['split']}, schema {s['schema_version']}, {len(s['class_names'])} classes, "
              f"images {s['image_size'][0]}x{s['image_size'][1]}",
              f"contents  {s['frames']} frames, {s['images']} images, "

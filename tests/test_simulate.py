@@ -194,6 +194,29 @@ def test_cache_status_and_validate_say_simulated(street_store):
     assert val.exit_code == 0 and "SIMULATED" in val.output and "OK:" in val.output
 
 
+def test_eval_and_inspect_say_simulated_and_open_vocabulary_is_refused(street_store, tmp_path):
+    runner = CliRunner()
+    ev = runner.invoke(cli_main, ["eval", "--cache", str(street_store), "--config", "synthetic_street_cpu",
+                                  "--out", str(tmp_path / "m.json")])
+    assert ev.exit_code == 0, ev.output
+    assert ev.output.startswith("NOTE: SIMULATED foundation models")
+    assert json.loads((tmp_path / "m.json").read_text())["simulated"][0].startswith("SIMULATED")
+    summary = runner.invoke(cli_main, ["inspect", "summary", str(street_store), "--max-frames", "1"])
+    assert summary.exit_code == 0 and summary.output.startswith("NOTE      SIMULATED"), summary.output
+    report = runner.invoke(cli_main, ["inspect", "report", str(street_store), "--out", str(tmp_path / "r"),
+                                      "--frames", "1", "--max-frames", "1"])
+    assert report.exit_code == 0, report.output
+    assert "SIMULATED foundation models" in (tmp_path / "r" / "report.html").read_text()
+    from train.commands import eval_cmd
+    from train.config import load_config as train_config
+    run = tmp_path / "run"  # --classes is refused before any checkpoint is read
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(train_config("synthetic_street_cpu")))
+    (run / "checkpoints" / "last.pth").write_bytes(b"")
+    refused = runner.invoke(eval_cmd, ["--cache", str(street_store), "--run", str(run), "--classes", "car,road"])
+    assert refused.exit_code != 0 and "simulated" in refused.output
+
+
 def test_real_store_is_not_marked(tmp_path):
     run_labels("synthetic", tmp_path, "correspond", dataset_options={"num_scenes": 1}, workers=0, progress=False)
     st = Store(tmp_path / "synthetic-train.zarr")

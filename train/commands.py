@@ -116,6 +116,10 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
         info = check_stores(list(caches), cfg, for_training=False)
     except (ConfigError, StoreMismatch, CacheError) as e:
         _fail(e)
+    from data_cache.store import Store
+    if classes and any(Store(c).simulated_stages() for c in caches):
+        _fail(click.UsageError("--classes needs a store of real CLIP labels: this store's are simulated from the "
+                               "ground truth (a benchmark store), there is no CLIP text space to embed in"))
     model = None
     if state_path is not None:
         if not state_path.exists():

@@ -202,9 +202,13 @@ def evaluate(model, store_paths, cfg: dict, device, with_baselines: bool = True,
             if src in summary:
                 summary[f"headline_{dim}"] = summary[src]
     gt2d_sources = sorted({m["image_gt_source"] for m in ds.meta})
+    from data_cache.store import Store
+    from data_cache.validate import simulated_note
+    simulated = sorted({n for n in (simulated_note(Store(p)) for p in store_paths) if n})
     return {"rows": summary, "class_names": names, "post_refine": bool(post_refine),
             "dataset": _dataset_name(store_paths[0]), "stores": store_label(store_paths), "open_vocabulary": open_vocab,
-            "gt2d": " + ".join(gt2d_sources), "batch_statistics": bool(batch_statistics)}
+            "gt2d": " + ".join(gt2d_sources), "batch_statistics": bool(batch_statistics),
+            "simulated": simulated}
 
 
 def _dataset_name(path) -> str:
@@ -247,7 +251,7 @@ ROW_TITLES = {
 
 def format_tables(result: dict) -> str:
     names = result["class_names"]
-    lines = []
+    lines = [f"NOTE: {note}" for note in result.get("simulated", [])]
     rows = [k for k in ROW_TITLES if k in result["rows"]]
     width = max([len(ROW_TITLES[k]) for k in rows] + [30])
     short = [n[:8] for n in names]
