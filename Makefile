@@ -32,7 +32,7 @@ EVAL_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install test test-all labels train eval weights bench bench-stages bench-scale clean
+.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,11 +45,41 @@ install:  ## create .venv and install the project with every dependency
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[test]'
+	touch $(VENV)/.installed
 
-test:  ## run the test suite (CPU, a few minutes)
+# make test / make demo on a fresh clone: install first when nothing is installed yet
+$(VENV)/.installed:
+	$(MAKE) install
+
+# make demo: the whole system offline on small synthetic streets, in DEMO (about 10 minutes on 2 CPU cores)
+DEMO ?= runs/demo
+DEMO_SCENES ?= 8
+DEMO_LABELS = $(if $(and $(CLIP_CKPT),$(SAM_CKPT)),--clip-checkpoint $(CLIP_CKPT) --sam-checkpoint $(SAM_CKPT),--simulate default)
+
+demo: $(VENV)/.installed  ## the whole system offline: synthetic data, labels, CNS training, eval, HTML report
+	@if [ -n "$(CLIP_CKPT)" ] && [ -n "$(SAM_CKPT)" ]; then \
+	  echo "make demo: pseudo-labels from the real CLIP ($(CLIP_CKPT)) and SAM ($(SAM_CKPT)) checkpoints"; \
+	else \
+	  echo "make demo: no CLIP_CKPT/SAM_CKPT given -- pseudo-labels from the SIMULATED foundation models (a benchmark component, docs/simulate.md), not from CLIP/SAM"; \
+	fi
+	@echo "[1/5] synthetic street scenes, correspondences and pseudo-labels -> $(DEMO)/cache"
+	@$(CLI) labels --dataset synthetic --cache $(DEMO)/cache --split train --workers 0 $(DEMO_LABELS) \
+	  --dataset-option kind=street --dataset-option num_scenes=$(DEMO_SCENES) --dataset-option cache_size=$(DEMO_SCENES)
+	@$(CLI) labels --dataset synthetic --cache $(DEMO)/cache --split val --workers 0 $(DEMO_LABELS) \
+	  --dataset-option kind=street --dataset-option num_scenes=3
+	@echo "[2/5] co-training the 2D and 3D networks on CPU (stage 1, then label switching) -> $(DEMO)/run"
+	@$(CLI) train --cache $(DEMO)/cache/synthetic-train.zarr --eval-cache $(DEMO)/cache/synthetic-val.zarr \
+	  --config demo_street_cpu --out $(DEMO)/run $(if $(wildcard $(DEMO)/run/checkpoints/last.pth),--resume,) > /dev/null
+	@echo "[3/5] evaluation on the val scenes against the baselines"
+	@$(CLI) eval --cache $(DEMO)/cache/synthetic-val.zarr --run $(DEMO)/run
+	@echo "[4/5] HTML report (pseudo-labels, predictions, training curves, mIoU table)"
+	@$(CLI) inspect report $(DEMO)/cache/synthetic-val.zarr --run $(DEMO)/run --out $(DEMO)/report --frames 3
+	@echo "[5/5] done. Report: $(DEMO)/report/report.html"
+
+test: $(VENV)/.installed  ## run the test suite (CPU; installs first on a fresh clone)
 	$(BIN)/python -m pytest -q -ra
 
-test-all:  ## the test suite including tests marked slow
+test-all: $(VENV)/.installed  ## the test suite including tests marked slow
 	$(BIN)/python -m pytest -q -ra --run-slow
 
 labels:  ## run the pseudo-label stages into CACHE (see variables above)
