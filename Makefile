@@ -30,7 +30,7 @@ EVAL_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install test test-all labels train eval weights bench bench-stages clean
+.PHONY: help install test test-all labels train eval weights bench bench-stages bench-sam clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -72,6 +72,9 @@ bench:  ## the quick benchmarks (correspondences, Eq. 4 refine, synthetic scenes
 
 bench-stages:  ## model-stage throughput and cache bytes per image (real architectures, random weights; slow on CPU)
 	$(BIN)/python bench/bench_stages.py
+
+bench-sam:  ## SAM per-image cost, upstream vs batched generator, projected GPU-hours (bench/results/sam.json; ~30 min on CPU)
+	$(BIN)/python bench/bench_sam.py
 
 clean:  ## remove caches of Python and pytest
 	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache

@@ -114,7 +114,8 @@ def bf16_effect(source: np.ndarray, a) -> dict:
         out[f"t{bf16}"] = time.perf_counter() - t0
     f, b = out[False], out[True]
     res = {"device": "cpu", "points_per_side": a.bf16_points,
-           "embedding_relative_error": round(float((f["embedding"] - b["embedding"]).norm() / f["embedding"].norm()), 5),
+           "embedding_relative_error": round(float((f["embedding"] - b["embedding"]).norm()
+                                                   / f["embedding"].norm()), 5),
            "masks_float32": len(f["masks"]), "masks_bf16": len(b["masks"]),
            "mean_best_match_iou_float32_to_bf16": round(best_match_iou(f["masks"], b["masks"]), 4),
            "mean_best_match_iou_bf16_to_float32": round(best_match_iou(b["masks"], f["masks"]), 4),
@@ -176,7 +177,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     source, where = camera_image()
     print(f"CPU: {os.cpu_count()} cores visible, torch threads {a.threads}, torch {torch.__version__}; "
-          f"SAM {a.model} (random weights), {a.points_per_side}x{a.points_per_side} prompts; image: {where}", flush=True)
+          f"SAM {a.model} (random weights), {a.points_per_side}x{a.points_per_side} prompts; image: {where}",
+          flush=True)
     results = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": platform.processor() or
                platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": a.threads, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

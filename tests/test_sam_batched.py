@@ -80,8 +80,9 @@ def test_batched_generator_equals_upstream(tiny, setting):
 
 class BlobDecoder:
     """A stand-in prompt encoder + mask decoder whose masks are discs around the prompt point (three radii,
-    the smallest with an island beside it, the largest with a hole), so that masks of crops survive the crop-edge filter (the
-    random model's masks span the image). Both generators use it; everything after the decoder is theirs.
+    the smallest with an island beside it, the largest with a hole), so that masks of crops survive the
+    crop-edge filter (the random model's masks span the image). Both generators use it; everything after
+    the decoder is theirs.
     """
 
     def __init__(self, sam):
@@ -137,6 +138,21 @@ def test_batched_generator_equals_upstream_with_crop_layers(min_area):
             assert max(parts) == 1, parts
         else:
             assert max(parts) > 1
+
+
+def test_crop_layers_at_another_output_size_follow_upstream():
+    """Crops of a 128x192 image, masks made at 64x96: close to upstream's crop masks reduced to 64x96."""
+    sam, _ = ms.build_sam(tiny=True)
+    opts = dict(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.7,
+                crop_n_layers=1, crop_nms_thresh=0.7, min_mask_region_area=30)
+    big = np.asarray(Image.fromarray(images(1, seed=5)[0]).resize((192, 128), Image.BILINEAR))
+    gen = ms.BatchedMaskGenerator(sam, **opts)
+    BlobDecoder(sam).install(sam, gen)
+    out = gen.generate([big], output_size=(64, 96))[0]
+    want = ms.resize_masks(torch.as_tensor(upstream_masks(sam, big, **opts)[0]), (64, 96))
+    assert out["masks"].shape[1:] == (64, 96) and len(want) >= 20
+    assert abs(len(out["masks"]) - len(want)) <= 0.1 * len(want)
+    assert best_match_iou(out["masks"], want) > 0.8 and best_match_iou(want, out["masks"]) > 0.8
 
 
 @pytest.mark.slow

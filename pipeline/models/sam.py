@@ -1,19 +1,25 @@
 """SAM masks and SAM features from one image-encoder pass per image.
 
-Layers, as in segment-anything itself:
+Layers, as in segment-anything itself (model / predictor / generator):
 
 * :func:`build_sam` — a ``Sam`` model from a JSON architecture config (``configs/sam/<type>.json``: vit_h,
   vit_l, vit_b, and ``tiny``, a random-weight test model) and an explicit checkpoint. It never falls back
   to random weights by itself.
+* :class:`SamImageEncoder` — the encoder pass both generators share: images of any sizes in one batch,
+  optional bf16 autocast, the embedding's image cells (:meth:`~SamImageEncoder.image_grid`).
 * :class:`SharedEmbeddingPredictor` — a ``SamPredictor`` that can be *primed* with an embedding computed by a
   batched encoder pass; ``set_image`` then uses it instead of running the encoder again.
-* :class:`SamMaskFeatureGenerator` — ``SamAutomaticMaskGenerator`` whose :meth:`~SamMaskFeatureGenerator.
-  generate_batch` encodes a batch of images once, primes the predictor with each embedding and returns the
-  masks together with the embedding (padding cropped). ``generate`` upstream ends with
-  ``predictor.reset_image()``, which drops the embedding; here it is kept from the single pass instead.
+* :class:`SamMaskFeatureGenerator` (the ``upstream`` generator) — ``SamAutomaticMaskGenerator`` whose
+  :meth:`~SamMaskFeatureGenerator.generate_batch` encodes a batch of images once, primes the predictor with
+  each embedding and returns the masks together with the embedding (padding cropped). ``generate`` upstream
+  ends with ``predictor.reset_image()``, which drops the embedding; here it is kept from the single pass.
+* :class:`BatchedMaskGenerator` (the ``batched`` generator, next to it) — upstream's algorithm as tensor
+  operations on the model's device, the prompts of several images per decoder call, masks made directly at
+  the output size; the same masks as upstream at the same size (CPU, float32).
 
 Helpers: :func:`feature_grid` (embedding cells that hold image, not padding), :func:`masks_to_id_map` (one
-mask id per pixel), :func:`fit_pca`/:func:`project` (the fixed projection to D channels, phi_f of Eq. 7).
+mask id per pixel), :func:`upscale_logits` (``Sam.postprocess_masks`` without the padding rows),
+:func:`fit_pca`/:func:`project` (the fixed projection to D channels, phi_f of Eq. 7).
 """
 from __future__ import annotations
 
@@ -177,12 +183,15 @@ def resample_grid(embedding: torch.Tensor, grid_hw: Sequence[int]) -> torch.Tens
     return F.interpolate(embedding[None].float(), grid_hw, mode="bilinear", align_corners=False)[0]
 
 
-def resize_masks(masks: torch.Tensor, out_hw: Sequence[int]) -> torch.Tensor:
+def resize_masks(masks: torch.Tensor, out_hw: Sequence[int], chunk: int = 32) -> torch.Tensor:
     """bool [M, h, w] -> bool [M, *out_hw]: a pixel is in the mask where at least half of its area is."""
     out_hw = tuple(int(v) for v in out_hw)
-    if tuple(masks.shape[-2:]) == out_hw or len(masks) == 0:
-        return masks if len(masks) else torch.zeros((0, *out_hw), dtype=torch.bool, device=masks.device)
-    return F.interpolate(masks[:, None].float(), out_hw, mode="area")[:, 0] >= 0.5
+    if tuple(masks.shape[-2:]) == out_hw:
+        return masks
+    out = torch.zeros((len(masks), *out_hw), dtype=torch.bool, device=masks.device)
+    for i in range(0, len(masks), chunk):  # float copies of a few masks at a time
+        out[i:i + chunk] = F.interpolate(masks[i:i + chunk, None].float(), out_hw, mode="area")[:, 0] >= 0.5
+    return out
 
 
 def upscale_logits(low_res: torch.Tensor, image_size: int, input_size: Sequence[int], out_hw: Sequence[int]
@@ -377,7 +386,8 @@ class SamMaskFeatureGenerator(SamImageEncoder):
                 })
         return out
 
-    def label_images(self, images, out_hw: Sequence[int], grid_hw: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def label_images(self, images, out_hw: Sequence[int], grid_hw: Sequence[int]
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(mask ids int32 [*out_hw], features float32 [S, *grid_hw])`` per image.
 
         The masks come at the image's size; where that is not ``out_hw`` (SAM on the source image) each
@@ -525,132 +535,147 @@ class BatchedMaskGenerator(SamImageEncoder):
         One dict per image: ``masks`` bool [M, H, W] (upstream's order), ``predicted_iou``,
         ``stability_score`` [M], ``id_map`` int32 [H, W] (:meth:`id_map`) and ``embedding`` [S, h, w].
         """
-        from segment_anything.utils.amg import (batched_mask_to_box, calculate_stability_score,
-                                                generate_crop_boxes)
-        from torchvision.ops import batched_nms, box_area
-        t = self.thresholds
         images = list(images)
         for im in images:
             check_image(im)
         with self.clock("generator"):
-            dev = self.device
-            # jobs: (image, crop box in image pixels, layer, crop box in output pixels, output size)
-            jobs = []
-            for i, im in enumerate(images):
-                ih, iw = im.shape[:2]
-                oh, ow = (ih, iw) if output_size is None else (int(output_size[0]), int(output_size[1]))
-                boxes, layers = generate_crop_boxes((ih, iw), int(t["crop_n_layers"]), t["crop_overlap_ratio"])
-                for box, layer in zip(boxes, layers):
-                    x0, y0, x1, y1 = box
-                    obox = [round(x0 * ow / iw), round(y0 * oh / ih), round(x1 * ow / iw), round(y1 * oh / ih)]
-                    jobs.append({"image": i, "box": box, "layer": layer, "obox": obox, "out": (oh, ow),
-                                 "scale": (ow / iw, oh / ih)})
-            # the encoder, encoder_batch crops at a time
-            embs = []
-            for j in range(0, len(jobs), self.encoder_batch):
-                crops = [images[jb["image"]][jb["box"][1]:jb["box"][3], jb["box"][0]:jb["box"][2]]
-                         for jb in jobs[j:j + self.encoder_batch]]
-                e, sizes = self.encode(crops)
-                embs.append(e)
-                for jb, s, c in zip(jobs[j:j + self.encoder_batch], sizes, crops):
-                    jb["input_size"], jb["crop_hw"] = s, c.shape[:2]
-            emb = torch.cat(embs)
-            # point prompts of every job, in the model's input frame (float64, as upstream)
-            coords, owner = [], []
-            for j, jb in enumerate(jobs):
-                pts = self.point_grids[jb["layer"]] * np.array(jb["crop_hw"])[None, ::-1]
-                coords.append(self.transform.apply_coords(pts, jb["crop_hw"]))
-                owner.append(np.full(len(pts), j))
-            coords = torch.as_tensor(np.concatenate(coords), device=dev)
-            owner = torch.as_tensor(np.concatenate(owner), device=dev)
-            kept = {j: {"masks": [], "iou": [], "stab": [], "boxes": []} for j in range(len(jobs))}
-            ppb = int(t["points_per_batch"])
-            for s in range(0, len(coords), ppb):
-                pts, own = coords[s:s + ppb], owner[s:s + ppb]
-                with self.clock("decoder"), self.autocast():
-                    labels = torch.ones(len(pts), dtype=torch.int, device=dev)
-                    sparse, dense = self.sam.prompt_encoder(points=(pts[:, None, :], labels[:, None]), boxes=None,
-                                                            masks=None)
-                    low, iou = self._decode(emb.index_select(0, own), sparse, dense)
-                low, iou = low.float().flatten(0, 1), iou.float().flatten(0, 1)
-                own3 = own.repeat_interleave(low.shape[0] // len(own))
-                keep = iou > t["pred_iou_thresh"] if t["pred_iou_thresh"] > 0.0 else torch.ones_like(iou, dtype=torch.bool)
-                for j in torch.unique_consecutive(own).tolist():
-                    sel = keep & (own3 == j)
-                    if not bool(sel.any()):
-                        continue
-                    jb = jobs[j]
-                    ox0, oy0, ox1, oy1 = jb["obox"]
-                    logits = upscale_logits(low[sel][:, None], self.image_size, jb["input_size"],
-                                            (oy1 - oy0, ox1 - ox0))[:, 0]
-                    stab = calculate_stability_score(logits, self.sam.mask_threshold, t["stability_score_offset"])
-                    ok = stab >= t["stability_score_thresh"] if t["stability_score_thresh"] > 0.0 else \
-                        torch.ones_like(stab, dtype=torch.bool)
-                    masks = logits[ok] > self.sam.mask_threshold
-                    boxes = batched_mask_to_box(masks)
-                    if jb["obox"] != [0, 0, jb["out"][1], jb["out"][0]]:
-                        atol = (20.0 * jb["scale"][0], 20.0 * jb["scale"][1])
-                        edge = self._near_crop_edge(boxes, jb["obox"], [0, 0, jb["out"][1], jb["out"][0]], atol)
-                        masks, boxes, ok_idx = masks[~edge], boxes[~edge], ok.nonzero()[:, 0][~edge]
-                    else:
-                        ok_idx = ok.nonzero()[:, 0]
-                    k = kept[j]
-                    k["masks"].append(masks)
-                    k["boxes"].append(boxes)
-                    k["iou"].append(iou[sel][ok_idx])
-                    k["stab"].append(stab[ok_idx])
-            # box NMS within each crop (by predicted IoU), one call for every crop of every image
-            cat = {key: [torch.cat(kept[j][key]) if kept[j][key] else None for j in range(len(jobs))]
-                   for key in ("masks", "boxes", "iou", "stab")}
-            present = [j for j in range(len(jobs)) if cat["boxes"][j] is not None]
-            per_job = {j: None for j in range(len(jobs))}
-            if present:
-                boxes = torch.cat([cat["boxes"][j] for j in present])
-                scores = torch.cat([cat["iou"][j] for j in present])
-                job_of = torch.cat([torch.full((len(cat["boxes"][j]),), j, device=dev) for j in present])
-                start = dict(zip(present, np.cumsum([0] + [len(cat["boxes"][j]) for j in present])[:-1].tolist()))
-                keep_all = batched_nms(boxes.float(), scores, job_of, iou_threshold=t["box_nms_thresh"])
-                kept_job = job_of[keep_all]
-                for j in present:
-                    idx = keep_all[kept_job == j] - start[j]
-                    per_job[j] = {key: cat[key][j][idx] for key in ("masks", "boxes", "iou", "stab")}
-            # per image: uncrop, NMS across crops, small regions, id map, embedding
+            jobs = self._crop_jobs(images, output_size)
+            emb = self._encode_jobs(images, jobs)
+            kept = self._decode_and_filter(jobs, emb)
+            per_job = self._nms_within_crops(kept)
             results = []
             for i, im in enumerate(images):
                 mine = [j for j, jb in enumerate(jobs) if jb["image"] == i]
-                oh, ow = jobs[mine[0]]["out"]
-                masks, iou, stab, boxes, crop_area = [], [], [], [], []
-                for j in mine:
-                    if per_job[j] is None:
-                        continue
-                    d, (ox0, oy0, ox1, oy1) = per_job[j], jobs[j]["obox"]
-                    x0, y0, x1, y1 = jobs[j]["box"]
-                    masks.append(F.pad(d["masks"], (ox0, ow - ox1, oy0, oh - oy1), value=False)
-                                 if (ox0, oy0, ox1, oy1) != (0, 0, ow, oh) else d["masks"])
-                    boxes.append(d["boxes"] + torch.tensor([[ox0, oy0, ox0, oy0]], device=dev))
-                    iou.append(d["iou"])
-                    stab.append(d["stab"])
-                    crop_area.append(torch.full((len(d["iou"]),), (x1 - x0) * (y1 - y0), dtype=torch.int64))
-                if masks:
-                    masks, iou, stab, boxes = (torch.cat(v) for v in (masks, iou, stab, boxes))
-                    if len(mine) > 1:  # prefer masks from smaller crops
-                        keep = batched_nms(boxes.float(), (1 / torch.cat(crop_area)).to(dev),
-                                           torch.zeros(len(boxes), device=dev), iou_threshold=t["crop_nms_thresh"])
-                        masks, iou, stab = masks[keep], iou[keep], stab[keep]
-                    if t["min_mask_region_area"] > 0:
-                        ih, iw = im.shape[:2]
-                        masks, keep = self._small_regions(masks, t["min_mask_region_area"] * (oh * ow) / (ih * iw))
-                        iou, stab = iou[keep], stab[keep]
-                else:
-                    masks = torch.zeros((0, oh, ow), dtype=torch.bool, device=dev)
-                    iou = stab = torch.zeros(0, device=dev)
-                full = mine[0]  # crop 0 is the whole image
+                masks, iou, stab = self._merge_crops(im, [jobs[j] for j in mine], [per_job.get(j) for j in mine])
                 results.append({"masks": masks, "predicted_iou": iou, "stability_score": stab,
-                                "id_map": self.id_map(masks),
-                                "embedding": self.image_grid(emb[full], im.shape[:2], grid_size)})
+                                "id_map": self.id_map(masks),  # crop 0 (mine[0]) is the whole image
+                                "embedding": self.image_grid(emb[mine[0]], im.shape[:2], grid_size)})
         return results
 
-    def label_images(self, images, out_hw: Sequence[int], grid_hw: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _crop_jobs(self, images, output_size) -> list[dict]:
+        """Upstream's crop boxes of every image (crop 0 = the whole image), each also in output pixels."""
+        from segment_anything.utils.amg import generate_crop_boxes
+        t, jobs = self.thresholds, []
+        for i, im in enumerate(images):
+            ih, iw = im.shape[:2]
+            oh, ow = (ih, iw) if output_size is None else (int(output_size[0]), int(output_size[1]))
+            boxes, layers = generate_crop_boxes((ih, iw), int(t["crop_n_layers"]), t["crop_overlap_ratio"])
+            for (x0, y0, x1, y1), layer in zip(boxes, layers):
+                obox = [round(x0 * ow / iw), round(y0 * oh / ih), round(x1 * ow / iw), round(y1 * oh / ih)]
+                jobs.append({"image": i, "box": [x0, y0, x1, y1], "layer": layer, "obox": obox, "out": (oh, ow),
+                             "scale": (ow / iw, oh / ih)})
+        return jobs
+
+    def _encode_jobs(self, images, jobs) -> torch.Tensor:
+        """The crops through the encoder, ``encoder_batch`` at a time: embeddings [J, S, E, E]."""
+        embs = []
+        for j in range(0, len(jobs), self.encoder_batch):
+            batch = jobs[j:j + self.encoder_batch]
+            crops = [images[jb["image"]][jb["box"][1]:jb["box"][3], jb["box"][0]:jb["box"][2]] for jb in batch]
+            e, sizes = self.encode(crops)
+            embs.append(e)
+            for jb, size, crop in zip(batch, sizes, crops):
+                jb["input_size"], jb["crop_hw"] = size, crop.shape[:2]
+        return torch.cat(embs)
+
+    def _decode_and_filter(self, jobs, emb) -> dict:
+        """Upstream ``_process_batch`` for the point prompts of every crop, ``points_per_batch`` per decoder
+        call: per crop, the masks (in crop output pixels), boxes, predicted IoUs and stability scores kept."""
+        from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_score
+        t, dev = self.thresholds, self.device
+        coords, owner = [], []
+        for j, jb in enumerate(jobs):  # point prompts in the model's input frame (float64, as upstream)
+            pts = self.point_grids[jb["layer"]] * np.array(jb["crop_hw"])[None, ::-1]
+            coords.append(self.transform.apply_coords(pts, jb["crop_hw"]))
+            owner.append(np.full(len(pts), j))
+        coords = torch.as_tensor(np.concatenate(coords), device=dev)
+        owner = torch.as_tensor(np.concatenate(owner), device=dev)
+        kept = {}
+        ppb = int(t["points_per_batch"])
+        for s in range(0, len(coords), ppb):
+            pts, own = coords[s:s + ppb], owner[s:s + ppb]
+            with self.clock("decoder"), self.autocast():
+                labels = torch.ones((len(pts), 1), dtype=torch.int, device=dev)
+                sparse, dense = self.sam.prompt_encoder(points=(pts[:, None, :], labels), boxes=None, masks=None)
+                low, iou = self._decode(emb.index_select(0, own), sparse, dense)
+            low, iou = low.float().flatten(0, 1), iou.float().flatten(0, 1)
+            own3 = own.repeat_interleave(low.shape[0] // len(own))
+            keep = iou > t["pred_iou_thresh"] if t["pred_iou_thresh"] > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+            for j in torch.unique_consecutive(own).tolist():
+                sel = (keep & (own3 == j)).nonzero()[:, 0]
+                if len(sel) == 0:
+                    continue
+                jb = jobs[j]
+                ox0, oy0, ox1, oy1 = jb["obox"]
+                logits = upscale_logits(low[sel][:, None], self.image_size, jb["input_size"], (oy1 - oy0, ox1 - ox0))
+                logits = logits[:, 0]
+                stab = calculate_stability_score(logits, self.sam.mask_threshold, t["stability_score_offset"])
+                if t["stability_score_thresh"] > 0.0:
+                    ok = stab >= t["stability_score_thresh"]
+                    logits, stab, sel = logits[ok], stab[ok], sel[ok]
+                masks = logits > self.sam.mask_threshold
+                boxes = batched_mask_to_box(masks)
+                full = [0, 0, jb["out"][1], jb["out"][0]]
+                if jb["obox"] != full:  # masks touching the crop's edge inside the image
+                    edge = self._near_crop_edge(boxes, jb["obox"], full, (20.0 * jb["scale"][0], 20.0 * jb["scale"][1]))
+                    masks, boxes, stab, sel = masks[~edge], boxes[~edge], stab[~edge], sel[~edge]
+                k = kept.setdefault(j, {"masks": [], "boxes": [], "iou": [], "stab": []})
+                for key, value in (("masks", masks), ("boxes", boxes), ("iou", iou[sel]), ("stab", stab)):
+                    k[key].append(value)
+        return {j: {key: torch.cat(v) for key, v in k.items()} for j, k in kept.items()}
+
+    def _nms_within_crops(self, kept: dict) -> dict:
+        """Box NMS within each crop by predicted IoU (upstream ``_process_crop``), one call for every crop of
+        every image (a crop is an NMS category); each crop's survivors in upstream's order."""
+        from torchvision.ops import batched_nms
+        if not kept:
+            return {}
+        present = list(kept)
+        boxes = torch.cat([kept[j]["boxes"] for j in present])
+        scores = torch.cat([kept[j]["iou"] for j in present])
+        job_of = torch.cat([torch.full((len(kept[j]["boxes"]),), j, device=boxes.device) for j in present])
+        start = dict(zip(present, np.cumsum([0] + [len(kept[j]["boxes"]) for j in present])[:-1].tolist()))
+        keep = batched_nms(boxes.float(), scores, job_of, iou_threshold=self.thresholds["box_nms_thresh"])
+        kept_job = job_of[keep]
+        out = {}
+        for j in present:
+            idx = keep[kept_job == j] - start[j]
+            out[j] = {key: v[idx] for key, v in kept[j].items()}
+        return out
+
+    def _merge_crops(self, image, jobs, crops) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image: its crops' masks uncropped, NMS across crops (smaller crops first), the small-region
+        clean-up; ``(masks, predicted_iou, stability_score)`` in upstream's order."""
+        from torchvision.ops import batched_nms
+        t, dev = self.thresholds, self.device
+        oh, ow = jobs[0]["out"]
+        masks, iou, stab, boxes, crop_area = [], [], [], [], []
+        for jb, d in zip(jobs, crops):
+            if d is None:
+                continue
+            (ox0, oy0, ox1, oy1), (x0, y0, x1, y1) = jb["obox"], jb["box"]
+            whole = (ox0, oy0, ox1, oy1) == (0, 0, ow, oh)
+            masks.append(d["masks"] if whole else F.pad(d["masks"], (ox0, ow - ox1, oy0, oh - oy1), value=False))
+            boxes.append(d["boxes"] + torch.tensor([[ox0, oy0, ox0, oy0]], device=dev))
+            iou.append(d["iou"])
+            stab.append(d["stab"])
+            crop_area.append(torch.full((len(d["iou"]),), (x1 - x0) * (y1 - y0), dtype=torch.int64))
+        if not masks:
+            return torch.zeros((0, oh, ow), dtype=torch.bool, device=dev), torch.zeros(0, device=dev), \
+                torch.zeros(0, device=dev)
+        masks, iou, stab, boxes = (torch.cat(v) for v in (masks, iou, stab, boxes))
+        if len(jobs) > 1:
+            keep = batched_nms(boxes.float(), (1 / torch.cat(crop_area)).to(dev), torch.zeros(len(boxes), device=dev),
+                               iou_threshold=t["crop_nms_thresh"])
+            masks, iou, stab = masks[keep], iou[keep], stab[keep]
+        if t["min_mask_region_area"] > 0:
+            ih, iw = image.shape[:2]
+            masks, keep = self._small_regions(masks, t["min_mask_region_area"] * (oh * ow) / (ih * iw))
+            iou, stab = iou[keep], stab[keep]
+        return masks, iou, stab
+
+    def label_images(self, images, out_hw: Sequence[int], grid_hw: Sequence[int]
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(mask ids int32 [*out_hw], features float32 [S, *grid_hw])`` per image, made at ``out_hw``."""
         return [(r["id_map"].cpu().numpy(), r["embedding"].float().cpu().numpy())
                 for r in self.generate(images, output_size=out_hw, grid_size=grid_hw)]
