@@ -181,7 +181,11 @@ class SAMStage(Stage):
             raise ValueError(f"{store.path} has no images to fit the SAM projection on")
         n = max(1, min(int(self.config["pca_sample_images"]), n_images))
         rows = np.unique(np.linspace(0, n_images - 1, n).round().astype(np.int64))
-        images = [im for r in rows for im in self.read_images(store, adapter, int(r), int(r) + 1)]
+        off = store.offsets("images")
+        images = []
+        for f in np.unique(np.searchsorted(off, rows, side="right") - 1):  # each frame read once
+            frame_images = self.read_images(store, adapter, int(off[f]), int(off[f + 1]))
+            images += [frame_images[r - off[f]] for r in rows[(rows >= off[f]) & (rows < off[f + 1])]]
         if self.config["input"] == "training" and not any(im.any() for im in images):
             raise ValueError(f"{store.path}: images/rgb is empty where sampled; run the correspond stage first")
         grid = store.dims()["h"], store.dims()["w"]
