@@ -32,7 +32,7 @@ EVAL_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale clean
+.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -108,6 +108,9 @@ bench-stages:  ## model-stage throughput and cache bytes per image (real archite
 
 bench-scale:  ## scale rehearsal: the nuScenes keyframe x FRAMES (2000): planning, correspond 1 vs 2 workers, pairs commit
 	$(BIN)/python bench/bench_scale.py $(call opt,--frames,$(FRAMES))
+
+bench-sam:  ## SAM per-image cost, upstream vs batched generator, projected GPU-hours (bench/results/sam.json; ~30 min on CPU)
+	$(BIN)/python bench/bench_sam.py
 
 clean:  ## remove caches of Python and pytest
 	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache

@@ -59,13 +59,15 @@ def camera_images(n: int) -> tuple[np.ndarray, str]:
 
 
 def make_store(path: Path, rgb: np.ndarray, frames: int) -> Store:
-    n = len(rgb)
+    """A store of ``frames`` frames holding the images ``rgb`` [I, H, W, 3] (their size is the store's)."""
+    n, h, w = rgb.shape[:3]
     store = Store.create(path, RootAttrs(dataset="nuscenes", split="bench", class_names=NUSCENES16,
-                                         image_size=[H, W], point_features=["intensity"], capabilities=[],
+                                         image_size=[h, w], point_features=["intensity"], capabilities=[],
                                          num_frames=frames))
-    store.set_dims(F=frames, **{"F+1": frames + 1}, I=n, H=H, W=W, P=1, C=1)
+    store.set_dims(F=frames, **{"F+1": frames + 1}, I=n, H=h, W=w, P=1, C=1)
     store.create_array("images/offsets")
     store.array("images/offsets")[:] = np.linspace(0, n, frames + 1).round().astype(np.int64)
+    store.create_array("frames/token")[:] = np.array([f"bench-{i:05d}" for i in range(frames)])
     store.create_array("images/rgb")
     store.write_rows("images/rgb", 0, rgb)
     return store
@@ -80,13 +82,13 @@ def correspond_store(tmp: Path) -> Store | None:
     return Store(summary.store, mode="a")
 
 
-def run_stage(store: Store, name: str, frames: int, **config):
+def run_stage(store: Store, name: str, frames: int, adapter=None, **config):
     stage = build_stage(name, **config)
     t0 = time.perf_counter()
-    stage.prepare(store, None)
+    stage.prepare(store, adapter)
     t_prep = time.perf_counter() - t0
     model = stage.get_model("cpu")
-    ctx = ShardContext(store, Shard(0, 0, frames), adapter=None, model=model)
+    ctx = ShardContext(store, Shard(0, 0, frames), adapter=adapter, model=model)
     t0 = time.perf_counter()
     stats = stage.process_shard(ctx)
     wall = time.perf_counter() - t0
@@ -159,15 +161,15 @@ def main() -> None:
         sam_store = make_store(tmp / "nuscenes-sam.zarr", rgb[:a.sam_images], frames=1)
         st, wall, prep = run_stage(sam_store, "sam", 1, model_type=a.sam_model, random_init=True,
                                    points_per_side=a.points_per_side, pca_sample_images=a.sam_images,
-                                   batch_size=a.sam_images)
+                                   batch_size=a.sam_images, input="training")
         model_s = st["encoder_s"] + st["decoder_s"]
         print(f"sam {a.sam_model} @ 1024, {a.points_per_side}x{a.points_per_side} points: "
-              f"{st['images'] / wall:6.3f} images/s  (model {100 * model_s / wall:5.1f}% of {wall:.1f} s: encoder "
-              f"{st['encoder_s']:.1f} s, decoder+generator {st['decoder_s']:.1f} s; id maps+projection "
-              f"{st.get('post_s', 0):.2f} s, write {st['write_s']:.3f} s; masks kept {st['masks']}; "
-              f"prepare/PCA {prep:.1f} s)")
+              f"{st['images'] / wall:6.3f} images/s  (network forwards {100 * model_s / wall:5.1f}% of {wall:.1f} s: "
+              f"encoder {st['encoder_s']:.1f} s, decoder {st['decoder_s']:.1f} s; everything else "
+              f"{st['other_s']:.2f} s, write {st['write_s']:.3f} s; masks kept {st['masks']}; "
+              f"prepare/PCA {prep:.1f} s; bench/bench_sam.py splits this per generator)")
         if not a.skip_shared:
-            gen = build_stage("sam", model_type=a.sam_model, random_init=True,
+            gen = build_stage("sam", model_type=a.sam_model, random_init=True, generator="upstream",
                               points_per_side=a.points_per_side).get_model("cpu")
             t_sh, t_sep = shared_vs_separate(gen, rgb[0])
             print(f"one image, shared encoder pass {t_sh:.1f} s vs generator + separate predictor {t_sep:.1f} s: "

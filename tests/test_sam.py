@@ -124,7 +124,7 @@ def test_pca_finds_the_principal_axes():
 def test_stage_writes_mask_ids_and_projected_features(tmp_path, tiny):
     sam, info = tiny
     store = make_store(tmp_path / "s.zarr", n_images=(2, 1))
-    stage = build_stage("sam", tiny=True, feat_dim=8, batch_size=2, pca_sample_images=2)
+    stage = build_stage("sam", tiny=True, feat_dim=8, batch_size=2, pca_sample_images=2, input="training")
     stage.prepare(store, None)
     d = store.dims()
     gh, gw = ms.feature_grid((H, W), info["image_size"])
@@ -151,9 +151,10 @@ def test_stage_writes_mask_ids_and_projected_features(tmp_path, tiny):
         present = np.unique(im[im >= 0])
         np.testing.assert_array_equal(present, np.arange(len(present)))
     assert feat.dtype == np.float16 and feat.shape == (3, 8, gh, gw)
-    # features = the upstream embedding, cropped and projected
+    # features = the upstream embedding, cropped and projected; masks = upstream's (same encoder batches of 2)
     gen = ms.SamMaskFeatureGenerator(sam, **info["generator_defaults"])
-    out = gen.generate_batch(store.array("images/rgb")[:])
+    rgb = store.array("images/rgb")[:]
+    out = gen.generate_batch(rgb[:2]) + gen.generate_batch(rgb[2:])
     want = np.stack([ms.project(o["embedding"], proj, mean) for o in out])
     np.testing.assert_allclose(feat.astype(np.float32), want, rtol=1e-2, atol=1e-2)
     np.testing.assert_array_equal(ids, np.stack([ms.masks_to_id_map(o["masks"]) for o in out]))
@@ -162,16 +163,16 @@ def test_stage_writes_mask_ids_and_projected_features(tmp_path, tiny):
 def test_stage_refuses_unwritten_images(tmp_path):
     store = make_store(tmp_path / "s.zarr")
     store.write_rows("images/rgb", 0, np.zeros((3, H, W, 3), np.uint8))
-    stage = build_stage("sam", tiny=True, feat_dim=8)
+    stage = build_stage("sam", tiny=True, feat_dim=8, input="training")
     with pytest.raises(ValueError, match="run the correspond stage first"):
         stage.prepare(store, None)
 
 
 def test_stage_reuses_another_stores_projection(tmp_path):
     train = make_store(tmp_path / "train.zarr")
-    build_stage("sam", tiny=True, feat_dim=4, pca_sample_images=3).prepare(train, None)
+    build_stage("sam", tiny=True, feat_dim=4, pca_sample_images=3, input="training").prepare(train, None)
     val = make_store(tmp_path / "val.zarr", seed=5)
-    build_stage("sam", tiny=True, feat_dim=4, proj_store=str(train.path)).prepare(val, None)
+    build_stage("sam", tiny=True, feat_dim=4, proj_store=str(train.path), input="training").prepare(val, None)
     np.testing.assert_array_equal(val.array("sam/proj")[:], train.array("sam/proj")[:])
     np.testing.assert_array_equal(val.array("sam/proj_mean")[:], train.array("sam/proj_mean")[:])
     assert val.array("sam/proj").attrs["copied_from"] == str(train.path)

@@ -114,6 +114,18 @@ class DatasetAdapter:
     def load(self, index: int) -> Frame:
         raise NotImplementedError
 
+    def source_images(self, index: int, token: str | None = None) -> list[np.ndarray]:
+        """Frame ``index``'s images at their source resolution (uint8 RGB [h, w, 3]), in the frame's image order.
+
+        ``token``, the store's token of that frame, is checked against the dataset's. The default loads the
+        whole frame; an adapter may override it with a cheaper read of the images alone.
+        """
+        frame = self.load(index)
+        if token is not None and str(frame.token) != str(token):
+            raise DatasetError(f"the dataset's frame {index} is {frame.token}, the store planned {token} there "
+                               f"(the dataset changed since the store was created)", token, frame.points_file)
+        return [im.rgb for im in frame.images]
+
     def config(self) -> dict:
         """The adapter's configuration, recorded in the store (and compared on rerun)."""
         return {"root": str(self.root) if self.root else None, "split": self.split, **self.options,

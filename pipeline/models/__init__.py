@@ -2,7 +2,8 @@
 
 * :mod:`.maskclip` — :func:`~.maskclip.build_text_embeddings`, :class:`~.maskclip.MaskCLIP`,
   :class:`~.maskclip.MaskCLIPPredictor`
-* :mod:`.sam` — :func:`~.sam.build_sam`, :class:`~.sam.SamMaskFeatureGenerator`, :func:`~.sam.masks_to_id_map`
+* :mod:`.sam` — :func:`~.sam.build_sam`, :class:`~.sam.BatchedMaskGenerator`, :class:`~.sam.SamMaskFeatureGenerator`,
+  :func:`~.sam.masks_to_id_map`
 * :mod:`.pca` — :func:`~.pca.fit_pca`, :func:`~.pca.project`: the fixed projection of SAM and dense CLIP
   features to D channels
 * :mod:`.prompts` — the 85 prompt templates and the per-dataset class names

@@ -220,7 +220,7 @@ def sample_rows(n_images: int, n: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_images - 1, n).round().astype(np.int64))
 
 
-def ensure_projection(stage: Stage, store, proj_name: str, mean_name: str, encode) -> None:
+def ensure_projection(stage: Stage, store, proj_name: str, mean_name: str, encode, read_rows=None) -> None:
     """Fit, copy or keep the store's fixed PCA projection ``proj_name`` [S, D] with its mean ``mean_name`` [S].
 
     * kept when an earlier run with this very stage fingerprint fitted or copied it (resume; nothing is
@@ -228,8 +228,9 @@ def ensure_projection(stage: Stage, store, proj_name: str, mean_name: str, encod
     * copied from the store at ``stage.config["proj_store"]`` when given (e.g. the train split's for the val
       split);
     * else fitted (:func:`pipeline.models.pca.fit_pca`, D = ``stage.feat_dim()``) on the features of
-      ``pca_sample_images`` images spread evenly over the store, ``encode(uint8 [B, H, W, 3]) -> float
-      [B, S, h, w]`` run on ``batch_size`` images at a time.
+      ``pca_sample_images`` images spread evenly over the store, ``encode(uint8 images [B] of [H, W, 3]) ->
+      float [B, S, h, w]`` run on ``batch_size`` images at a time. The images are the rows of
+      ``images/rgb``, or what ``read_rows(rows)`` returns (e.g. the frames' source images).
 
     How it was obtained is recorded in the projection array's attributes (``fit_key``, and
     ``fitted_on_rows`` or ``copied_from``). Both arrays must exist.
@@ -252,8 +253,8 @@ def ensure_projection(stage: Stage, store, proj_name: str, mean_name: str, encod
         if rgb.shape[0] == 0:
             raise ValueError(f"{store.path} has no images to fit {proj_name} on")
         rows = sample_rows(rgb.shape[0], c["pca_sample_images"])
-        images = np.stack([rgb[int(r)] for r in rows])
-        if not images.any():
+        images = read_rows(rows) if read_rows is not None else np.stack([rgb[int(r)] for r in rows])
+        if not any(np.asarray(im).any() for im in images):
             raise ValueError(f"{store.path}: images/rgb is empty where sampled; run the correspond stage first")
         bs = max(1, int(c["batch_size"]))
         samples = []

@@ -9,6 +9,17 @@ Writes, per image at the training resolution:
   (h x w = :func:`pipeline.models.sam.feature_grid` of the training resolution, e.g. 35x64 for 224x416),
   minus ``sam/proj_mean`` and projected by ``sam/proj`` [S, D]: the frozen phi_f of Eq. 7.
 
+SAM sees the dataset's source image (``input: source``, the default: e.g. nuScenes' 1600x900 camera image,
+read through the dataset adapter's :meth:`~pipeline.datasets.base.DatasetAdapter.source_images`; SAM resizes
+the long side to 1024 itself) and the masks and the feature grid are produced directly at the training
+resolution: the decoder's low-resolution masks are upscaled to it, the embedding's image cells are resampled
+to its grid. ``input: training`` runs SAM on the stored training image (``images/rgb``) instead.
+
+The generator (``generator``) is the on-device :class:`pipeline.models.sam.BatchedMaskGenerator`
+(``batched``, the default) or segment-anything's own ``SamAutomaticMaskGenerator`` (``upstream``; with
+``input: source`` its masks come at the source size and are each reduced to the training resolution). At the
+same output size both give the same masks (CPU, float32).
+
 ``prepare`` fits ``sam/proj`` (PCA) once per store on ``pca_sample_images`` images spread evenly over the
 store (it needs ``images/rgb``, so it runs after ``correspond``), or copies it from ``proj_store`` (e.g. use
 the train split's projection for the val split). A fitted projection is reused on resume; it is refitted
@@ -18,6 +29,9 @@ does the same for ``clip/proj`` (:func:`pipeline.stages.base.ensure_projection`)
 Config keys (defaults in :attr:`SAMStage.defaults`; ``None`` = the model config's generator default, see
 :data:`pipeline.models.sam.GENERATOR_DEFAULTS` for every threshold):
 
+``input``                 source | training: the image SAM sees (see above)
+``generator``             batched | upstream (see above)
+``bf16``                  bf16 autocast of the encoder and decoder (batched generator; CUDA, also CPU)
 ``model_type``            vit_h | vit_l | vit_b
 ``checkpoint``            SAM checkpoint file — CLI ``--sam-checkpoint``; default: the registry's file in
                           ``$CNS_CHECKPOINTS``/``checkpoints`` (``make weights``)
@@ -29,7 +43,8 @@ Config keys (defaults in :attr:`SAMStage.defaults`; ``None`` = the model config'
                           width when that is smaller, as for the tiny test model)
 ``pca_sample_images``     images the projection is fitted on (32)
 ``proj_store``            path of a store whose ``sam/proj`` to reuse instead of fitting
-``batch_size``            images per encoder pass (not part of the fingerprint)
+``batch_size``            images per encoder pass and per generator call (not part of the fingerprint;
+                          ``points_per_batch`` is the prompts per decoder call, of several images when batched)
 ``tiny``                  tiny random-weight SAM with relaxed thresholds — tests only (``--test-tiny-models``)
 ``random_init``           the real architecture with random weights — benchmarks only
 """
@@ -41,19 +56,23 @@ import numpy as np
 
 from data_cache.schema import IMAGE_SHARD
 
+from ..datasets.base import DatasetError
 from .base import (PAPER_FEAT_DIM, STAGES, ShardContext, Stage, cached_sha256, ensure_projection, image_groups,
                    run_group)
 
 GENERATOR_KEYS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
                   "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh",
                   "crop_overlap_ratio", "crop_n_points_downscale_factor", "min_mask_region_area")
+INPUTS = ("source", "training")
+GENERATORS = ("batched", "upstream")
 
 
 @STAGES.register("sam")
 class SAMStage(Stage):
     name = "sam"
-    version = 1
+    version = 2  # 2: input (source image by default), generator (batched by default), bf16
     defaults = {
+        "input": "source", "generator": "batched", "bf16": False,
         "model_type": "vit_h", "checkpoint": None, **{k: None for k in GENERATOR_KEYS},
         "feat_dim": None, "pca_sample_images": 32, "proj_store": None, "batch_size": 4,
         "tiny": False, "random_init": False,
@@ -61,6 +80,22 @@ class SAMStage(Stage):
     uses_gpu = True
     runtime_keys = ("batch_size", "points_per_batch")
     arrays = ("sam/mask_id", "sam/feat", "sam/proj", "sam/proj_mean")
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        c = self.config
+        for key, allowed in (("input", INPUTS), ("generator", GENERATORS)):
+            if c[key] not in allowed:
+                raise ValueError(f"sam option {key}={c[key]!r} is not one of {', '.join(allowed)}")
+        if not isinstance(c["bf16"], bool):
+            raise ValueError(f"sam option bf16={c['bf16']!r} must be true or false")
+        if c["bf16"] and c["generator"] != "batched":
+            raise ValueError("sam option bf16=true needs generator=batched (the upstream generator runs in float32)")
+
+    @property
+    def reads_dataset(self) -> bool:
+        """With ``input: source`` the stage reads the source images through the dataset adapter."""
+        return self.config["input"] == "source"
 
     # -- identity --------------------------------------------------------------------------------------
     def weights_source(self) -> dict:
@@ -95,12 +130,16 @@ class SAMStage(Stage):
 
     # -- model -----------------------------------------------------------------------------------------
     def build_model(self, device: str):
-        from ..models.sam import SamMaskFeatureGenerator, build_sam
+        from ..models.sam import BatchedMaskGenerator, SamMaskFeatureGenerator, build_sam
         c = self.config
         sam, info = build_sam(c["model_type"], c["checkpoint"], c["tiny"], c["random_init"], device=device)
         if self.feat_dim() > info["embed_dim"]:
             raise ValueError(f"feat_dim {self.feat_dim()} exceeds the SAM embedding's {info['embed_dim']} channels")
-        gen = SamMaskFeatureGenerator(sam, **self.generator_options())
+        if c["generator"] == "batched":
+            gen = BatchedMaskGenerator(sam, bf16=c["bf16"], encoder_batch=max(1, int(c["batch_size"])),
+                                       **self.generator_options())
+        else:
+            gen = SamMaskFeatureGenerator(sam, **self.generator_options())
         gen.info = info
         return gen
 
@@ -114,46 +153,83 @@ class SAMStage(Stage):
         store.set_dims(h=h, w=w, S=cfg["prompt_embed_dim"], D=self.feat_dim())
         store.ensure_arrays(self.arrays)
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        grid = (h, w)
 
         def encode(images):  # the model is built on first use only (cached for this process's shards)
-            emb, _ = self.get_model(device).encode(images)
-            return emb[:, :, :h, :w].float().cpu().numpy()
+            gen = self.get_model(device)
+            emb, _ = gen.encode(images)
+            return np.stack([gen.image_grid(e, im.shape[:2], grid).float().cpu().numpy()
+                             for e, im in zip(emb, images)])
 
-        ensure_projection(self, store, "sam/proj", "sam/proj_mean", encode)
+        def read_rows(rows):  # the images SAM sees (source or training), each frame read once
+            off = store.offsets("images")
+            images = []
+            for f in np.unique(np.searchsorted(off, rows, side="right") - 1):
+                frame_images = self.read_images(store, adapter, int(off[f]), int(off[f + 1]))
+                images += [frame_images[r - off[f]] for r in rows[(rows >= off[f]) & (rows < off[f + 1])]]
+            return images
+
+        ensure_projection(self, store, "sam/proj", "sam/proj_mean", encode, read_rows)
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def read_images(self, store, adapter, a: int, b: int) -> list[np.ndarray]:
+        """Images of rows ``a:b``: the stored training images, or (``input: source``) the frames' source
+        images through the dataset adapter, checked against the store's plan (token, image count)."""
+        if self.config["input"] == "training":
+            return list(store.array("images/rgb")[a:b])
+        if adapter is None:
+            raise ValueError("the sam stage with input=source reads the source images through the dataset adapter, "
+                             "and none was given (or set the sam option input=training)")
+        off = store.offsets("images")
+        f0 = int(np.searchsorted(off, a, side="right")) - 1
+        f1 = int(np.searchsorted(off, b, side="left"))
+        tokens = store.array("frames/token")[f0:f1]
+        out = []
+        for f in range(f0, f1):
+            token = str(tokens[f - f0])
+            images = adapter.source_images(f, token)
+            planned = int(off[f + 1] - off[f])
+            if len(images) != planned:
+                raise DatasetError(f"the frame has {len(images)} source images but {planned} were planned", token)
+            lo, hi = max(a, int(off[f])), min(b, int(off[f + 1]))
+            out.extend(images[lo - int(off[f]):hi - int(off[f])])
+        return out
 
     # -- worker ----------------------------------------------------------------------------------------
     def process_shard(self, ctx: ShardContext) -> dict:
-        from ..models.sam import masks_to_id_map, project
+        from ..models.sam import project
         store, gen = ctx.store, ctx.model
         proj = store.array("sam/proj")[:]
         mean = store.array("sam/proj_mean")[:]
         bs = max(1, int(self.config["batch_size"]))
-        rgb = store.array("images/rgb")
-        stats = {"images": 0, "masks": 0, "encoder_s": 0.0, "decoder_s": 0.0, "read_s": 0.0, "write_s": 0.0}
+        out_hw = tuple(store.attrs.image_size)
+        grid = store.dims()["h"], store.dims()["w"]
+        stats = {"images": 0, "masks": 0, "encoder_s": 0.0, "decoder_s": 0.0, "other_s": 0.0, "read_s": 0.0,
+                 "write_s": 0.0}
 
         def work(a: int, b: int) -> None:
             t0 = time.perf_counter()
             with ctx.timed("read_s"):
-                images = rgb[a:b]
+                images = self.read_images(store, ctx.adapter, a, b)
             t1 = time.perf_counter()
-            enc0, dec0 = gen.timings["encoder"], gen.timings["decoder"]
+            before = dict(gen.timings)
             ids, feats = [], []
             with ctx.timed("model_s"):
                 for i in range(0, len(images), bs):
-                    for out in gen.generate_batch(images[i:i + bs]):
-                        ids.append(masks_to_id_map(out["masks"], out["areas"]))
-                        feats.append(project(out["embedding"], proj, mean).astype(np.float16))
-                        stats["masks"] += int(ids[-1].max()) + 1
+                    for id_map, feat in gen.label_images(images[i:i + bs], out_hw, grid):
+                        ids.append(id_map)
+                        feats.append(project(feat, proj, mean).astype(np.float16))
+                        stats["masks"] += int(id_map.max()) + 1
             t2 = time.perf_counter()
             with ctx.timed("write_s"):
                 store.write_rows("sam/mask_id", a, np.stack(ids))
                 store.write_rows("sam/feat", a, np.stack(feats))
+            spent = {k: gen.timings.get(k, 0.0) - before.get(k, 0.0) for k in ("encoder", "decoder")}
             stats["images"] += b - a
             stats["read_s"] += t1 - t0
-            stats["encoder_s"] += gen.timings["encoder"] - enc0
-            stats["decoder_s"] += gen.timings["decoder"] - dec0
-            stats["post_s"] = stats.get("post_s", 0.0) + (t2 - t1) - (gen.timings["encoder"] - enc0) - (
-                gen.timings["decoder"] - dec0)
+            stats["encoder_s"] += spent["encoder"]
+            stats["decoder_s"] += spent["decoder"]
+            stats["other_s"] += (t2 - t1) - spent["encoder"] - spent["decoder"]
             stats["write_s"] += time.perf_counter() - t2
 
         for group in image_groups(ctx, max(bs, IMAGE_SHARD)):
