@@ -1,6 +1,8 @@
 """A registry per kind (datasets, stages, ...), as in Pointcept/mmengine: ``@DATASETS.register("name")``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class Registry:
     def __init__(self, kind: str):
@@ -27,3 +29,20 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def shipped_configs(folder: Path) -> list[str]:
+    """The configurations shipped as ``*.yaml`` files in ``folder`` (configurations as data, open_clip style)."""
+    return sorted(p.stem for p in Path(folder).glob("*.yaml"))
+
+
+def resolve_shipped_config(folder: Path, name_or_path, error: type[Exception], what: str) -> Path:
+    """A YAML file's path as given, else the file ``<name>.yaml`` shipped in ``folder``; ``error`` names both."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = Path(folder) / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise error(f"no {what} '{name_or_path}' (a YAML file, or one shipped in {folder}: "
+                f"{', '.join(shipped_configs(folder))})")

@@ -18,6 +18,7 @@ from typing import Iterable, Mapping
 import yaml
 
 from data_cache.schema import SCHEMA_VERSION
+from pipeline.registry import resolve_shipped_config, shipped_configs
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 
@@ -179,17 +180,11 @@ def parse_overrides(items: Iterable[str]) -> dict:
 
 def available_configs() -> list[str]:
     """The configurations shipped in ``configs/train`` (discovered from the folder)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return shipped_configs(CONFIG_DIR)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    p = Path(name_or_path)
-    if p.exists():
-        return p
-    q = CONFIG_DIR / f"{name_or_path}.yaml"
-    if q.exists():
-        return q
-    raise ConfigError(f"no configuration '{name_or_path}' (shipped: {', '.join(available_configs())})")
+    return resolve_shipped_config(CONFIG_DIR, name_or_path, ConfigError, "training configuration")
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping | Iterable[str] = ()) -> dict:

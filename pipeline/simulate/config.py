@@ -10,6 +10,8 @@ import copy
 import math
 from pathlib import Path
 
+from pipeline.registry import resolve_shipped_config, shipped_configs
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "simulate"
 DEFAULT_CONFIG = "default"
 
@@ -94,19 +96,12 @@ KNOBS = {
 
 
 def available_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return shipped_configs(CONFIG_DIR)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A YAML path, or the name of a file shipped in ``configs/simulate`` (``default``)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
-    raise SimulationConfigError(f"no simulator configuration '{name_or_path}' (a YAML file, or one of "
-                                f"{', '.join(available_configs())} in {CONFIG_DIR})")
+    return resolve_shipped_config(CONFIG_DIR, name_or_path, SimulationConfigError, "simulator configuration")
 
 
 def _read_yaml(path: Path) -> dict:
