@@ -251,7 +251,8 @@ class Trainer:
         check_stores(self.eval_paths, cfg, for_training=False)
         from .evaluate import store_label
         self.eval_label = store_label(self.eval_paths)
-        self.eval_held_out = not set(map(os.path.abspath, self.eval_paths)) & set(map(os.path.abspath, self.cache_paths))
+        self.eval_held_out = not (set(map(os.path.abspath, self.eval_paths))
+                                  & set(map(os.path.abspath, self.cache_paths)))
         self.progress = progress and self.rank == 0
         self.amp = bool(cfg["schedule"]["amp"]) and self.device.type == "cuda"
         self.ckpt_dir = self.out / "checkpoints"

@@ -105,13 +105,13 @@ def latent_losses(out: dict, batch: dict, target: str) -> dict:
         return res
     if "logits2d" in out:
         out_hw, grid_hw = batch["rgb"].shape[-2:], out["lat2d"].shape[-2:]
-        tgt = torch.cat([F.normalize(features_at_grid(batch[f"{k}_feat"], batch["affine"], batch["src_hw"], out_hw, grid_hw),
-                                     dim=1) for k in keys], 1)
+        tgt = torch.cat([F.normalize(features_at_grid(batch[f"{k}_feat"], batch["affine"], batch["src_hw"], out_hw,
+                                                      grid_hw), dim=1) for k in keys], 1)
         res["latent2d"] = latent_consistency(out["lat2d"].movedim(1, -1), tgt.movedim(1, -1))
     if "lat3d" not in out:  # a 2D-only model
         return res
     # computed even without pairs (an empty mean is 0): DDP needs phi_f in every rank's graph
-    tgt = torch.cat([F.normalize(features_at_pairs(batch[f"{k}_feat"], batch["affine"], batch["src_hw"], batch["pair_image"],
-                                                   batch["pair_uv"]), dim=-1) for k in keys], -1)
+    tgt = torch.cat([F.normalize(features_at_pairs(batch[f"{k}_feat"], batch["affine"], batch["src_hw"],
+                                                   batch["pair_image"], batch["pair_uv"]), dim=-1) for k in keys], -1)
     res["latent3d"] = latent_consistency(out["lat3d"][batch["pair_point"]], tgt)
     return res
