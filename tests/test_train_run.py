@@ -228,6 +228,14 @@ def test_init_from_a_shared_stage1_run_equals_the_straight_ablation_run(toy, tmp
                 init_from=parent / "checkpoints" / "last.pth")
     assert t.start_epoch == 1 and t.model.phi_f is None
     assert torch.equal(t.model.state_dict()["phi_s.weight"], _weights(parent)["phi_s.weight"])
+    # that fork killed before its first checkpoint: a resume starts from the parent again, without the
+    # metric lines the killed process wrote
+    with open(tmp_path / "nohead" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"type": "train", "epoch": 1, "step": 3}) + "\n")
+    again = Trainer(load_config(tmp_path / "nohead" / "config.yaml"), [toy], tmp_path / "nohead", device="cpu",
+                    progress=False, resume=True)
+    assert again.start_epoch == 1 and again.global_step == 2
+    assert (tmp_path / "nohead" / "metrics.jsonl").read_text() == ""
     short = load_config("synthetic_street_cpu", ["schedule.epochs=1", "schedule.warmup_epochs=1"])
     with pytest.raises(ConfigError, match="has done 1 epochs"):
         Trainer(short, [toy], tmp_path / "short", device="cpu", progress=False,

@@ -30,6 +30,7 @@ from .labels import LabelSources, allowed_sources, switch_targets
 from .losses import cotraining_loss, latent_losses
 from .models import build_model
 
+
 def describe_parent(checkpoint, cfg: dict) -> dict:
     """What ``config.yaml`` records of a run started with ``--init-from CHECKPOINT``: the checkpoint (path and
     sha256), how far its run had come, its ablation and the configuration keys this run changes."""
@@ -161,8 +162,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, store_paths, cfg: dict, device
     want = int(cfg["eval"]["bn_recalibration_images"] if num_images is None else num_images)
     if want <= 0:
         return {"images": 0, "frames": 0}
-    ds = CacheFrameDataset(store_paths, cfg, train=False, images_per_frame=int(cfg["data"]["images_per_frame"]))
     n_want = int(cfg["data"]["images_per_frame"])
+    ds = CacheFrameDataset(store_paths, cfg, train=False, images_per_frame=n_want)
     per_frame = []
     for s, f in ds.index:
         offs = ds.meta[s]["offsets"]["images"]
@@ -293,10 +294,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        if resume and (self.ckpt_dir / "last.pth").exists():
-            self._load_checkpoint()
-        elif cfg["init_from"]:
-            self._init_from_parent(cfg["init_from"])
+        if cfg["init_from"] and not (self.ckpt_dir / "last.pth").exists():
+            self._init_from_parent(cfg["init_from"])  # a fork's first start (or a resume before its checkpoint)
         elif resume:
             self._load_checkpoint()
         self.ddp_model = self.model
@@ -387,6 +386,8 @@ class Trainer:
         for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
             group["lr"] = base * fn(self.global_step)
         self.bn_recalibration = state.get("bn_recalibration", self.bn_recalibration)
+        if self.rank == 0:  # a fork killed before its first checkpoint: drop the lines it wrote
+            _truncate_metrics(self.out / "metrics.jsonl", self.global_step, self.start_epoch - 1)
 
     def _log(self, record: dict) -> None:
         if self.rank != 0:
