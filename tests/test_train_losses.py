@@ -30,6 +30,24 @@ def test_eq6_masked_cross_entropy_hand_case():
     assert out["loss"].item() == pytest.approx(2 * math.log(2) + math.log(4 / 3), rel=1e-6)
 
 
+def test_class_balance_weights_hand_case_and_none_is_plain_ce():
+    from train.losses import batch_class_weights
+    target = torch.tensor([0, 0, 0, 0, 1, 255, 2, 2, 2, 2, 2, 2, 2, 2, 2])  # counts 4, 1, 9 (one ignored)
+    w = batch_class_weights(target, 4, "sqrt_inverse")
+    raw = torch.tensor([1 / 2, 1.0, 1 / 3, 0.0])  # 1/sqrt(n), 0 for an absent class
+    assert torch.allclose(w, raw * 14 / (raw * torch.tensor([4.0, 1, 9, 0])).sum())
+    assert batch_class_weights(target, 4, "none") is None
+    logits = torch.randn(15, 4)
+    assert torch.allclose(masked_cross_entropy(logits, target, "none"), masked_cross_entropy(logits, target))
+    per = torch.nn.functional.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    expected = (per * torch.cat([w, torch.zeros(252)])[target.clamp(max=255)]).sum() / 14
+    assert torch.allclose(masked_cross_entropy(logits, target, "sqrt_inverse"), expected)
+    with pytest.raises(ValueError, match="class_balance"):
+        batch_class_weights(target, 4, "inverse")
+    all_ignored = torch.full((5,), 255)
+    assert masked_cross_entropy(torch.randn(5, 4, requires_grad=True), all_ignored, "sqrt_inverse").item() == 0
+
+
 def test_eq7_latent_consistency_hand_case():
     pred = torch.tensor([[1.0, 0.0], [1.0, 1.0], [3.0, 0.0]])
     target = torch.tensor([[0.0, 2.0], [2.0, 2.0], [-1.0, 0.0]])

@@ -27,6 +27,8 @@ LABEL_SOURCES = ("clip2d", "clip3d", "pred2d", "pred3d")
 #: Units of the Eq. 6 draw: ``pair`` (the paper's R*_i: one draw per pixel-point pair, shared by the 2D and
 #: the 3D term) or ``frame`` (one draw per frame and network).
 SWITCH_UNITS = ("pair", "frame")
+#: ``loss.class_balance``: how the classes of one batch's targets weigh in the cross-entropy (train/losses.py).
+CLASS_BALANCE = ("none", "sqrt_inverse")
 
 DEFAULTS: dict = {
     "seed": 0,
@@ -82,6 +84,7 @@ DEFAULTS: dict = {
         "weight_3d": 1.0,
         "latent_target": "sam",     # Eq. 7 target: sam | clip (clip/feat) | sam+clip (both, concatenated) | none
         "weight_latent": 1.0,
+        "class_balance": "none",    # CE class weights: none (the paper's) | sqrt_inverse (per batch; CPU studies)
     },
     "eval": {
         "post_refine": False,       # SAM max-voting of the predictions at inference (headline metric)
@@ -215,6 +218,8 @@ def validate(cfg: dict) -> None:
     if cfg["loss"]["latent_target"] not in ("sam", "clip", "sam+clip", "none"):
         raise ConfigError(f"loss.latent_target must be sam, clip, sam+clip or none, got "
                           f"'{cfg['loss']['latent_target']}'")
+    if cfg["loss"]["class_balance"] not in CLASS_BALANCE:
+        raise ConfigError(f"loss.class_balance must be one of {CLASS_BALANCE}, got '{cfg['loss']['class_balance']}'")
     if not cfg["model"]["net3d"]:
         three_d = [x for x in cfg["labels"]["stage2_sources"] if x in ("clip3d", "pred3d")]
         if three_d:

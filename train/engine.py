@@ -417,7 +417,7 @@ class Trainer:
                                                      unit=cfg["labels"]["switch"])
         lw = cfg["loss"]
         losses = cotraining_loss(out.get("logits2d"), target2d, out.get("logits3d"), target3d,
-                                 lw["weight_2d"], lw["weight_3d"])
+                                 lw["weight_2d"], lw["weight_3d"], lw["class_balance"])
         losses.update(latent_losses(out, batch, lw["latent_target"]))
         losses["loss"] = losses["loss"] + lw["weight_latent"] * (losses["latent2d"] + losses.get("latent3d", 0))
         self.optimizer.zero_grad(set_to_none=True)

@@ -14,26 +14,50 @@ import torch.nn.functional as F
 
 from data_cache.schema import IGNORE_INDEX as IGNORE
 
+from .config import CLASS_BALANCE
 from .data import affine_grid
 
 
-def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean CE over the labelled elements; 0 (with a graph) when none is labelled, never NaN."""
-    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+def batch_class_weights(target: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor | None:
+    """Per-class CE weights from the batch's own target histogram (``None`` for ``none``, the paper's plain CE).
+
+    ``sqrt_inverse``: w_c proportional to 1 / sqrt(n_c) over the classes present in the batch, scaled so that
+    the weighted count sum_c w_c n_c equals the number of labelled elements (the loss keeps its scale). Not the
+    paper's: a choice for small-budget CPU studies, where a class with 0.01 % of the pixels is otherwise never
+    learned; it weighs every row of an ablation alike.
+    """
+    if mode == "none":
+        return None
+    if mode != "sqrt_inverse":
+        raise ValueError(f"loss.class_balance must be one of {CLASS_BALANCE}, got '{mode}'")
+    t = target.reshape(-1)
+    counts = torch.bincount(t[t != IGNORE].long(), minlength=num_classes)[:num_classes].float()
+    weights = torch.where(counts > 0, counts.clamp(min=1).rsqrt(), torch.zeros_like(counts))
+    total = (weights * counts).sum()
+    return weights * (counts.sum() / total) if total > 0 else torch.ones_like(counts)
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_balance: str = "none") -> torch.Tensor:
+    """Mean CE over the labelled elements (weighted per :func:`batch_class_weights`); 0 (with a graph) when
+    none is labelled, never NaN."""
+    weight = batch_class_weights(target, logits.shape[1], class_balance)
+    loss = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=IGNORE, reduction="sum")
     return loss / (target != IGNORE).sum().clamp(min=1)
 
 
 def cotraining_loss(logits2d: torch.Tensor | None, target2d: torch.Tensor, logits3d: torch.Tensor | None,
-                    target3d: torch.Tensor, weight_2d: float = 1.0, weight_3d: float = 1.0) -> dict:
+                    target3d: torch.Tensor, weight_2d: float = 1.0, weight_3d: float = 1.0,
+                    class_balance: str = "none") -> dict:
     """**Eq. 6**: L = w2 * CE(f_2D(x), y_2D) + w3 * CE(f_3D(p), y_3D), pixels [I, L, H, W], points [P, L].
 
     A batch without images has a zero 2D term (with a graph); a 2D-only model (no ``logits3d``) has no 3D
-    term at all."""
+    term at all. ``class_balance``: see :func:`batch_class_weights` (``none``: the paper's CE)."""
     out = {}
     if logits3d is not None:
-        out["ce3d"] = masked_cross_entropy(logits3d, target3d)
+        out["ce3d"] = masked_cross_entropy(logits3d, target3d, class_balance)
     any_logits = logits3d if logits3d is not None else logits2d
-    out["ce2d"] = masked_cross_entropy(logits2d, target2d) if logits2d is not None else any_logits.sum() * 0
+    out["ce2d"] = (masked_cross_entropy(logits2d, target2d, class_balance) if logits2d is not None
+                   else any_logits.sum() * 0)
     out["loss"] = weight_2d * out["ce2d"] + (weight_3d * out["ce3d"] if "ce3d" in out else 0)
     return out
 

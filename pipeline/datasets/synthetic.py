@@ -54,6 +54,9 @@ class SyntheticDataset(DatasetAdapter):
       frames_per_room   indoor: posed RGB-D frames per room (>= 1), default 16
       native_resolution render at the sensors' sizes (street 1600x900; indoor colour 1296x968, depth
                         640x480) instead of directly at the training resolution; much slower
+      rare_boost        street: make the rare classes (every vehicle but the car, pedestrians, cones, barriers,
+                        bicycles) this many times as frequent (>= 1), default 1 = the default streets; for
+                        benchmarks that must learn every class in a small budget
       cache_size        generated frames kept in memory (>= 0), default 8; ``frames()`` generates every
                         frame once to count its points, so a cache as large as the dataset avoids
                         generating frames twice
@@ -67,7 +70,7 @@ class SyntheticDataset(DatasetAdapter):
     name = "synthetic"
     image_gt_name = "synthetic_render"  # the generator's exact per-pixel labels
     _OPTIONS = ("kind", "num_scenes", "seed", "sweeps_per_scene", "frames_per_room", "native_resolution",
-                "cache_size")
+                "cache_size", "rare_boost")
 
     def __init__(self, root=None, split: str = "train", **options):
         unknown = sorted(set(options) - set(self._OPTIONS))
@@ -84,6 +87,9 @@ class SyntheticDataset(DatasetAdapter):
         self.frames_per_room = _as_int("frames_per_room", options.get("frames_per_room", 16), 1)
         self.native_resolution = _as_bool("native_resolution", options.get("native_resolution", False))
         self.cache_size = _as_int("cache_size", options.get("cache_size", 8), 0)
+        self.rare_boost = _as_int("rare_boost", options.get("rare_boost", 1), 1)
+        if self.kind != "street" and self.rare_boost != 1:
+            raise DatasetError(f"synthetic option rare_boost={self.rare_boost} applies to kind=street only")
         if not isinstance(split, str) or not split:
             raise DatasetError(f"synthetic split must be a non-empty name, got {split!r}")
         # the class attributes of the base depend on the kind, so they are set per instance
@@ -110,7 +116,9 @@ class SyntheticDataset(DatasetAdapter):
         return {"root": None, "split": self.split, "kind": self.kind, "num_scenes": self.num_scenes,
                 "seed": self.seed, "sweeps_per_scene": self.sweeps_per_scene if self.kind == "street" else None,
                 "frames_per_room": self.frames_per_room if self.kind == "indoor" else None,
-                "native_resolution": self.native_resolution, "generator_version": GENERATOR_VERSION,
+                "native_resolution": self.native_resolution,
+                "rare_boost": self.rare_boost if self.kind == "street" else None,
+                "generator_version": GENERATOR_VERSION,
                 "min_depth": self.min_depth, "occlusion_tolerance": self.occlusion_tolerance}
 
     def token(self, index: int) -> str:
@@ -152,7 +160,7 @@ class SyntheticDataset(DatasetAdapter):
         token, points_file = self.token(index), self.points_file(index)
         if self.kind == "street":
             scene_index, sweep = divmod(index, self.sweeps_per_scene)
-            scene = street.build_street_scene(self.scene_rng(scene_index, 0))
+            scene = street.build_street_scene(self.scene_rng(scene_index, 0), self.rare_boost)
             hw = street.NATIVE_HW if self.native_resolution else street.TRAINING_HW
             return street.render_street_sweep(scene, sweep, self.scene_rng(scene_index, 1 + sweep), hw, token, points_file)
         room = indoor.build_room(self.scene_rng(index, 0))

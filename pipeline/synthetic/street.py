@@ -321,9 +321,23 @@ class _Objects:
         self.b.box(inst, (x, y, 4.0), (0.18, 0.18, 0.45), pick_colour(self.rng, ("black", "yellow")), 0.4)
 
 
-def build_street_scene(rng: np.random.Generator) -> StreetScene:
-    """Lay out one street scene from ``rng``."""
+def build_street_scene(rng: np.random.Generator, rare_boost: int = 1) -> StreetScene:
+    """Lay out one street scene from ``rng``.
+
+    ``rare_boost`` k >= 1 (1: the default streets, unchanged draw for draw) makes the rare classes k times as
+    frequent: the odds of every vehicle kind but the car times k, k times the pedestrians and stray cones, and
+    road works, barrier rows and bicycle racks with probability 1 - (1 - p)^k. For benchmarks whose networks
+    must learn every class in a small budget (bench/bench_cns.py); nuScenes' own long tail is the default's.
+    """
     c = _class_index()
+
+    def chance(p: float) -> float:
+        return p if rare_boost == 1 else 1.0 - (1.0 - p) ** rare_boost
+
+    def kinds(p: list[float]) -> np.ndarray:  # the first kind is the car
+        w = np.array(p) * np.array([1.0] + [float(rare_boost)] * (len(p) - 1))
+        return np.array(p) if rare_boost == 1 else w / w.sum()
+
     b = SceneBuilder()
     obj = _Objects(b, rng)
     half_len = 160.0
@@ -432,7 +446,7 @@ def build_street_scene(rng: np.random.Generator) -> StreetScene:
 
     # -- road works ---------------------------------------------------------------------------------------
     works = None
-    if rng.random() < 0.45:
+    if rng.random() < chance(0.45):
         s = 1 if rng.random() < 0.5 else -1
         x0 = ego_x + rng.choice([-1, 1]) * rng.uniform(8, 45)
         works = (s, x0, x0 + rng.uniform(8, 20))
@@ -446,10 +460,10 @@ def build_street_scene(rng: np.random.Generator) -> StreetScene:
                         rng.uniform(-0.3, 0.3) + rng.choice([0.0, np.pi / 2]))
         if rng.random() < 0.7:
             obj.construction_vehicle((works[1] + works[2]) / 2, s * (road_half + sidewalk[s] * 0.2), rng.uniform(-0.4, 0.4))
-    for _ in range(rng.poisson(1.0)):  # stray cones
+    for _ in range(rng.poisson(1.0 * rare_boost)):  # stray cones
         s = rng.choice([-1, 1])
         obj.cone(ego_x + rng.uniform(-40, 60), s * (road_half + rng.uniform(0.2, 0.8)))
-    if rng.random() < 0.35:  # a row of jersey barriers along the median or a sidewalk
+    if rng.random() < chance(0.35):  # a row of jersey barriers along the median or a sidewalk
         y = 0.0 if median else rng.choice([-1, 1]) * (road_half + 0.4)
         x = ego_x + rng.uniform(-40, 30)
         for _ in range(rng.integers(4, 14)):
@@ -466,7 +480,7 @@ def build_street_scene(rng: np.random.Generator) -> StreetScene:
                 x += rng.uniform(5, 25)
                 continue
             kind = rng.choice(["car", "truck", "trailer", "bus", "motorcycle", "construction", "bicycle"],
-                              p=[0.8, 0.06, 0.04, 0.02, 0.04, 0.015, 0.025])
+                              p=kinds([0.8, 0.06, 0.04, 0.02, 0.04, 0.015, 0.025]))
             size = {"car": 5.0, "truck": 8.5, "trailer": 11.0, "bus": 12.5, "motorcycle": 2.0, "construction": 6.5,
                     "bicycle": 1.8}[kind]
             blocked = in_cross(x, x + size, 2.0) or (works is not None and works[0] == s and
@@ -492,7 +506,7 @@ def build_street_scene(rng: np.random.Generator) -> StreetScene:
             x = -half_len + rng.uniform(0, 30)
             while x < half_len:
                 kind = rng.choice(["car", "truck", "bus", "motorcycle", "trailer", "bicycle"],
-                                  p=[0.74, 0.09, 0.08, 0.04, 0.03, 0.02])
+                                  p=kinds([0.74, 0.09, 0.08, 0.04, 0.03, 0.02]))
                 size = {"car": 5.0, "truck": 8.5, "bus": 12.5, "motorcycle": 2.0, "trailer": 14.5, "bicycle": 1.8}[kind]
                 near_ego = s == -1 and k == ego_lane and x + size > ego_x - 10 and x < ego_x + 16
                 if not near_ego:
@@ -506,7 +520,7 @@ def build_street_scene(rng: np.random.Generator) -> StreetScene:
                 x += size + rng.uniform(6, 40)
 
     # -- people and bicycles ------------------------------------------------------------------------------
-    for _ in range(rng.poisson(14)):
+    for _ in range(rng.poisson(14 * rare_boost)):
         s = rng.choice([-1, 1])
         x = ego_x + rng.uniform(-50, 70)
         y = s * (road_half + rng.uniform(0.4, sidewalk[s] - 0.3))
@@ -524,7 +538,7 @@ def build_street_scene(rng: np.random.Generator) -> StreetScene:
             direction = rng.choice([-1, 1])
             obj.pedestrian(x, rng.uniform(-road_half, road_half), direction * np.pi / 2,
                            (0.0, direction * rng.uniform(0.8, 1.5), 0.0))
-    if rng.random() < 0.5:  # a bicycle rack on a sidewalk
+    if rng.random() < chance(0.5):  # a bicycle rack on a sidewalk
         s = rng.choice([-1, 1])
         x = ego_x + rng.uniform(-30, 50)
         for i in range(rng.integers(1, 6)):

@@ -1,0 +1,324 @@
+"""The controlled-noise benchmark of CNS: the paper's Table 2 rows on simulated pseudo-labels (issue 10).
+
+Synthetic street and indoor scenes have exact ground truth; the simulated foundation models
+(pipeline/simulate, configs/simulate/default.yaml) corrupt it into MaskCLIP-like labels and SAM-like masks
+and features. The real refine stage, trainer and evaluation then run on those stores, with a train store
+and a val store made of different scenes, and every row is scored on the val store.
+
+* The first row is the **oracle**: the same networks and schedule trained on the ground truth. Its val mIoU
+  must reach ``--oracle-gate`` (50 %) in 2D and in 3D on every dataset before any noisy row means anything;
+  the benchmark stops, writes what it has and exits with status 1 when it misses (``--ignore-gate`` trains
+  the other rows anyway and marks the table as not evidence).
+* Rows that differ only in stage 2 share one stage-1 run (``--init-from``, the ``stage1-*`` directories):
+  a stage-1 run is keyed by the resolved configuration without its stage-2 keys.
+* 'Baseline' and 'w/o CNS' train nothing: they are the raw and the SAM-refined simulated CLIP labels
+  (3D: projected to the points; a point no camera sees counts as a miss). 'Post-Refine' is the full
+  method's networks with SAM max-voting of their predictions.
+* The quick run (``make bench-cns``) has the Baseline, w/o CNS, Base+CLIP, Ours, w/o CLIP and w/o Refine rows,
+  one seed, street and indoor; ``--full`` (``make bench-cns FULL=1``) has every row of Table 2 plus Ours with
+  ``labels.switch=frame``, over 3 seeds. Results: ``bench/results/cns_ablation_quick.{json,md}`` and
+  ``bench/results/cns_ablation.{json,md}``; trained runs, stores and per-row results under ``--work``, where a
+  rerun skips what is done (each row's ``result.json``) and resumes what is not.
+
+    python bench/bench_cns.py [--full] [--device cpu|cuda] [--work runs/bench_cns] [--seeds N]
+
+The CPU study regime (configs/train/bench_*_cpu.yaml) is a choice for 2 cores, not the paper's: small
+from-scratch networks (unet_small, grid_mlp_small), small images, AdamW, class-balanced cross-entropy, and
+streets with the rare classes made more frequent (``rare_boost``); docs/benchmark.md says why.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+#: The paper's Table 2 (ScanNet val, label-free 2D / 3D mIoU), printed next to the measured rows.
+PAPER_TABLE2 = {
+    "Baseline": (17.3, 14.2), "w/o CNS": (24.5, 19.4), "Base+CLIP": (20.4, 23.8), "Base+CLIP+LSC": (22.5, 28.7),
+    "w/o Refine": (23.7, 30.6), "Post-Refine": (28.1, 33.2), "w/o CT": (27.7, 31.0), "w/o SCT": (24.7, 30.6),
+    "w/o CLIP": (4.7, 5.1), "w 2D": (6.9, 8.8), "w 3D": (4.8, 6.4), "LSC: CLIP": (27.3, 32.4),
+    "LSC: SAM+CLIP": (27.8, 32.5), "LSC: None": (27.1, 32.0), "Image numbers 8": (27.9, 33.0),
+    "Image numbers 16": (28.4, 33.5), "Image numbers 32": (28.3, 33.3), "Ours": (28.4, 33.5),
+}
+
+#: Keys that act in stage 2 only (or at evaluation): runs equal in everything else share stage 1.
+STAGE2_KEYS = (("labels", "stage2_sources"), ("labels", "cross_training"), ("labels", "switch"),
+               ("eval", "post_refine"))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: ``ablation`` (a preset of train/config.py) to train, or ``baseline`` (the evaluation
+    rows ``clip`` / ``wo_cns``) that trains nothing; ``post_refine``: the trained row's networks scored after
+    SAM max-voting of their predictions."""
+    name: str
+    ablation: str | None = None
+    baseline: str | None = None
+    post_refine: bool = False
+    quick: bool = False
+    kinds: tuple = ("street", "indoor")
+
+
+ROWS = (
+    Row("Oracle (ground truth)", ablation="oracle", quick=True),
+    Row("Baseline", baseline="clip", quick=True),
+    Row("w/o CNS", baseline="wo_cns", quick=True),
+    Row("Base+CLIP", ablation="base_clip", quick=True),
+    Row("Base+CLIP+LSC", ablation="base_clip_lsc"),
+    Row("w/o Refine", ablation="no_refine", quick=True),
+    Row("Post-Refine", ablation="none", post_refine=True),
+    Row("w/o CT", ablation="no_cross_training"),
+    Row("w/o SCT", ablation="no_self_cross_training"),
+    Row("w/o CLIP", ablation="no_clip_stage2", quick=True),
+    Row("w 2D", ablation="pred2d_only"),
+    Row("w 3D", ablation="pred3d_only"),
+    Row("LSC: CLIP", ablation="latent_clip"),
+    Row("LSC: SAM+CLIP", ablation="latent_sam_clip"),
+    Row("LSC: None", ablation="latent_none"),
+    Row("Image numbers 8", ablation="images_8", kinds=("indoor",)),
+    Row("Image numbers 16", ablation="images_16", kinds=("indoor",)),
+    Row("Image numbers 32", ablation="images_32", kinds=("indoor",)),
+    Row("Ours", ablation="none", quick=True),
+    Row("Ours, switch per frame", ablation="switch_frame"),
+)
+
+
+@dataclass
+class DatasetSpec:
+    """A benchmark dataset: how its simulated train and val stores are made, and its training config."""
+    kind: str
+    config: str
+    train_scenes: int
+    val_scenes: int
+    options: dict = field(default_factory=dict)
+
+
+DATASETS = {
+    "street": DatasetSpec("street", "bench_street_cpu", 16, 4, {"rare_boost": 4}),
+    "indoor": DatasetSpec("indoor", "bench_indoor_cpu", 16, 4, {"frames_per_room": 16}),
+}
+
+
+def run_labels(spec: DatasetSpec, split: str, scenes: int, cache: Path, simulate: str) -> Path:
+    """The simulated label stages via ``cns-cli labels`` (it resumes a partly written store)."""
+    store = cache / f"synthetic-{split}.zarr"
+    opts = {"kind": spec.kind, "num_scenes": scenes, "cache_size": scenes, **spec.options}
+    cmd = [str(Path(sys.executable).with_name("cns-cli")), "labels", "--dataset", "synthetic", "--cache", str(cache), "--split", split,
+           "--workers", "0", "--simulate", simulate]
+    for k, v in opts.items():
+        cmd += ["--dataset-option", f"{k}={v}"]
+    print(f"[stores] {spec.kind}/{split}: {scenes} scenes -> {store}", flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return store
+
+
+def stage1_key(cfg: dict) -> str:
+    """The stage-1 signature: the resolved configuration without its stage-2 keys and its ablation name."""
+    c = copy.deepcopy(cfg)
+    c.pop("ablation", None)
+    c.pop("init_from", None)
+    for section, key in STAGE2_KEYS:
+        c[section].pop(key, None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def row_config(spec: DatasetSpec, ablation: str, seed: int, overrides: list[str]) -> dict:
+    from train.config import load_config
+    return load_config(spec.config, [f"ablation={ablation}", f"seed={seed}", "eval.interval=0", "eval.at_end=true",
+                                     *overrides])
+
+
+def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, device: str) -> dict:
+    """Train one row (forked from its shared stage-1 run) and evaluate it on the val store; cached in
+    ``result.json``. Returns the evaluation's rows (mIoU and per-class IoU)."""
+    from train.engine import Trainer
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    s = cfg["schedule"]
+    stage1 = run_dir.parent / f"stage1-{stage1_key(cfg)}"
+    parent = stage1 / "checkpoints" / "last.pth"
+    t0 = time.perf_counter()
+    if int(s["warmup_epochs"]) > 0 and not cfg["labels"]["oracle"]:
+        if not (stage1 / "stage1.done").exists():
+            print(f"[train] {stage1.name} (stage 1, {s['warmup_epochs']} epochs, shared)", flush=True)
+            trunk_cfg = copy.deepcopy(cfg)
+            Trainer(trunk_cfg, [train_store], stage1, eval_paths=[val_store], device=device,
+                    resume=parent.exists()).train(stop_after_epochs=int(s["warmup_epochs"]))
+            (stage1 / "stage1.done").write_text("")
+        init_from = parent
+    else:
+        init_from = None
+    t1 = time.perf_counter()
+    print(f"[train] {run_dir.parent.name}/{run_dir.name}", flush=True)
+    resume = (run_dir / "checkpoints" / "last.pth").exists()
+    trainer = Trainer(copy.deepcopy(cfg), [train_store], run_dir, eval_paths=[val_store], device=device,
+                      resume=resume, init_from=None if resume else init_from)
+    evals = trainer.train()
+    if not evals:
+        raise RuntimeError(f"{run_dir}: the run ended without its final evaluation")
+    res = {"rows": evals[-1]["rows"], "class_names": evals[-1]["class_names"], "stage1": stage1.name if init_from else None,
+           "seconds_stage1": round(t1 - t0, 1), "seconds": round(time.perf_counter() - t1, 1)}
+    done.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def baseline_rows(cfg: dict, val_store: Path, out: Path, device: str) -> dict:
+    from train.evaluate import evaluate
+    if out.exists():
+        return json.loads(out.read_text())
+    res = evaluate(None, [str(val_store)], cfg, device, with_baselines=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": res["rows"], "class_names": res["class_names"]}, indent=1))
+    return json.loads(out.read_text())
+
+
+def measured(row: Row, res: dict) -> dict:
+    """2D / 3D mIoU of a row from its evaluation (3D baselines: every labelled point; paired only as well)."""
+    r = res["rows"]
+    if row.baseline:
+        return {"2d": r[f"{row.baseline}_2d"]["miou"], "3d": r[f"{row.baseline}_3d"]["miou"],
+                "3d_paired": r[f"{row.baseline}_3d_paired"]["miou"]}
+    key = "cns_refined" if row.post_refine else "cns"
+    return {"2d": r[f"{key}_2d"]["miou"], "3d": r[f"{key}_3d"]["miou"]}
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def machine() -> dict:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def fmt(m: float | None, s: float | None) -> str:
+    if m is None:
+        return "–"
+    return f"{m:.1f}" if s is None else f"{m:.1f} ± {s:.1f}"
+
+
+def write_tables(result: dict, out_json: Path, out_md: Path) -> str:
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=1))
+    lines = [f"# CNS controlled-noise benchmark ({result['mode']})", "",
+             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
+             f"Seeds: {result['seeds']}; wall time {result['wall_minutes']:.1f} min; "
+             f"simulated pseudo-labels (configs/simulate/{result['simulate']}.yaml), not CLIP/SAM.", ""]
+    for kind, block in result["datasets"].items():
+        gate = block["gate"]
+        lines += [f"## {kind} ({block['config']}: {block['train_scenes']} train / {block['val_scenes']} val scenes)",
+                  "", f"Oracle gate ({result['oracle_gate']} % val mIoU in 2D and 3D): "
+                  f"**{'passed' if gate['passed'] else 'MISSED -- the noisy rows below are not evidence'}**", "",
+                  "| row | 2D mIoU | 3D mIoU | paper 2D | paper 3D |", "|---|---|---|---|---|"]
+        for name, r in block["rows"].items():
+            paper = PAPER_TABLE2.get(name, (None, None))
+            lines.append(f"| {name} | {fmt(r['2d_mean'], r['2d_std'])} | {fmt(r['3d_mean'], r['3d_std'])} | "
+                         f"{fmt(paper[0], None)} | {fmt(paper[1], None)} |")
+        lines.append("")
+    lines += ["Paper: ScanNet val, Table 2 of Chen et al. 2023 (full networks and datasets); the measured rows are "
+              "synthetic scenes with simulated labels and CPU study networks: compare directions, not values.", ""]
+    text = "\n".join(lines)
+    out_md.write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="every Table 2 row, 3 seeds (hours on CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench_cns")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--seeds", type=int, default=None, help="default: 1 quick, 3 full")
+    ap.add_argument("--datasets", default="street,indoor")
+    ap.add_argument("--rows", default=None, help="comma-separated row names (default: the mode's rows)")
+    ap.add_argument("--simulate", default="default", help="simulator config (configs/simulate/<name>.yaml)")
+    ap.add_argument("--oracle-gate", type=float, default=50.0)
+    ap.add_argument("--ignore-gate", action="store_true", help="train the noisy rows even when the oracle misses")
+    ap.add_argument("--scenes", default=None, help="train,val scene counts instead of the datasets' own (tests)")
+    ap.add_argument("--tag", default=None, help="results file stem (default cns_ablation[_quick])")
+    ap.add_argument("overrides", nargs="*", help="config overrides for every row, key=value (tests, studies)")
+    a = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    mode = "full" if a.full else "quick"
+    seeds = list(range(a.seeds if a.seeds is not None else (3 if a.full else 1)))
+    wanted = set(a.rows.split(",")) if a.rows else None
+    rows = [r for r in ROWS if (wanted is None and (a.full or r.quick)) or (wanted and r.name in wanted)]
+    if wanted and len(rows) != len(wanted):
+        raise SystemExit(f"unknown row(s) {sorted(wanted - {r.name for r in rows})}; known: {[r.name for r in ROWS]}")
+    if rows[0].ablation != "oracle":
+        rows.insert(0, ROWS[0])  # the gate row always comes first
+    stem = a.tag or ("cns_ablation" if a.full else "cns_ablation_quick")
+    result = {"mode": mode, "command": "python bench/bench_cns.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": machine(), "device": a.device, "seeds": seeds, "simulate": a.simulate,
+              "oracle_gate": a.oracle_gate, "datasets": {}}
+    gate_ok = True
+    for kind in a.datasets.split(","):
+        spec = copy.deepcopy(DATASETS[kind])
+        if a.scenes:
+            spec.train_scenes, spec.val_scenes = map(int, a.scenes.split(","))
+        cache = a.work / kind / "cache"
+        train_store = run_labels(spec, "train", spec.train_scenes, cache, a.simulate)
+        val_store = run_labels(spec, "val", spec.val_scenes, cache, a.simulate)
+        block = {"config": spec.config, "train_scenes": spec.train_scenes, "val_scenes": spec.val_scenes,
+                 "options": spec.options, "rows": {}, "per_seed": {}, "classes": {}}
+        result["datasets"][kind] = block
+        kind_rows = [r for r in rows if kind in r.kinds]
+        for row in kind_rows:
+            values = []
+            for seed in seeds:
+                cfg = row_config(spec, row.ablation or "none", seed, a.overrides)
+                run_root = a.work / kind / f"seed{seed}"
+                if row.baseline:
+                    res = baseline_rows(cfg, val_store, run_root / "baselines.json", a.device)
+                else:
+                    res = train_row(cfg, train_store, val_store, run_root / row.ablation, a.device)
+                values.append(measured(row, res))
+                key = f"{'cns_refined' if row.post_refine else 'cns'}" if not row.baseline else row.baseline
+                block["classes"].setdefault(row.name, {})[seed] = {d: res["rows"][f"{key}_{d}"]["iou"]
+                                                                   for d in ("2d", "3d")}
+            entry = {}
+            for d in values[0]:
+                entry[f"{d}_mean"], entry[f"{d}_std"] = mean_std([v[d] for v in values])
+            block["rows"][row.name] = entry
+            block["per_seed"][row.name] = values
+            print(f"[{kind}] {row.name}: 2D {fmt(entry['2d_mean'], entry['2d_std'])}  "
+                  f"3D {fmt(entry['3d_mean'], entry['3d_std'])}", flush=True)
+            if row.ablation == "oracle":
+                passed = entry["2d_mean"] >= a.oracle_gate and entry["3d_mean"] >= a.oracle_gate
+                block["gate"] = {"passed": passed, "2d": entry["2d_mean"], "3d": entry["3d_mean"]}
+                if not passed:
+                    gate_ok = False
+                    print(f"ORACLE GATE MISSED on {kind}: val mIoU 2D {entry['2d_mean']:.1f} / 3D "
+                          f"{entry['3d_mean']:.1f} < {a.oracle_gate} -- the networks and budget cannot learn these "
+                          "scenes even from clean labels, so no noisy row would mean anything", flush=True)
+                    if not a.ignore_gate:
+                        break
+    result["wall_minutes"] = (time.perf_counter() - t_start) / 60
+    result["gate_passed"] = gate_ok
+    text = write_tables(result, a.out / f"{stem}.json", a.out / f"{stem}.md")
+    print(text)
+    print(f"results: {a.out / (stem + '.json')} and {a.out / (stem + '.md')}")
+    if not gate_ok:
+        print("bench-cns FAILED: the oracle row is below its gate (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
