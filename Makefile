@@ -21,6 +21,8 @@ SAM_POINTS ?=
 SIMULATE ?=
 LABELS_ARGS ?=
 FRAMES ?=  # make bench-scale: copies of the nuScenes keyframe (default 2000)
+FULL ?=    # make bench-cns FULL=1: every Table 2 row, 3 seeds (hours on CPU)
+DEVICE ?= cpu  # make bench-cns DEVICE=cuda: train the benchmark's networks on a GPU
 
 # make train / make eval variables (passed through to `cns-cli train` / `cns-cli eval`)
 STORE ?= $(CACHE)/$(DATASET)-train.zarr
@@ -32,7 +34,7 @@ EVAL_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam clean
+.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam bench-cns clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -108,6 +110,9 @@ bench-stages:  ## model-stage throughput and cache bytes per image (real archite
 
 bench-scale:  ## scale rehearsal: the nuScenes keyframe x FRAMES (2000): planning, correspond 1 vs 2 workers, pairs commit
 	$(BIN)/python bench/bench_scale.py $(call opt,--frames,$(FRAMES))
+
+bench-cns: $(VENV)/.installed  ## controlled-noise Table 2 on simulated labels (quick: ~45 min on 2 CPU cores; FULL=1: all rows, 3 seeds)
+	$(BIN)/python bench/bench_cns.py --device $(DEVICE) $(if $(strip $(FULL)),--full,)
 
 bench-sam:  ## SAM per-image cost, upstream vs batched generator, projected GPU-hours (bench/results/sam.json; ~30 min on CPU)
 	$(BIN)/python bench/bench_sam.py

@@ -103,11 +103,13 @@ class DatasetSpec:
     train_scenes: int
     val_scenes: int
     options: dict = field(default_factory=dict)
+    full_options: dict = field(default_factory=dict)  # --full: store options on top (own stores and runs)
 
 
 DATASETS = {
     "street": DatasetSpec("street", "bench_street_cpu", 16, 4, {"rare_boost": 4}),
-    "indoor": DatasetSpec("indoor", "bench_indoor_cpu", 16, 4, {"frames_per_room": 16}),
+    # the 'Image numbers 32' row needs rooms of 32 images
+    "indoor": DatasetSpec("indoor", "bench_indoor_cpu", 16, 4, {"frames_per_room": 16}, {"frames_per_room": 32}),
 }
 
 
@@ -134,6 +136,11 @@ def stage1_key(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def config_sha(cfg: dict) -> str:
+    c = {k: v for k, v in cfg.items() if k != "init_from"}
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def row_config(spec: DatasetSpec, ablation: str, seed: int, overrides: list[str]) -> dict:
     from train.config import load_config
     return load_config(spec.config, [f"ablation={ablation}", f"seed={seed}", "eval.interval=0", "eval.at_end=true",
@@ -146,7 +153,11 @@ def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, devi
     from train.engine import Trainer
     done = run_dir / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
+        res = json.loads(done.read_text())
+        if res.get("config_sha") != config_sha(cfg):
+            raise SystemExit(f"{done} was made with another configuration of this row: delete {run_dir} (and the "
+                             f"stage-1 runs beside it) or use another --work directory")
+        return res
     s = cfg["schedule"]
     stage1 = run_dir.parent / f"stage1-{stage1_key(cfg)}"
     parent = stage1 / "checkpoints" / "last.pth"
@@ -169,16 +180,20 @@ def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, devi
     evals = trainer.train()
     if not evals:
         raise RuntimeError(f"{run_dir}: the run ended without its final evaluation")
-    res = {"rows": evals[-1]["rows"], "class_names": evals[-1]["class_names"], "stage1": stage1.name if init_from else None,
+    res = {"config_sha": config_sha(cfg), "rows": evals[-1]["rows"], "class_names": evals[-1]["class_names"],
+           "stage1": stage1.name if init_from else None,
            "seconds_stage1": round(t1 - t0, 1), "seconds": round(time.perf_counter() - t1, 1)}
     done.write_text(json.dumps(res, indent=1))
     return res
 
 
 def baseline_rows(cfg: dict, val_store: Path, out: Path, device: str) -> dict:
+    from train.engine import check_stores
     from train.evaluate import evaluate
     if out.exists():
         return json.loads(out.read_text())
+    cfg = copy.deepcopy(cfg)
+    check_stores([str(val_store)], cfg, for_training=False)  # fills the class list from the store
     res = evaluate(None, [str(val_store)], cfg, device, with_baselines=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": res["rows"], "class_names": res["class_names"]}, indent=1))
@@ -272,7 +287,11 @@ def main(argv=None) -> int:
         spec = copy.deepcopy(DATASETS[kind])
         if a.scenes:
             spec.train_scenes, spec.val_scenes = map(int, a.scenes.split(","))
-        cache = a.work / kind / "cache"
+        root = a.work / kind
+        if a.full and spec.full_options:
+            spec.options = {**spec.options, **spec.full_options}
+            root = a.work / f"{kind}-full"
+        cache = root / "cache"
         train_store = run_labels(spec, "train", spec.train_scenes, cache, a.simulate)
         val_store = run_labels(spec, "val", spec.val_scenes, cache, a.simulate)
         block = {"config": spec.config, "train_scenes": spec.train_scenes, "val_scenes": spec.val_scenes,
@@ -283,7 +302,7 @@ def main(argv=None) -> int:
             values = []
             for seed in seeds:
                 cfg = row_config(spec, row.ablation or "none", seed, a.overrides)
-                run_root = a.work / kind / f"seed{seed}"
+                run_root = root / f"seed{seed}"
                 if row.baseline:
                     res = baseline_rows(cfg, val_store, run_root / "baselines.json", a.device)
                 else:

@@ -1,0 +1,71 @@
+"""bench/bench_cns.py in a tiny mode: the oracle gate, shared stage-1 forks, resumption and the tables."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_cns  # noqa: E402
+
+TINY = ["--datasets", "street", "--scenes", "2,1", "schedule.epochs=2", "schedule.warmup_epochs=1",
+        "schedule.max_steps_per_epoch=1", "data.image_size=[56,104]", "eval.bn_recalibration_images=2"]
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_gate_forks_and_tables(tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "results"
+    args = ["--work", str(work), "--out", str(out), "--rows", "Baseline,Ours,w/o CLIP,Post-Refine", *TINY]
+    # a gate no network reaches: the oracle row is trained and reported, nothing else is, exit status 1
+    assert bench_cns.main([*args, "--oracle-gate", "101"]) == 1
+    res = json.loads((out / "cns_ablation_quick.json").read_text())
+    street = res["datasets"]["street"]
+    assert res["gate_passed"] is False and street["gate"]["passed"] is False
+    assert list(street["rows"]) == ["Oracle (ground truth)"]
+    assert "MISSED" in (out / "cns_ablation_quick.md").read_text()
+    assert "ORACLE GATE MISSED on street" in capsys.readouterr().out
+    # the same work directory with a reachable gate: the oracle is not trained again, the others are
+    oracle_result = (work / "street" / "seed0" / "oracle" / "result.json").stat().st_mtime_ns
+    assert bench_cns.main([*args, "--oracle-gate", "0"]) == 0
+    assert (work / "street" / "seed0" / "oracle" / "result.json").stat().st_mtime_ns == oracle_result
+    res = json.loads((out / "cns_ablation_quick.json").read_text())
+    rows = res["datasets"]["street"]["rows"]
+    assert list(rows) == ["Oracle (ground truth)", "Baseline", "Post-Refine", "w/o CLIP", "Ours"]  # Table 2 order
+    assert all(0 <= rows[r]["2d_mean"] <= 100 and 0 <= rows[r]["3d_mean"] <= 100 for r in rows)
+    # Ours and w/o CLIP differ in stage 2 only: both forked from one stage-1 run
+    seed0 = work / "street" / "seed0"
+    stage1 = [p for p in seed0.iterdir() if p.name.startswith("stage1-")]
+    assert len(stage1) == 1 and (stage1[0] / "stage1.done").exists()
+    for ablation in ("none", "no_clip_stage2"):
+        parent = yaml.safe_load((seed0 / ablation / "config.yaml").read_text())["init_from"]
+        assert Path(parent["checkpoint"]) == stage1[0] / "checkpoints" / "last.pth" and parent["epochs_done"] == 1
+    # Post-Refine is the full method's networks, post-refined: no run of its own
+    ours = json.loads((seed0 / "none" / "result.json").read_text())["rows"]
+    assert rows["Post-Refine"]["2d_mean"] == pytest.approx(ours["cns_refined_2d"]["miou"])
+    assert rows["Ours"]["3d_mean"] == pytest.approx(ours["cns_3d"]["miou"])
+    base = json.loads((seed0 / "baselines.json").read_text())["rows"]
+    assert rows["Baseline"]["2d_mean"] == pytest.approx(base["clip_2d"]["miou"])
+    md = (out / "cns_ablation_quick.md").read_text()
+    assert "| Ours |" in md and "| 28.4 | 33.5 |" in md and "passed" in md
+    # a cached row made with another configuration is refused, not reported
+    with pytest.raises(SystemExit, match="another configuration"):
+        bench_cns.main([*args, "--oracle-gate", "0", "schedule.lr=0.001"])
+
+
+def test_stage1_key_ignores_stage2_keys_only():
+    spec = bench_cns.DATASETS["street"]
+    key = lambda ablation: bench_cns.stage1_key(bench_cns.row_config(spec, ablation, 0, []))  # noqa: E731
+    assert key("none") == key("no_clip_stage2") == key("no_cross_training") == key("switch_frame") == key("pred2d_only")
+    assert key("no_refine") == key("base_clip_lsc")
+    assert len({key("none"), key("no_refine"), key("base_clip"), key("latent_none"), key("oracle")}) == 5
+    assert bench_cns.stage1_key(bench_cns.row_config(spec, "none", 1, [])) != key("none")  # the seed
+
+
+def test_unknown_row_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown row"):
+        bench_cns.main(["--work", str(tmp_path), "--rows", "Ours,Nonsense"])
