@@ -137,9 +137,9 @@ def part_stages(mode: str) -> list[dict]:
         out.append(figure("stages.maskclip.images_per_s", st["images"] / wall, "images/s",
                           "the network forwards alone (images / forward seconds)", st["images"] / st["model_s"],
                           "value/reference",
-                          f"ratio = share of the stage's wall time in network forwards; {'tiny model' if tiny else 'ViT-B/16'}"
-                          f" at {H}x{W}, {st['images']} images in one batch, 2 threads; text embeddings (prepare, once "
-                          f"per store) {prep:.1f} s not included; {frame}"))
+                          f"ratio = share of the stage's wall time in network forwards; "
+                          f"{'tiny model' if tiny else 'ViT-B/16'} at {H}x{W}, {st['images']} images in one batch, "
+                          f"2 threads; text embeddings (prepare, once per store) {prep:.1f} s not included; {frame}"))
         # sam: the stage's defaults (batched generator, SAM on the 900x1600 source image, masks at 224x416)
         src, where = bench_sam.camera_image()
         a = argparse.Namespace(model="tiny" if tiny else "vit_b", points_per_side=points)
@@ -151,9 +151,9 @@ def part_stages(mode: str) -> list[dict]:
                           f"ratio = share of the stage's wall time in network forwards; {a.model} "
                           f"{'(tiny test model)' if tiny else '(random weights)'}, batched generator, "
                           f"{points}x{points} prompts{' (CPU-sized; --full: 32x32)' if mode == 'default' else ''}, "
-                          f"thresholds 0 (so random-weight masks survive to the bookkeeping), 1 image: {where}, masks "
-                          f"at 224x416; encoder {res['encoder_s']} s, decoder {res['decoder_s']} s, wall "
-                          f"{res['wall_s']} s; 2 threads"))
+                          f"thresholds 0, box NMS 0.7 (random weights: {res['masks_in_id_map']} mask(s) left in the id "
+                          f"map), 1 image: {where}, masks at 224x416; encoder {res['encoder_s']} s, decoder "
+                          f"{res['decoder_s']} s, wall {res['wall_s']} s; 2 threads"))
         # refine, on the maskclip store with SAM-like id maps and the sam stage's features
         sam_store = Store(tmp / "batched-source.zarr")  # the store bench_sam.run_row wrote
         add_sam_arrays(store, sam_store, images, regions=100)
@@ -170,11 +170,10 @@ def part_stages(mode: str) -> list[dict]:
         for name, (disk, raw) in sizes.items():
             out.append(figure(f"cache.bytes_per_image.{name}", disk, "bytes", "uncompressed (zarr nbytes / images)",
                               raw, "reference/value",
-                              f"ratio = compression; {why.get(name, data_kind)}; "
-                              f"{frame}"))
+                              f"ratio = compression; {why.get(name, data_kind)}; {frame}"))
         disk = sum(d for d, _ in sizes.values())
-        out.append(figure("cache.bytes_per_image.total", disk, "bytes", "uncompressed", sum(r for _, r in sizes.values()),
-                          "reference/value", f"ratio = compression; budget {CACHE_BUDGET} bytes per image; "
+        raw = sum(r for _, r in sizes.values())
+        out.append(figure("cache.bytes_per_image.total", disk, "bytes", "uncompressed", raw, "reference/value", f"ratio = compression; budget {CACHE_BUDGET} bytes per image; "
                           f"{len(sizes)} arrays: {', '.join(sizes)}; {frame}", f"value <= {CACHE_BUDGET}"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
