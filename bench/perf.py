@@ -174,7 +174,8 @@ def part_stages(mode: str) -> list[dict]:
         disk = sum(d for d, _ in sizes.values())
         raw = sum(r for _, r in sizes.values())
         out.append(figure("cache.bytes_per_image.total", disk, "bytes", "uncompressed", raw, "reference/value",
-                          f"ratio = compression; budget {CACHE_BUDGET} bytes per image; {len(sizes)} arrays: {', '.join(sizes)}; {frame}", f"value <= {CACHE_BUDGET}"))
+                          f"ratio = compression; budget {CACHE_BUDGET} bytes per image; {len(sizes)} arrays: "
+                          f"{', '.join(sizes)}; {frame}", f"value <= {CACHE_BUDGET}"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
