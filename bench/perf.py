@@ -142,6 +142,7 @@ def part_stages(mode: str) -> list[dict]:
                           f"2 threads; text embeddings (prepare, once per store) {prep:.1f} s not included; {frame}"))
         # sam: the stage's defaults (batched generator, SAM on the 900x1600 source image, masks at 224x416)
         src, where = bench_sam.camera_image()
+        where = Path(where).name if Path(where).is_file() else where
         a = argparse.Namespace(model="tiny" if tiny else "vit_b", points_per_side=points)
         res, _ = bench_sam.run_row("batched/source", src, tmp, a)
         net = res["encoder_s"] + res["decoder_s"]
@@ -294,9 +295,10 @@ def run_part(part: str, mode: str, out: Path) -> None:
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    workers = (f"; its largest loader worker {children:.0f} MiB (forked: counts the pages it shares with the "
+               f"trainer)") if part == "train" else ""
     figures.append(figure(f"rss.{part}.peak_mib", peak, "MiB", "the process's RSS after its imports", base,
-                          "value/reference", f"peak RSS of the {part} part's process (getrusage ru_maxrss)"
-                          + (f"; its largest child process (loader workers) {children:.0f} MiB" if children else "")))
+                          "value/reference", f"peak RSS of the {part} part's process (getrusage ru_maxrss){workers}"))
     for f in figures:
         f.update(part=part, threads=threads)
     out.write_text(json.dumps({"figures": figures, "wall_s": wall}))
