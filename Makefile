@@ -100,10 +100,10 @@ eval:  ## mIoU tables of RUN and the baselines on EVAL_STORE
 weights:  ## download the official CLIP ViT-B/16 and SAM checkpoints into checkpoints/ (needs internet)
 	$(BIN)/python -m pipeline.models.weights --dest checkpoints
 
-bench:  ## the quick benchmarks (correspondences, Eq. 4 refine, synthetic scenes); numbers in the README
-	$(BIN)/python bench/bench_correspond.py
-	$(BIN)/python bench/bench_refine.py
-	$(BIN)/python bench/bench_synthetic.py
+BENCH_ARGS ?=  # make bench: --full (SAM 32x32 prompts, longer runs), --parts refine,stages,...
+
+bench:  ## the performance suite: every figure beside its reference -> bench/results/perf.json (~10 min on 2 cores)
+	$(BIN)/python bench/perf.py $(BENCH_ARGS)
 
 bench-stages:  ## model-stage throughput and cache bytes per image (real architectures, random weights; slow on CPU)
 	$(BIN)/python bench/bench_stages.py

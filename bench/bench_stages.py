@@ -115,6 +115,30 @@ def array_bytes(store: Store, name: str) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
 
 
+def add_sam_arrays(store: Store, sam_store: Store, images: int, regions: int) -> None:
+    """The ``sam/*`` arrays in ``store`` (whose images the sam stage did not see): a SAM-like id map of
+    ``regions`` Voronoi regions per image, and ``sam_store``'s features and projection repeated over the images."""
+    d = sam_store.dims()
+    store.set_dims(h=d["h"], w=d["w"], S=d["S"], D=d["D"])
+    for name in ("sam/mask_id", "sam/feat", "sam/proj", "sam/proj_mean"):
+        store.create_array(name)
+    store.write_rows("sam/mask_id", 0, voronoi_ids(images, regions))
+    feats = sam_store.array("sam/feat")[:]
+    store.write_rows("sam/feat", 0, np.concatenate([feats] * (images // len(feats) + 1))[:images])
+
+
+def bytes_per_image(store: Store, images: int) -> dict[str, tuple[float, float]]:
+    """``{array: (bytes on disk, bytes uncompressed)}`` per image, for every per-point, per-image and per-pair
+    array of the store (``data_cache/schema.py``), each divided by the number of images."""
+    from data_cache import schema
+    out = {}
+    for sp in schema.ARRAYS:
+        if sp.ragged_axis is None or sp.name not in store:
+            continue
+        out[sp.name] = (array_bytes(store, sp.name) / images, store.array(sp.name).nbytes / images)
+    return out
+
+
 def shared_vs_separate(gen, image: np.ndarray, repeats: int = 1) -> tuple[float, float]:
     from segment_anything import SamAutomaticMaskGenerator, SamPredictor
     upstream = SamAutomaticMaskGenerator(gen.sam, **gen.thresholds)
@@ -176,30 +200,20 @@ def main() -> None:
                   f"{t_sep / t_sh:.2f}x")
 
         # -- refine ------------------------------------------------------------------------------------------
-        store.set_dims(h=sam_store.dims()["h"], w=sam_store.dims()["w"], S=256, D=64)
-        for name in ("sam/mask_id", "sam/feat", "sam/proj", "sam/proj_mean"):
-            store.create_array(name)
-        ids = voronoi_ids(a.images, a.synthetic_masks)
-        store.write_rows("sam/mask_id", 0, ids)
-        feats = sam_store.array("sam/feat")[:]
-        store.write_rows("sam/feat", 0, np.concatenate([feats] * (a.images // len(feats) + 1))[:a.images])
+        add_sam_arrays(store, sam_store, a.images, a.synthetic_masks)
         st, wall, _ = run_stage(store, "refine", 1)
         print(f"refine: {st['images'] / wall:6.1f} images/s (vote {100 * st['vote_s'] / wall:4.1f}% of {wall:.3f} s)")
 
         # -- bytes -------------------------------------------------------------------------------------------
         n = a.images
         print(f"\ncache bytes per {H}x{W} image (zarr defaults of data_cache/schema.py; {n} images):")
-        from data_cache import schema
         total = 0
-        for sp in schema.ARRAYS:
-            if sp.ragged_axis is None or sp.name not in store:
-                continue
-            b = array_bytes(store, sp.name) / n
+        for name, (b, _) in bytes_per_image(store, n).items():
             total += b
             note = {"sam/mask_id": f" (synthetic {a.synthetic_masks}-region SAM-like map)",
                     "sam/feat": " (random-weight features)",
-                    "clip/feat": " (random-weight features)"}.get(sp.name, "")
-            print(f"  {sp.name:20s} {b / 1e3:9.1f} KB{note}")
+                    "clip/feat": " (random-weight features)"}.get(name, "")
+            print(f"  {name:20s} {b / 1e3:9.1f} KB{note}")
         empty = array_bytes(sam_store, "sam/mask_id") / a.sam_images
         print(f"  {'(sam/mask_id empty)':20s} {empty / 1e3:9.1f} KB (what the random model wrote)")
         print(f"  {'total':20s} {total / 1e6:9.3f} MB   (budget 0.6 MB) ; without images/rgb "

@@ -26,12 +26,12 @@ def rss_mib(pid: int | str = "self") -> float:
     return float("nan")
 
 
-def build_store(path: Path, frames: int) -> Path:
+def build_store(path: Path, frames: int, image_size=(224, 416), sam_grid=(36, 64), point_stride: int = 12) -> Path:
     from tests.toy_store import build_toy_store
     classes = tuple(f"class{i:02d}" for i in range(16))
     t = time.perf_counter()
-    build_toy_store(path, num_frames=frames, num_images=6, image_size=(224, 416), class_names=classes,
-                    text_dim=512, sam_dim=64, sam_grid=(36, 64), point_stride=12, seed=0)
+    build_toy_store(path, num_frames=frames, num_images=6, image_size=image_size, class_names=classes,
+                    text_dim=512, sam_dim=64, sam_grid=sam_grid, point_stride=point_stride, seed=0)
     print(f"built {path} ({frames} frames) in {time.perf_counter() - t:.1f} s")
     return path
 
@@ -46,7 +46,16 @@ def main() -> None:
     ap.add_argument("--store", type=Path, default=None, help="an existing store instead of building one")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    results = measure(args.frames, args.epochs, args.steps, args.workers, args.batch_size, args.store, args.device)
+    print(json.dumps(results, indent=1))
+    target = "met" if results["steady_wait_share"] <= 0.05 else "NOT met"
+    print(f"data-loading wait share {results['steady_wait_share'] * 100:.1f} % of step time (target <= 5 %: {target})")
 
+
+def measure(frames: int = 8, epochs: int = 3, steps: int = 4, workers: int = 2, batch_size: int = 1,
+            store: Path | None = None, device: str = "cpu", image_size=(224, 416), sam_grid=(36, 64),
+            point_stride: int = 12) -> dict:
+    """Build the store (unless given), time the loader alone and the trainer's epochs; returns the results."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -56,19 +65,19 @@ def main() -> None:
     from train.engine import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    store = args.store or build_store(tmp / "nuscenes_shaped.zarr", args.frames)
+    store = store or build_store(tmp / "nuscenes_shaped.zarr", frames, image_size, sam_grid, point_stride)
     st = Store(store)
     print(f"store: {st.offsets('points')[-1] / (len(st.offsets('points')) - 1):.0f} points/frame, "
           f"{st.array('images/rgb').shape[1:3]} images, {st.offsets('images')[-1]} images")
-    overrides = {"schedule.epochs": args.epochs, "schedule.warmup_epochs": max(1, args.epochs // 2),
-                 "schedule.max_steps_per_epoch": args.steps, "schedule.log_interval": 1, "eval.interval": 0,
-                 "eval.at_end": False, "data.num_workers": args.workers, "data.batch_size": args.batch_size}
+    overrides = {"schedule.epochs": epochs, "schedule.warmup_epochs": max(1, epochs // 2),
+                 "schedule.max_steps_per_epoch": steps, "schedule.log_interval": 1, "eval.interval": 0,
+                 "eval.at_end": False, "data.num_workers": workers, "data.batch_size": batch_size}
     cfg = load_config("synthetic_street_cpu", overrides)
-    results = {"workers": args.workers, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads()}
+    results = {"workers": workers, "batch_size": batch_size, "torch_threads": torch.get_num_threads()}
 
     # 1) the loader alone: how fast can 2 workers deliver frames?
     ds = CacheFrameDataset([store], cfg, train=True)
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
                         collate_fn=collate_offsets, worker_init_fn=worker_init)
     t = time.perf_counter()
     n = 0
@@ -87,21 +96,22 @@ def main() -> None:
     results["single_process_item_s"] = round((time.perf_counter() - t) / min(4, len(ds)), 3)
 
     # 2) training with the CPU variants: wait share per step, steps/s, RSS per epoch
-    trainer = Trainer(cfg, [store], tmp / "run", device=args.device, progress=False)
+    trainer = Trainer(cfg, [store], tmp / "run", device=device, progress=False)
     per_epoch = []
-    for epoch in range(args.epochs):
-        trainer.cfg["schedule"]["epochs"] = args.epochs
+    for epoch in range(epochs):
+        trainer.cfg["schedule"]["epochs"] = epochs
         trainer.start_epoch = epoch
         trainer.train(stop_after_epochs=epoch + 1)
         timing = trainer.last_epoch_timing
-        steps = timing["steps"]
+        done = timing["steps"]
         total = timing["wait_s"] + timing["busy_s"]
         per_epoch.append({"epoch": epoch + 1, "stage": 1 if epoch < cfg["schedule"]["warmup_epochs"] else 2,
                           "wait_share": round(timing["wait_s"] / total, 4),
                           # the first batch of an epoch waits for the sampler's new order to be loaded
                           "wait_share_after_first_step": round((timing["wait_s"] - timing["first_wait_s"])
                                                                / max(total - timing["first_wait_s"], 1e-9), 4),
-                          "steps_per_s": round(steps / (timing["wait_s"] + timing["busy_s"]), 3),
+                          "steps_per_s": round(done / (timing["wait_s"] + timing["busy_s"]), 3),
+                          "steps": done, "wait_s": round(timing["wait_s"], 4), "busy_s": round(timing["busy_s"], 4),
                           "rss_mib": round(rss_mib(), 1)})
         print(json.dumps(per_epoch[-1]))
     results["epochs"] = per_epoch
@@ -112,11 +122,9 @@ def main() -> None:
         sum(e["wait_share_after_first_step"] for e in steady) / len(steady), 4)
     results["steady_steps_per_s"] = round(sum(e["steps_per_s"] for e in steady) / len(steady), 3)
     results["rss_growth_mib"] = round(per_epoch[-1]["rss_mib"] - per_epoch[0]["rss_mib"], 1)
-    print(json.dumps(results, indent=1))
-    target = "met" if results["steady_wait_share"] <= 0.05 else "NOT met"
-    print(f"data-loading wait share {results['steady_wait_share'] * 100:.1f} % of step time (target <= 5 %: {target})")
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)  # the built store and the run
+    return results
 
 
 if __name__ == "__main__":

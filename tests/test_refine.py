@@ -92,3 +92,35 @@ def test_stage_records_a_failing_frame(tmp_path):
     # the frames were voted in one batch: both are reported, with the error
     assert [f["frame"] for f in ctx.failures] == [0, 1]
     assert "out of range" in ctx.failures[1]["error"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_equals_loop_on_sam_like_batches(seed):
+    """Nested masks (smaller ones painted last, as the ``sam`` stage resolves overlaps), 16 classes, uint8 and
+    int64 labels, one image and a batch whose images hold different numbers of masks."""
+    from bench.bench_refine import sam_like_case
+    cases = [sam_like_case(48, 80, num_masks=5 + 20 * i, num_classes=16, seed=seed * 10 + i) for i in range(3)]
+    labels, ids = torch.stack([c[0] for c in cases]), torch.stack([c[1] for c in cases])
+    for lab, mid in ((labels[0], ids[0]), (labels, ids), (labels.long(), ids.long())):
+        got = sam_max_vote(lab, mid, num_classes=16)
+        assert got.dtype == lab.dtype
+        torch.testing.assert_close(got, sam_max_vote_loop(lab, mid, num_classes=16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ignore_index", [0, 2, 7])
+def test_other_ignore_indices_equal_the_loop(ignore_index):
+    rng = np.random.default_rng(ignore_index)
+    labels = torch.from_numpy(rng.integers(0, 3, size=(2, 9, 11)).astype(np.int64))
+    labels[torch.from_numpy(rng.random((2, 9, 11)) < 0.3)] = ignore_index
+    ids = torch.from_numpy(rng.integers(-1, 6, size=(2, 9, 11)).astype(np.int32))
+    torch.testing.assert_close(sam_max_vote(labels, ids, 3, ignore_index),
+                               sam_max_vote_loop(labels, ids, 3, ignore_index), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad,dtype", [(16, torch.uint8), (254, torch.uint8), (-1, torch.int64), (300, torch.int64)])
+def test_label_out_of_range_is_an_error(bad, dtype):
+    labels = torch.zeros(4, 5, dtype=dtype)
+    labels[2, 3] = bad
+    ids = torch.zeros(4, 5, dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"label {bad} out of range for 16 classes"):
+        sam_max_vote(labels, ids, num_classes=16)
