@@ -52,6 +52,11 @@ def test_tiny_benchmark_gate_forks_and_tables(tmp_path, capsys):
     assert rows["Baseline"]["2d_mean"] == pytest.approx(base["clip_2d"]["miou"])
     md = (out / "cns_ablation_quick.md").read_text()
     assert "| Ours |" in md and "| 28.4 | 33.5 |" in md and "passed" in md
+    # --no-train: the tables from what is there; a row never run is listed, not trained
+    assert bench_cns.main([*args, "--oracle-gate", "0", "--no-train", "--rows", "Ours,w/o Refine"]) == 0
+    res = json.loads((out / "cns_ablation_quick.json").read_text())
+    assert res["datasets"]["street"]["not_run"] == ["w/o Refine"] and "Ours" in res["datasets"]["street"]["rows"]
+    assert not (seed0 / "no_refine").exists() and "Not run: w/o Refine." in (out / "cns_ablation_quick.md").read_text()
     # a cached row made with another configuration is refused, not reported
     with pytest.raises(SystemExit, match="another configuration"):
         bench_cns.main([*args, "--oracle-gate", "0", "schedule.lr=0.001"])
