@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scenes", default=None, help="train,val scene counts instead of the datasets' own (tests)")
     ap.add_argument("--tag", default=None, help="results file stem (default cns_ablation[_quick])")
     ap.add_argument("overrides", nargs="*", help="config overrides for every row, key=value (tests, studies)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     t_start = time.perf_counter()
     mode = "full" if a.full else "quick"
     seeds = list(range(a.seeds if a.seeds is not None else (3 if a.full else 1)))
