@@ -329,6 +329,49 @@ class Store:
         with np.load(self.part_path(stage, shard)) as z:
             return {k: z[k] for k in (keys or z.files)}
 
+    def map_part(self, stage: str, shard: int, *keys: str) -> dict:
+        """A shard's part arrays ``keys``, memory-mapped read-only: a slice reads only its own bytes.
+
+        :meth:`write_part` stores each array uncompressed (``np.savez``), so its ``.npy`` bytes lie whole in the
+        file: the array is mapped at the offset the zip's local header gives.
+        """
+        import struct
+        import zipfile
+        path = self.part_path(stage, shard)
+        out = {}
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+            for key in keys:
+                try:
+                    info = z.getinfo(f"{key}.npy")
+                except KeyError:
+                    raise CacheError(f"{path} has no array '{key}'") from None
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CacheError(f"{path}: '{key}' is compressed; part files are written uncompressed")
+                f.seek(info.header_offset)
+                header = f.read(30)  # the zip local file header; its name and extra field follow
+                if header[:4] != b"PK\x03\x04":
+                    raise CacheError(f"{path}: no zip local header for '{key}' at byte {info.header_offset}")
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                member_start = info.header_offset + 30 + name_len + extra_len
+                f.seek(member_start)
+                fmt = np.lib.format
+                version = fmt.read_magic(f)
+                read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise CacheError(f"{path}: '{key}' has .npy format version {version}, which cannot be mapped")
+                shape, fortran, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise CacheError(f"{path}: '{key}' holds Python objects, which cannot be mapped")
+                size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if f.tell() + size > member_start + info.file_size:
+                    raise CacheError(f"{path}: '{key}' is shorter than its header's shape {shape}")
+                if size == 0:
+                    out[key] = np.zeros(shape, dtype)
+                else:
+                    out[key] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                         order="F" if fortran else "C")
+        return out
+
     def remove_parts(self, stage: str) -> None:
         """Delete a stage's part files (once what they were committed into is durable), then ``_parts/`` when
         no stage has any left."""

@@ -96,6 +96,25 @@ def test_write_rows_bounds(tmp_path):
         store.array("clip/label")
 
 
+def test_mapped_part_equals_the_part_read_whole(tmp_path):
+    store = _make_store(tmp_path / "s.zarr", 10)
+    rng = np.random.default_rng(0)
+    arrays = {"counts": np.array([3, 0, 5], np.int64), "pairs__uv": rng.integers(0, 900, (8, 2)).astype(np.uint16),
+              "pairs__depth": rng.random(8).astype(np.float16), "empty": np.zeros((0, 2), np.int32),
+              "fortran": np.asfortranarray(rng.random((4, 3)))}
+    store.write_part("correspond", 7, **arrays)
+    mapped = store.map_part("correspond", 7, *arrays)
+    for key, value in arrays.items():
+        assert mapped[key].dtype == value.dtype and mapped[key].shape == value.shape, key
+        np.testing.assert_array_equal(mapped[key], value, err_msg=key)
+        np.testing.assert_array_equal(mapped[key][2:5], store.read_part("correspond", 7, key)[key][2:5], err_msg=key)
+    with pytest.raises(CacheError, match=r"00007\.npz has no array 'pairs__point'"):
+        store.map_part("correspond", 7, "pairs__point")
+    np.savez_compressed(store.part_path("correspond", 8), counts=arrays["counts"])
+    with pytest.raises(CacheError, match=r"00008\.npz: 'counts' is compressed"):
+        store.map_part("correspond", 8, "counts")
+
+
 def test_rerun_skips_done_and_refuses_changed_configuration(scannet_root, tmp_path):
     first = run_labels("scannet", tmp_path, "correspond", data_root=scannet_root, split="all", workers=0,
                        progress=False)
