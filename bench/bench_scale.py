@@ -40,7 +40,7 @@ from bench_stages import array_bytes  # bench/ is on sys.path when this script r
 
 from data_cache.store import Store
 from pipeline.datasets import build_adapter
-from pipeline.runner import map_tasks, plan_store, run_labels
+from pipeline.runner import map_tasks, plan_store, run_labels, worker_plugin
 from pipeline.stages.correspond import PAIR_ARRAYS, CorrespondStage
 
 FIXTURE = Path(os.environ.get("CNS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \
@@ -205,6 +205,7 @@ def commit_variants(store_dir: str) -> dict:
     for workers in (1, 2):
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
                 Client(cluster) as client:
+            client.register_plugin(worker_plugin())  # what the runner's cluster does to its workers
             client.submit(sum, [1]).result()  # workers up before the clock starts
             timed(f"parallel_{workers}_workers_s", lambda: client.submit(_commit_on_cluster, store_dir).result())
     Store(store_dir, mode="a").remove_parts("correspond")

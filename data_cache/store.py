@@ -36,6 +36,11 @@ def store_path(cache_dir: str | os.PathLike, dataset: str, split: str) -> Path:
 
 def _fsync_dir(path: Path) -> None:
     """Make a directory's entries (a rename, a new file) durable."""
+    _fsync_path(str(path))
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file or a directory (its entries)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -383,18 +388,20 @@ class Store:
         except OSError:  # absent, or another stage's parts remain
             pass
 
-    def sync(self, names) -> None:
-        """fsync every file and directory of the arrays ``names``: their data survive a power loss."""
+    def sync(self, names, threads: int = 16) -> None:
+        """fsync every file and directory of the arrays ``names``: their data survive a power loss.
+
+        The fsyncs run on ``threads`` threads: a file system commits concurrent fsyncs together (ext4 here: the
+        173 zarr shard files of 44 M pairs took 0.64 s one after another, 0.09 s from 2 threads at once).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+        paths = []
         for name in names:
-            root = self.path / name
-            for dirpath, _, files in os.walk(root):
-                for fn in files:
-                    fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                _fsync_dir(Path(dirpath))
+            for dirpath, _, files in os.walk(self.path / name):
+                paths.extend(os.path.join(dirpath, fn) for fn in files)
+                paths.append(dirpath)
+        with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
+            list(pool.map(_fsync_path, paths))
 
     def consolidate(self) -> None:
         """Consolidate the metadata so readers open the store with one read."""
