@@ -71,9 +71,11 @@ class RssSampler(threading.Thread):
 
     def summary(self) -> dict:
         mib = 1 << 20
-        # "after_10pct": the sample a tenth into the run (imports done, first shard under way): the level any
-        # growth is measured from
+        # "after_10pct": the sample a tenth into the run (imports done, first shard under way); growth shows as a
+        # second half whose peak is above the first half's
         return {w: {"first_mib": round(s[0] / mib), "after_10pct_mib": round(s[len(s) // 10] / mib),
+                    "max_first_half_mib": round(max(s[:len(s) // 2] or s) / mib),
+                    "max_second_half_mib": round(max(s[len(s) // 2:]) / mib),
                     "max_mib": round(max(s) / mib), "last_mib": round(s[-1] / mib), "samples": len(s)}
                 for w, s in sorted(self.samples.items()) if s}
 

@@ -326,7 +326,7 @@ def import_stage_modules() -> None:
 
 
 #: free memory glibc keeps at the top of a worker's heaps (``M_TOP_PAD``); see :func:`keep_heap_slack`
-HEAP_SLACK = 64 << 20
+HEAP_SLACK = 16 << 20
 
 
 def keep_heap_slack(nbytes: int = HEAP_SLACK) -> bool:
