@@ -325,28 +325,30 @@ def import_stage_modules() -> None:
         importlib.import_module(module)
 
 
-#: free memory glibc keeps at the top of a worker's heaps (``M_TOP_PAD``); see :func:`keep_heap_slack`
-HEAP_SLACK = 16 << 20
+#: glibc's malloc settings in a label worker (see :func:`keep_heap_slack`): buffers up to ``MMAP_THRESHOLD`` come from
+#: the heap, which keeps ``HEAP_SLACK`` of free memory at its top for the next ones
+MMAP_THRESHOLD = 32 << 20
+HEAP_SLACK = 32 << 20
 
 
-def keep_heap_slack(nbytes: int = HEAP_SLACK) -> bool:
-    """Let glibc keep ``nbytes`` of free memory at the top of each heap for the next allocations.
+def keep_heap_slack(mmap_threshold: int = MMAP_THRESHOLD, slack: int = HEAP_SLACK) -> bool:
+    """Serve buffers up to ``mmap_threshold`` bytes from the heap, which keeps ``slack`` bytes free at its top.
 
-    dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also fixes glibc's mmap
-    threshold at 128 KiB: every larger buffer (a zarr chunk being compressed, a camera image) is then a fresh
-    mmap that the kernel faults in page by page and zeroes, and an munmap when freed. That made the pairs
-    commit 2.6x slower in a worker than in a plain process (issue 12; writing 16 zarr shards of 2^20 int32:
-    258 000 page faults and 0.9 s under the nanny's setting, 11 000 and 0.35 s with this pad). With the pad,
-    such buffers are cut from the heap's reserve and go back to it; the worker's memory above its live data
-    stays bounded by the pad. Applied once per worker process (glibc only); returns whether it was.
+    dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also fixes glibc's mmap threshold
+    at 128 KiB (glibc otherwise raises it up to 32 MiB as buffers come and go): every larger buffer (a zarr chunk
+    being compressed, a camera image) is then a fresh mmap that the kernel faults in page by page and zeroes,
+    and an munmap when freed. That made the pairs commit 2.6x slower in a worker than in a plain process, and
+    correspond's shards about 1.5x slower (issue 12). With these settings such buffers are cut from the heap's
+    reserve and go back to it; the free memory a worker keeps stays bounded by ``slack`` per malloc arena.
+    Applied once per worker process (glibc only); returns whether it was.
     """
     import ctypes
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (macOS, Windows)
         return False
-    m_top_pad = -2  # glibc's malloc.h
-    return bool(mallopt(m_top_pad, int(nbytes)))
+    m_top_pad, m_mmap_threshold = -2, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, int(mmap_threshold))) and bool(mallopt(m_top_pad, int(slack)))
 
 
 def worker_plugin():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import re
 from pathlib import Path
 
@@ -113,6 +114,34 @@ def test_mapped_part_equals_the_part_read_whole(tmp_path):
     np.savez_compressed(store.part_path("correspond", 8), counts=arrays["counts"])
     with pytest.raises(CacheError, match=r"00008\.npz: 'counts' is compressed"):
         store.map_part("correspond", 8, "counts")
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+from pipeline.runner import keep_heap_slack
+if sys.argv[1] == "slack":
+    assert keep_heap_slack()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(100):
+    np.ones(1 << 17)  # 1 MiB (numpy asks for huge pages from 4 MiB), allocated and freed
+    np.ones(3 << 20)  # 24 MiB
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="glibc's mallopt: Linux only")
+def test_heap_slack_spares_page_faults_under_the_nanny_trim_threshold():
+    """dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536: without the slack every buffer above 128 KiB
+    is a fresh mmap whose pages are faulted in again (huge pages from 4 MiB: 512 faults per 24 MiB); with it, the
+    buffers are reused from the heap."""
+    import subprocess
+    import sys
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    faults = {arm: int(subprocess.run([sys.executable, "-c", _FAULTS, arm], env=env, capture_output=True, text=True,
+                                      check=True).stdout) for arm in ("plain", "slack")}
+    assert faults["plain"] > 100 * (256 + 500), faults
+    assert faults["slack"] < 2000, faults
 
 
 def test_rerun_skips_done_and_refuses_changed_configuration(scannet_root, tmp_path):
