@@ -5,9 +5,9 @@ resolution (``images/rgb``, ``images/gt``, ``images/intrinsics``) and the pairs:
 (depth > ``min_depth``, inside the image, and where the dataset has depth maps, confirmed by the depth map
 within ``occlusion_tolerance``) with its pixel at the training resolution. The number of pairs is known
 only after projection, so a shard saves its pairs as a part file; ``finalize`` commits the parts in frame
-order into ``pairs/*`` once every shard is done -- one task per zarr shard of the pairs arrays, in parallel on
-the dask cluster -- and fsyncs them; the runner then writes the stage's ``_complete`` marker and deletes the
-parts.
+order into ``pairs/*`` once every shard is done -- one task per contiguous run of zarr shards of the pairs
+arrays (two runs per worker thread), in parallel on the dask cluster -- and fsyncs them; the runner then
+writes the stage's ``_complete`` marker and deletes the parts.
 
 In a store without points (``cns.modalities == ["images"]``, a 2D-only dataset such as nuImages) it writes
 the images only: no points, no pairs, no part files.
