@@ -391,8 +391,8 @@ class Store:
     def sync(self, names, threads: int = 16) -> None:
         """fsync every file and directory of the arrays ``names``: their data survive a power loss.
 
-        The fsyncs run on ``threads`` threads: a file system commits concurrent fsyncs together (ext4 here: the
-        173 zarr shard files of 44 M pairs took 0.64 s one after another, 0.09 s from 2 threads at once).
+        The fsyncs run on ``threads`` threads: a file system commits concurrent fsyncs together (ext4 here: 172
+        freshly written 300 KB files took 0.14-0.68 s one after another, 0.007-0.056 s from 16 threads).
         """
         from concurrent.futures import ThreadPoolExecutor
         paths = []
