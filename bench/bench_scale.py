@@ -9,15 +9,18 @@ replicated N times under distinct tokens (the nuScenes dataset option ``replicat
    commit excluded); the ratio 2 : 1;
 3. the pairs commit on the same parts: the old single writer (every part in memory, one sequential writer
    of whole zarr shards: the code the parallel commit replaced, kept here as the baseline), the new commit
-   in one process (a loop over the zarr-shard tasks), and the new commit as tasks of 1 and 2 workers; every
+   in one process (a loop over its tasks), and the new commit as tasks of 1 and 2 workers; every
    variant's arrays are checked equal (the new commit fsyncs the pairs, the old writer did not: the fsync
    alone is timed after the old writer); with ``--commit-frames M`` also at M frames, on parts that tile the
    keyframe's real pairs (a commit rehearsal without M correspond frames);
 4. bytes per frame of the store, by array group;
 5. each worker's RSS, sampled every second during the correspond run: first sample, the sample a tenth into
-   the run, max and last.
+   the run, the peaks of the run's first and second half, max and last.
 
-    python bench/bench_scale.py [--frames 2000] [--commit-frames M] [--shard-size 32]
+Steps 2 and 3 run ``--repeat`` times (default 3), the variants side by side in each repeat, each with the load
+average when it started (the machine may be shared); the JSON holds every repeat and the medians.
+
+    python bench/bench_scale.py [--frames 2000] [--commit-frames M] [--shard-size 32] [--repeat 3]
                                 [--out bench/results/bench_scale.json]
 
 The store of each run is written under a temporary folder and deleted at the end (``--keep`` keeps it).
@@ -40,7 +43,7 @@ from bench_stages import array_bytes  # bench/ is on sys.path when this script r
 
 from data_cache.store import Store
 from pipeline.datasets import build_adapter
-from pipeline.runner import map_tasks, plan_store, run_labels
+from pipeline.runner import map_tasks, plan_store, run_labels, worker_plugin
 from pipeline.stages.correspond import PAIR_ARRAYS, CorrespondStage
 
 FIXTURE = Path(os.environ.get("CNS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \
@@ -71,9 +74,11 @@ class RssSampler(threading.Thread):
 
     def summary(self) -> dict:
         mib = 1 << 20
-        # "after_10pct": the sample a tenth into the run (imports done, first shard under way): the level any
-        # growth is measured from
+        # "after_10pct": the sample a tenth into the run (imports done, first shard under way); growth shows as a
+        # second half whose peak is above the first half's
         return {w: {"first_mib": round(s[0] / mib), "after_10pct_mib": round(s[len(s) // 10] / mib),
+                    "max_first_half_mib": round(max(s[:len(s) // 2] or s) / mib),
+                    "max_second_half_mib": round(max(s[len(s) // 2:]) / mib),
                     "max_mib": round(max(s) / mib), "last_mib": round(s[-1] / mib), "samples": len(s)}
                 for w, s in sorted(self.samples.items()) if s}
 
@@ -98,6 +103,7 @@ def pairs_digest(store: Store) -> str:
 
 def correspond_run(cache: Path, frames: int, workers: int, shard_size: int) -> dict:
     from distributed import Client, LocalCluster
+    load = os.getloadavg()
     adapter = build_adapter("nuscenes", FIXTURE, split="all", replicate=frames)
     t0 = time.perf_counter()
     adapter.frames()
@@ -118,7 +124,7 @@ def correspond_run(cache: Path, frames: int, workers: int, shard_size: int) -> d
         raise RuntimeError(summary.failed_frames[0]["error"])
     store = Store(summary.store)
     phase = shards_phase(store)
-    return {"workers": workers, "plan_s": round(plan_s, 2), "run_wall_s": round(wall, 2),
+    return {"workers": workers, "load_average_at_start": load, "plan_s": round(plan_s, 2), "run_wall_s": round(wall, 2),
             "shards_phase_s": round(phase, 2), "frames_per_s": round(frames / phase, 3),
             "commit_in_run_s": round(store.done_info("correspond", "_complete")["finalize_s"], 3),
             "worker_rss": sampler.summary(), "store": str(summary.store)}
@@ -182,12 +188,17 @@ def tiled_parts_store(cache: Path, frames: int, shard_size: int) -> str:
     return str(store.path)
 
 
-def commit_variants(store_dir: str) -> dict:
-    """Time every commit variant on the store's parts (which must exist); all must write the same pairs."""
-    from distributed import Client, LocalCluster
-    out, want = {}, []
+COMMIT_VARIANTS = ("old_single_writer_s", "fsync_of_the_pairs_s", "parallel_in_process_s", "parallel_1_workers_s",
+                   "parallel_2_workers_s")
 
-    def timed(name, fn):
+
+def commit_variants(store_dir: str, repeat: int) -> dict:
+    """Time every commit variant on the store's parts (which must exist), side by side, ``repeat`` times; all must
+    write the same pairs. Returns each variant's median and every repeat."""
+    from distributed import Client, LocalCluster
+    want, repeats = [], []
+
+    def timed(out, name, fn):
         t0 = time.perf_counter()
         fn()
         out[name] = round(time.perf_counter() - t0, 3)
@@ -195,20 +206,29 @@ def commit_variants(store_dir: str) -> dict:
         if want[-1] != want[0]:
             raise RuntimeError(f"{name}: the committed pairs differ from the old single writer's")
 
-    timed("old_single_writer_s", lambda: old_single_writer_commit(Store(store_dir, mode="a")))
-    # the old writer never fsynced; the new commit does (before the parts may be deleted): its share
-    timed("fsync_of_the_pairs_s", lambda: Store(store_dir).sync(("pairs/offsets",) + PAIR_ARRAYS))
+    for _ in range(repeat):
+        out = {"load_average_at_start": os.getloadavg()}
+        timed(out, "old_single_writer_s", lambda: old_single_writer_commit(Store(store_dir, mode="a")))
+        # the old writer never fsynced; the new commit does (before the parts may be deleted): its share
+        timed(out, "fsync_of_the_pairs_s", lambda: Store(store_dir).sync(("pairs/offsets",) + PAIR_ARRAYS))
+        timed(out, "parallel_in_process_s", lambda: CorrespondStage().finalize(Store(store_dir, mode="a")))
+        for workers in (1, 2):
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as \
+                    cluster, Client(cluster) as client:
+                client.register_plugin(worker_plugin())  # what the runner's cluster does to its workers
+                client.submit(sum, [1]).result()  # workers up before the clock starts
+                timed(out, f"parallel_{workers}_workers_s",
+                      lambda: client.submit(_commit_on_cluster, store_dir).result())
+        out["old_over_2_workers"] = round(out["old_single_writer_s"] / out["parallel_2_workers_s"], 3)
+        repeats.append(out)
+        print(f"  commit: {out}", flush=True)
     store = Store(store_dir)
-    out["pairs"] = int(store.offsets("pairs")[-1])
-    out["zarr_shards"] = -(-out["pairs"] // store.array("pairs/point").shards[0])
-    timed("parallel_in_process_s", lambda: CorrespondStage().finalize(Store(store_dir, mode="a")))
-    for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
-            client.submit(sum, [1]).result()  # workers up before the clock starts
-            timed(f"parallel_{workers}_workers_s", lambda: client.submit(_commit_on_cluster, store_dir).result())
+    pairs = int(store.offsets("pairs")[-1])
     Store(store_dir, mode="a").remove_parts("correspond")
-    return out
+    medians = {k: round(float(np.median([r[k] for r in repeats])), 3)
+               for k in COMMIT_VARIANTS + ("old_over_2_workers",)}
+    return {"pairs": pairs, "zarr_shards": -(-pairs // store.array("pairs/point").shards[0]), "median": medians,
+            "repeats": repeats}
 
 
 def main() -> None:
@@ -218,39 +238,52 @@ def main() -> None:
     p.add_argument("--commit-frames", type=int, default=None,
                    help="also time the pairs commit at this many frames, on the keyframe's parts tiled "
                         "(correspond itself is not run that many times)")
+    p.add_argument("--repeat", type=int, default=3, help="repeats of the side-by-side measures (medians reported)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_scale.json"))
     p.add_argument("--keep", action="store_true")
     a = p.parse_args()
     if not (FIXTURE / "v1.0-mini").exists():
         raise SystemExit(f"the nuScenes fixture is not at {FIXTURE} (set CNS_SHARED_DATA)")
+    if a.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
     tmp = Path(tempfile.mkdtemp(prefix="cns-bench-scale-"))
-    result = {"frames": a.frames, "shard_size": a.shard_size, "cpu_count": os.cpu_count(),
+    result = {"frames": a.frames, "shard_size": a.shard_size, "repeat": a.repeat, "cpu_count": os.cpu_count(),
               "load_average_at_start": os.getloadavg(), "machine": platform.platform(), "runs": []}
     try:
-        for workers in (1, 2):
-            run = correspond_run(tmp / f"w{workers}", a.frames, workers, a.shard_size)
-            result["runs"].append(run)
-            print(f"correspond, {workers} worker(s): plan {run['plan_s']} s, {run['frames_per_s']} frames/s over "
-                  f"{run['shards_phase_s']} s, commit in the run {run['commit_in_run_s']} s, worker RSS "
-                  f"{run['worker_rss']}", flush=True)
-        r1, r2 = result["runs"]
-        result["ratio_2_to_1"] = round(r2["frames_per_s"] / r1["frames_per_s"], 3)
-        store_dir = r1["store"]
+        for r in range(a.repeat):
+            pair = []
+            for workers in (1, 2):
+                run = correspond_run(tmp / f"r{r}w{workers}", a.frames, workers, a.shard_size)
+                pair.append(run)
+                print(f"correspond, repeat {r}, {workers} worker(s): load {run['load_average_at_start']}, plan "
+                      f"{run['plan_s']} s, {run['frames_per_s']} frames/s over {run['shards_phase_s']} s, commit in the "
+                      f"run {run['commit_in_run_s']} s, worker RSS {run['worker_rss']}", flush=True)
+            pair[1]["ratio_2_to_1"] = round(pair[1]["frames_per_s"] / pair[0]["frames_per_s"], 3)
+            result["runs"].extend(pair)
+            if r < a.repeat - 1:
+                for run in pair:
+                    shutil.rmtree(run.pop("store"), ignore_errors=True)
+        result["ratio_2_to_1"] = round(float(np.median([run["ratio_2_to_1"] for run in result["runs"]
+                                                        if "ratio_2_to_1" in run])), 3)
+        result["frames_per_s_median"] = {w: round(float(np.median([run["frames_per_s"] for run in result["runs"]
+                                                                   if run["workers"] == w])), 3) for w in (1, 2)}
+        store_dir = result["runs"][-2]["store"]
         sizes = {g: array_bytes(Store(store_dir), g) for g in GROUPS}  # data files, not zarr.json
         result["bytes_per_frame"] = {g: round(b / a.frames) for g, b in sizes.items()}
         result["bytes_per_frame"]["total"] = round(sum(sizes.values()) / a.frames)
         rebuild_parts(Store(store_dir, mode="a"))
-        result["commit"] = commit_variants(store_dir)
-        print(f"ratio 2:1 workers {result['ratio_2_to_1']}; bytes per frame {result['bytes_per_frame']}; "
-              f"commit {result['commit']}", flush=True)
+        result["commit"] = commit_variants(store_dir, a.repeat)
+        print(f"ratio 2:1 workers (median) {result['ratio_2_to_1']}; bytes per frame {result['bytes_per_frame']}; "
+              f"commit (medians) {result['commit']['median']}", flush=True)
         if a.commit_frames and a.commit_frames != a.frames:
             result["commit_tiled"] = {"frames": a.commit_frames,
                                       **commit_variants(tiled_parts_store(tmp / "tiled", a.commit_frames,
-                                                                          a.shard_size))}
-            print(f"commit at {a.commit_frames} frames (the keyframe's parts tiled): {result['commit_tiled']}")
+                                                                          a.shard_size), a.repeat)}
+            print(f"commit at {a.commit_frames} frames (the keyframe's parts tiled), medians: "
+                  f"{result['commit_tiled']['median']}")
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         for run in result["runs"]:
-            run.pop("store")
+            run.pop("store", None)
         result["load_average_at_end"] = os.getloadavg()
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"written {a.out}")

@@ -36,6 +36,11 @@ def store_path(cache_dir: str | os.PathLike, dataset: str, split: str) -> Path:
 
 def _fsync_dir(path: Path) -> None:
     """Make a directory's entries (a rename, a new file) durable."""
+    _fsync_path(str(path))
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file or a directory (its entries)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -329,6 +334,49 @@ class Store:
         with np.load(self.part_path(stage, shard)) as z:
             return {k: z[k] for k in (keys or z.files)}
 
+    def map_part(self, stage: str, shard: int, *keys: str) -> dict:
+        """A shard's part arrays ``keys``, memory-mapped read-only: a slice reads only its own bytes.
+
+        :meth:`write_part` stores each array uncompressed (``np.savez``), so its ``.npy`` bytes lie whole in the
+        file: the array is mapped at the offset the zip's local header gives.
+        """
+        import struct
+        import zipfile
+        path = self.part_path(stage, shard)
+        out = {}
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+            for key in keys:
+                try:
+                    info = z.getinfo(f"{key}.npy")
+                except KeyError:
+                    raise CacheError(f"{path} has no array '{key}'") from None
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CacheError(f"{path}: '{key}' is compressed; part files are written uncompressed")
+                f.seek(info.header_offset)
+                header = f.read(30)  # the zip local file header; its name and extra field follow
+                if header[:4] != b"PK\x03\x04":
+                    raise CacheError(f"{path}: no zip local header for '{key}' at byte {info.header_offset}")
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                member_start = info.header_offset + 30 + name_len + extra_len
+                f.seek(member_start)
+                fmt = np.lib.format
+                version = fmt.read_magic(f)
+                read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise CacheError(f"{path}: '{key}' has .npy format version {version}, which cannot be mapped")
+                shape, fortran, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise CacheError(f"{path}: '{key}' holds Python objects, which cannot be mapped")
+                size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if f.tell() + size > member_start + info.file_size:
+                    raise CacheError(f"{path}: '{key}' is shorter than its header's shape {shape}")
+                if size == 0:
+                    out[key] = np.zeros(shape, dtype)
+                else:
+                    out[key] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                         order="F" if fortran else "C")
+        return out
+
     def remove_parts(self, stage: str) -> None:
         """Delete a stage's part files (once what they were committed into is durable), then ``_parts/`` when
         no stage has any left."""
@@ -340,18 +388,20 @@ class Store:
         except OSError:  # absent, or another stage's parts remain
             pass
 
-    def sync(self, names) -> None:
-        """fsync every file and directory of the arrays ``names``: their data survive a power loss."""
+    def sync(self, names, threads: int = 16) -> None:
+        """fsync every file and directory of the arrays ``names``: their data survive a power loss.
+
+        The fsyncs run on ``threads`` threads: a file system commits concurrent fsyncs together (ext4 here: 172
+        freshly written 300 KB files took 0.14-0.68 s one after another, 0.007-0.056 s from 16 threads).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+        paths = []
         for name in names:
-            root = self.path / name
-            for dirpath, _, files in os.walk(root):
-                for fn in files:
-                    fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                _fsync_dir(Path(dirpath))
+            for dirpath, _, files in os.walk(self.path / name):
+                paths.extend(os.path.join(dirpath, fn) for fn in files)
+                paths.append(dirpath)
+        with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
+            list(pool.map(_fsync_path, paths))
 
     def consolidate(self) -> None:
         """Consolidate the metadata so readers open the store with one read."""

@@ -194,35 +194,44 @@ def _small_pair_shards_here(monkeypatch) -> None:
 
 
 def test_parallel_pairs_commit_equals_reference(correspond_reference, tmp_path, monkeypatch):
-    """Pairs arrays with small zarr shards: many commit tasks, parts straddling their boundaries; in this
-    process and as tasks of a two-worker dask cluster, the arrays equal the reference's."""
+    """Pairs arrays with small zarr shards: parts straddling their boundaries, the zarr shards cut into contiguous
+    runs, two per task slot; in this process and as tasks of a two-worker dask cluster, the arrays equal the
+    reference's."""
     import threading
 
     from distributed import LocalCluster
 
     from pipeline.stages import correspond
     _small_pair_shards_here(monkeypatch)
-    original = correspond.commit_pairs_block
+    original = correspond.commit_pairs_blocks
     log = tmp_path / "calls"
     log.mkdir()
 
     def counted(job):  # dask pickles the task: calls are recorded in files
-        (log / f"{job[1]}-{threading.current_thread().name}").touch()
+        (log / f"{job[1]}-{job[2]}-{threading.current_thread().name}").touch()
         return original(job)
 
     def calls():
-        out = [(int(p.name.split("-", 1)[0]), p.name.split("-", 1)[1]) for p in log.iterdir()]
+        out = [(int(p.name.split("-", 2)[0]), int(p.name.split("-", 2)[1]), p.name.split("-", 2)[2])
+               for p in log.iterdir()]
         for p in log.iterdir():
             p.unlink()
         return out
-    monkeypatch.setattr(correspond, "commit_pairs_block", counted)
+
+    def assert_runs_tile_the_rows(done, tasks):
+        runs = sorted((a, b) for a, b, _ in done)
+        assert len(runs) == tasks, runs
+        assert runs[0][0] == 0 and runs[-1][1] == total, runs
+        assert all(b == next_a for (_, b), (next_a, _) in zip(runs, runs[1:])), runs
+        assert all(a % SMALL_SHARD == 0 and b - a >= SMALL_SHARD for a, b in runs[:-1]), runs
+    monkeypatch.setattr(correspond, "commit_pairs_blocks", counted)
     ref = _arrays(correspond_reference)
     total = len(ref["pairs/point"])
     assert total > 4 * SMALL_SHARD, "too few pairs for several commit tasks"
 
     summary = _correspond(tmp_path / "here")
     assert not summary.failed_frames and Store(summary.store).array("pairs/point").shards == (SMALL_SHARD,)
-    assert sorted(c[0] for c in calls()) == list(range(0, total, SMALL_SHARD))
+    assert_runs_tile_the_rows(calls(), tasks=2)  # one slot here
     _assert_same_arrays(ref, _arrays(summary.store))
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
@@ -230,9 +239,9 @@ def test_parallel_pairs_commit_equals_reference(correspond_reference, tmp_path, 
                              shard_size=1, scheduler=cluster.scheduler_address, progress=False)
     assert not summary.failed_frames
     done = calls()
-    assert sorted(c[0] for c in done) == list(range(0, total, SMALL_SHARD))
-    assert all(name != threading.main_thread().name for _, name in done)  # they ran as the cluster's tasks
-    assert len({name for _, name in done}) >= 2  # on both workers
+    assert_runs_tile_the_rows(done, tasks=4)  # two worker threads
+    assert all(name != threading.main_thread().name for _, _, name in done)  # they ran as the cluster's tasks
+    assert len({name for _, _, name in done}) >= 2  # on both workers
     _assert_same_arrays(ref, _arrays(summary.store))
 
 
@@ -244,12 +253,12 @@ from tests.test_runner_synthetic import _small_pair_shards
 _small_pair_shards(schema.ARRAYS_BY_NAME.__setitem__)
 from pipeline.runner import run_labels
 from pipeline.stages import correspond
-_original, _done = correspond.commit_pairs_block, []
+_original, _done = correspond.commit_pairs_blocks, []
 def _commit_then_die(job):
     _done.append(_original(job))
-    if len(_done) == 2:  # two zarr shards of the pairs written, the others not
+    if len(_done) == 1:  # the first run of zarr shards of the pairs written, the second not
         os.kill(os.getpid(), signal.SIGKILL)
-correspond.commit_pairs_block = _commit_then_die
+correspond.commit_pairs_blocks = _commit_then_die
 run_labels("synthetic", {str(tmp_path)!r}, "correspond", dataset_options={{"num_scenes": 2, "seed": 3}},
            shard_size=1, workers=0, progress=False)
 """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import re
 from pathlib import Path
 
@@ -94,6 +95,53 @@ def test_write_rows_bounds(tmp_path):
         store.write_rows("points/gt", 95, np.zeros(10, np.uint8))
     with pytest.raises(CacheError, match="no array 'clip/label'.*maskclip"):
         store.array("clip/label")
+
+
+def test_mapped_part_equals_the_part_read_whole(tmp_path):
+    store = _make_store(tmp_path / "s.zarr", 10)
+    rng = np.random.default_rng(0)
+    arrays = {"counts": np.array([3, 0, 5], np.int64), "pairs__uv": rng.integers(0, 900, (8, 2)).astype(np.uint16),
+              "pairs__depth": rng.random(8).astype(np.float16), "empty": np.zeros((0, 2), np.int32),
+              "fortran": np.asfortranarray(rng.random((4, 3)))}
+    store.write_part("correspond", 7, **arrays)
+    mapped = store.map_part("correspond", 7, *arrays)
+    for key, value in arrays.items():
+        assert mapped[key].dtype == value.dtype and mapped[key].shape == value.shape, key
+        np.testing.assert_array_equal(mapped[key], value, err_msg=key)
+        np.testing.assert_array_equal(mapped[key][2:5], store.read_part("correspond", 7, key)[key][2:5], err_msg=key)
+    with pytest.raises(CacheError, match=r"00007\.npz has no array 'pairs__point'"):
+        store.map_part("correspond", 7, "pairs__point")
+    np.savez_compressed(store.part_path("correspond", 8), counts=arrays["counts"])
+    with pytest.raises(CacheError, match=r"00008\.npz: 'counts' is compressed"):
+        store.map_part("correspond", 8, "counts")
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+from pipeline.runner import keep_heap_slack
+if sys.argv[1] == "slack":
+    assert keep_heap_slack()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(100):
+    np.ones(1 << 17)  # 1 MiB (numpy asks for huge pages from 4 MiB), allocated and freed
+    np.ones(3 << 20)  # 24 MiB
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="glibc's mallopt: Linux only")
+def test_heap_slack_spares_page_faults_under_the_nanny_trim_threshold():
+    """dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536: without the slack every buffer above 128 KiB
+    is a fresh mmap whose pages are faulted in again (huge pages from 4 MiB: 512 faults per 24 MiB); with it, the
+    buffers are reused from the heap."""
+    import subprocess
+    import sys
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    faults = {arm: int(subprocess.run([sys.executable, "-c", _FAULTS, arm], env=env, capture_output=True, text=True,
+                                      check=True).stdout) for arm in ("plain", "slack")}
+    assert faults["plain"] > 100 * (256 + 500), faults
+    assert faults["slack"] < 2000, faults
 
 
 def test_rerun_skips_done_and_refuses_changed_configuration(scannet_root, tmp_path):

@@ -5,9 +5,9 @@ resolution (``images/rgb``, ``images/gt``, ``images/intrinsics``) and the pairs:
 (depth > ``min_depth``, inside the image, and where the dataset has depth maps, confirmed by the depth map
 within ``occlusion_tolerance``) with its pixel at the training resolution. The number of pairs is known
 only after projection, so a shard saves its pairs as a part file; ``finalize`` commits the parts in frame
-order into ``pairs/*`` once every shard is done -- one task per zarr shard of the pairs arrays, in parallel on
-the dask cluster -- and fsyncs them; the runner then writes the stage's ``_complete`` marker and deletes the
-parts.
+order into ``pairs/*`` once every shard is done -- one task per contiguous run of zarr shards of the pairs
+arrays (two runs per worker thread), in parallel on the dask cluster -- and fsyncs them; the runner then
+writes the stage's ``_complete`` marker and deletes the parts.
 
 In a store without points (``cns.modalities == ["images"]``, a 2D-only dataset such as nuImages) it writes
 the images only: no points, no pairs, no part files.
@@ -166,11 +166,12 @@ class CorrespondStage(Stage):
     def finalize(self, store, map_tasks=None) -> None:
         """Commit the shards' pairs, in frame order, into ``pairs/*``.
 
-        ``pairs/offsets`` comes from the parts' per-frame counts alone; then one task per zarr shard of the
-        pairs arrays (:func:`commit_pairs_block`, run by ``map_tasks(fn, jobs)``: the dask cluster's tasks
-        from the runner, else a loop here) reads the parts that overlap its rows and writes its zarr shard
-        of every pairs array whole: one writer per zarr shard, no lock, in memory only the parts that
-        overlap its block. Finally the arrays are fsynced. Run again after a crash, it rewrites everything from the parts.
+        ``pairs/offsets`` comes from the parts' per-frame counts alone; then the zarr shards of the pairs arrays
+        are cut into contiguous runs, two per task slot of ``map_tasks`` (the dask cluster's worker threads from
+        the runner; without ``map_tasks`` a loop here), and one task per run (:func:`commit_pairs_blocks`)
+        writes each of its zarr shards of every pairs array whole, from the memory-mapped slices of the parts
+        that overlap it: one writer per zarr shard, no lock. Finally the arrays are fsynced. Run again after a
+        crash, it rewrites everything from the parts.
         """
         if "points" not in store.attrs.modalities:
             return  # a store without points has no pairs
@@ -187,8 +188,11 @@ class CorrespondStage(Stage):
             raise ValueError(f"the pairs arrays have different zarr shard lengths {sorted(blocks)}")
         block = blocks.pop()
         part_start = np.concatenate([[0], np.cumsum([int(c.sum()) for c in counts])]).tolist()
-        jobs = [(str(store.path), a, min(a + block, total), part_start) for a in range(0, total, block)]
-        (map_tasks or _map_here)(commit_pairs_block, jobs)
+        zarr_shards = -(-total // block)
+        tasks = min(zarr_shards, 2 * (map_tasks.slots() if map_tasks is not None else 1))
+        edges = [round(i * zarr_shards / tasks) * block for i in range(tasks)] + [total]
+        jobs = [(str(store.path), a, min(b, total), block, part_start) for a, b in zip(edges, edges[1:]) if a < b]
+        (map_tasks or _map_here)(commit_pairs_blocks, jobs)
         store.sync(("pairs/offsets",) + PAIR_ARRAYS)  # durable before the runner deletes the parts
 
 
@@ -196,29 +200,40 @@ def _map_here(fn, jobs):
     return [fn(job) for job in jobs]
 
 
-def commit_pairs_block(job) -> int:
-    """Write rows ``start:stop`` (one zarr shard) of every pairs array from the parts that overlap them.
+def commit_pairs_blocks(job) -> int:
+    """Write rows ``start:stop`` of every pairs array, one zarr shard (``block`` rows) at a time, from the parts.
 
-    ``job`` = ``(store_dir, start, stop, part_start)``, where work shard ``s`` owns the committed rows
-    ``part_start[s]:part_start[s+1]``. Returns the number of rows written.
+    ``job`` = ``(store_dir, start, stop, block, part_start)``: ``start`` is a multiple of ``block``; work shard
+    ``s`` owns the committed rows ``part_start[s]:part_start[s+1]``. The store is opened once; each part is
+    memory-mapped, so only the rows a zarr shard takes from it are read; one buffer per array holds a zarr
+    shard while it is written. Returns the number of rows written.
     """
+    import zarr
+
     from data_cache.store import Store
-    store_dir, start, stop, part_start = job
+    store_dir, start, stop, block, part_start = job
     store = Store(store_dir, mode="a")
-    first = int(np.searchsorted(part_start, start, side="right")) - 1
-    pieces = {k: [] for k in PAIR_ARRAYS}
-    for s in range(first, len(part_start) - 1):
-        if part_start[s] >= stop:
-            break
-        a, b = max(start, part_start[s]) - part_start[s], min(stop, part_start[s + 1]) - part_start[s]
-        if b <= a:
-            continue
-        part = store.read_part(CorrespondStage.name, s, *(k.replace("/", "__") for k in PAIR_ARRAYS))
-        for k in PAIR_ARRAYS:
-            pieces[k].append(part[k.replace("/", "__")][a:b])
-    for k in PAIR_ARRAYS:
-        values = np.concatenate(pieces[k])
-        if len(values) != stop - start:
-            raise ValueError(f"parts hold {len(values)} pairs for rows {start}:{stop} of {k}")
-        store.array(k)[start:stop] = values
+    with zarr.config.set({"array.write_empty_chunks": True}):  # no pairs chunk is all fill: skip zarr's check
+        arrays = {k: store.array(k) for k in PAIR_ARRAYS}
+    buffers = {k: np.empty((min(block, stop - start),) + a.shape[1:], a.dtype) for k, a in arrays.items()}
+    parts: dict = {}
+    s = int(np.searchsorted(part_start, start, side="right")) - 1
+    for a in range(start, stop, block):
+        b = min(a + block, stop)
+        filled = a
+        while filled < b:
+            while part_start[s + 1] <= filled:  # parts with no pairs own no rows
+                s += 1
+            if s not in parts:
+                parts = {s: store.map_part(CorrespondStage.name, s, *(k.replace("/", "__") for k in PAIR_ARRAYS))}
+            n = min(b, part_start[s + 1]) - filled
+            for k in PAIR_ARRAYS:
+                piece = parts[s][k.replace("/", "__")][filled - part_start[s]:filled - part_start[s] + n]
+                if len(piece) != n:
+                    raise ValueError(f"part {s} of {store_dir} holds {len(piece) + filled - part_start[s]} pairs "
+                                     f"in {k}, its counts say {part_start[s + 1] - part_start[s]}")
+                buffers[k][filled - a:filled - a + n] = piece
+            filled += n
+        for k, arr in arrays.items():
+            arr[a:b] = buffers[k][:b - a]
     return stop - start
