@@ -140,7 +140,8 @@ def test_heap_slack_spares_page_faults_under_the_nanny_trim_threshold():
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     faults = {arm: int(subprocess.run([sys.executable, "-c", _FAULTS, arm], env=env, capture_output=True, text=True,
                                       check=True).stdout) for arm in ("plain", "slack")}
-    assert faults["plain"] > 100 * (256 + 500), faults
+    # the plain count depends on how many huge pages the kernel hands out (27 000 to 78 100 measured here)
+    assert faults["plain"] > 10 * faults["slack"], faults
     assert faults["slack"] < 2000, faults
 
 
