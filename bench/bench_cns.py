@@ -32,8 +32,6 @@ import argparse
 import copy
 import hashlib
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +41,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from perf import machine  # noqa: E402  (the machine block of bench/results/perf.json)
 
 #: The paper's Table 2 (ScanNet val, label-free 2D / 3D mIoU), printed next to the measured rows.
 PAPER_TABLE2 = {
@@ -117,13 +118,17 @@ def run_labels(spec: DatasetSpec, split: str, scenes: int, cache: Path, simulate
     """The simulated label stages via ``cns-cli labels`` (it resumes a partly written store)."""
     store = cache / f"synthetic-{split}.zarr"
     opts = {"kind": spec.kind, "num_scenes": scenes, "cache_size": scenes, **spec.options}
-    cmd = [str(Path(sys.executable).with_name("cns-cli")), "labels", "--dataset", "synthetic", "--cache", str(cache), "--split", split,
-           "--workers", "0", "--simulate", simulate]
+    cmd = [str(Path(sys.executable).with_name("cns-cli")), "labels", "--dataset", "synthetic", "--cache", str(cache),
+           "--split", split, "--workers", "0", "--simulate", simulate]
     for k, v in opts.items():
         cmd += ["--dataset-option", f"{k}={v}"]
     print(f"[stores] {spec.kind}/{split}: {scenes} scenes -> {store}", flush=True)
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return store
+
+
+def _digest(cfg: dict, length: int) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def stage1_key(cfg: dict) -> str:
@@ -133,12 +138,12 @@ def stage1_key(cfg: dict) -> str:
     c.pop("init_from", None)
     for section, key in STAGE2_KEYS:
         c[section].pop(key, None)
-    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return _digest(c, 10)
 
 
 def config_sha(cfg: dict) -> str:
-    c = {k: v for k, v in cfg.items() if k != "init_from"}
-    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A row's resolved configuration (without the parent a fork records), to check a cached result against."""
+    return _digest({k: v for k, v in cfg.items() if k != "init_from"}, 16)
 
 
 def row_config(spec: DatasetSpec, ablation: str, seed: int, overrides: list[str]) -> dict:
@@ -199,31 +204,28 @@ def baseline_rows(cfg: dict, val_store: Path, out: Path, device: str) -> dict:
     cfg = copy.deepcopy(cfg)
     check_stores([str(val_store)], cfg, for_training=False)  # fills the class list from the store
     res = evaluate(None, [str(val_store)], cfg, device, with_baselines=True)
+    res = {"rows": res["rows"], "class_names": res["class_names"]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": res["rows"], "class_names": res["class_names"]}, indent=1))
-    return json.loads(out.read_text())
+    out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def eval_key(row: Row) -> str:
+    """The evaluation rows (``<key>_2d``, ``<key>_3d``) a table row reads."""
+    return row.baseline or ("cns_refined" if row.post_refine else "cns")
 
 
 def measured(row: Row, res: dict) -> dict:
     """2D / 3D mIoU of a row from its evaluation (3D baselines: every labelled point; paired only as well)."""
-    r = res["rows"]
+    r, key = res["rows"], eval_key(row)
+    out = {"2d": r[f"{key}_2d"]["miou"], "3d": r[f"{key}_3d"]["miou"]}
     if row.baseline:
-        return {"2d": r[f"{row.baseline}_2d"]["miou"], "3d": r[f"{row.baseline}_3d"]["miou"],
-                "3d_paired": r[f"{row.baseline}_3d_paired"]["miou"]}
-    key = "cns_refined" if row.post_refine else "cns"
-    return {"2d": r[f"{key}_2d"]["miou"], "3d": r[f"{key}_3d"]["miou"]}
+        out["3d_paired"] = r[f"{key}_3d_paired"]["miou"]
+    return out
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def machine() -> dict:
-    import torch
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version()}
 
 
 def fmt(m: float | None, s: float | None) -> str:
@@ -323,8 +325,7 @@ def main(argv=None) -> int:
                     continue
                 trained_seconds += res.get("seconds_stage1", 0) + res.get("seconds", 0) if not row.baseline else 0
                 values.append(measured(row, res))
-                key = f"{'cns_refined' if row.post_refine else 'cns'}" if not row.baseline else row.baseline
-                block["classes"].setdefault(row.name, {})[seed] = {d: res["rows"][f"{key}_{d}"]["iou"]
+                block["classes"].setdefault(row.name, {})[seed] = {d: res["rows"][f"{eval_key(row)}_{d}"]["iou"]
                                                                    for d in ("2d", "3d")}
             if not values:
                 block["not_run"].append(row.name)

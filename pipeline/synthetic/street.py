@@ -335,8 +335,10 @@ def build_street_scene(rng: np.random.Generator, rare_boost: int = 1) -> StreetS
         return p if rare_boost == 1 else 1.0 - (1.0 - p) ** rare_boost
 
     def kinds(p: list[float]) -> np.ndarray:  # the first kind is the car
+        if rare_boost == 1:
+            return np.array(p)
         w = np.array(p) * np.array([1.0] + [float(rare_boost)] * (len(p) - 1))
-        return np.array(p) if rare_boost == 1 else w / w.sum()
+        return w / w.sum()
 
     b = SceneBuilder()
     obj = _Objects(b, rng)
