@@ -28,7 +28,7 @@ from data_cache.schema import STAGE_ORDER, STAGE_REQUIRES, RootAttrs
 from data_cache.store import CacheError, Store, store_path
 
 from .datasets.base import DatasetError, build_adapter
-from .stages.base import Shard, ShardContext, build_stage
+from .stages.base import Shard, ShardContext, build_stage, map_tasks  # noqa: F401  (map_tasks: re-exported)
 
 log = logging.getLogger("cns.labels")
 
@@ -246,37 +246,6 @@ def task_finalize(stage, store_dir: str, num_shards: int, *deps):
     store.mark_done(stage.name, "_complete", {"shards": num_shards, "finalize_s": time.perf_counter() - t0})
     store.remove_parts(stage.name)
     return {"stage": stage.name, "finalized": True}
-
-
-class ClusterMap:
-    """``map_tasks(fn, jobs)``: ``[fn(job) for job in jobs]``, as tasks on the dask cluster when called from inside
-    a dask task (the calling task secedes from its worker's thread pool while it waits), else in this process.
-    ``map_tasks.slots()``: how many such tasks run at once (the cluster's worker threads; 1 in this process)."""
-
-    @staticmethod
-    def _in_task() -> bool:
-        try:
-            from distributed import get_worker
-            get_worker()
-            return True
-        except (ImportError, ValueError):
-            return False
-
-    def __call__(self, fn, jobs) -> list:
-        if not self._in_task():
-            return [fn(job) for job in jobs]
-        from distributed import worker_client
-        with worker_client() as client:
-            return client.gather(client.map(fn, jobs, pure=False))
-
-    def slots(self) -> int:
-        if not self._in_task():
-            return 1
-        from distributed import get_client
-        return max(1, sum(get_client().nthreads().values()))
-
-
-map_tasks = ClusterMap()
 
 
 def remove_leftover_parts(store: Store) -> None:

@@ -154,6 +154,37 @@ class Stage:
         pass
 
 
+class ClusterMap:
+    """``map_tasks(fn, jobs)``: ``[fn(job) for job in jobs]``, as tasks on the dask cluster when called from inside
+    a dask task (the calling task secedes from its worker's thread pool while it waits), else in this process.
+    ``map_tasks.slots()``: how many such tasks run at once (the cluster's worker threads; 1 in this process)."""
+
+    @staticmethod
+    def _in_task() -> bool:
+        try:
+            from distributed import get_worker
+            get_worker()
+            return True
+        except (ImportError, ValueError):
+            return False
+
+    def __call__(self, fn, jobs) -> list:
+        if not self._in_task():
+            return [fn(job) for job in jobs]
+        from distributed import worker_client
+        with worker_client() as client:
+            return client.gather(client.map(fn, jobs, pure=False))
+
+    def slots(self) -> int:
+        if not self._in_task():
+            return 1
+        from distributed import get_client
+        return max(1, sum(get_client().nthreads().values()))
+
+
+map_tasks = ClusterMap()
+
+
 _SHA_CACHE: dict = {}
 
 

@@ -21,7 +21,7 @@ from data_cache import schema
 
 from ..datasets.base import DatasetError
 from ..projection import project_points, scale_intrinsics, uv_to_training_pixels
-from .base import STAGES, ShardContext, Stage
+from .base import STAGES, ShardContext, Stage, map_tasks as cluster_map
 
 PAIR_ARRAYS = ("pairs/point", "pairs/image", "pairs/uv", "pairs/depth")
 
@@ -163,12 +163,12 @@ class CorrespondStage(Stage):
                             else np.full(size_hw, schema.IGNORE_INDEX, np.uint8) for im in frame.images])
             store.write_rows("images/gt", i0, gts.astype(np.uint8))
 
-    def finalize(self, store, map_tasks=None) -> None:
+    def finalize(self, store, map_tasks=cluster_map) -> None:
         """Commit the shards' pairs, in frame order, into ``pairs/*``.
 
         ``pairs/offsets`` comes from the parts' per-frame counts alone; then the zarr shards of the pairs arrays
         are cut into contiguous runs, two per task slot of ``map_tasks`` (the dask cluster's worker threads from
-        the runner; without ``map_tasks`` a loop here), and one task per run (:func:`commit_pairs_blocks`)
+        the runner; in this process outside a dask task), and one task per run (:func:`commit_pairs_blocks`)
         writes each of its zarr shards of every pairs array whole, from the memory-mapped slices of the parts
         that overlap it: one writer per zarr shard, no lock. Finally the arrays are fsynced. Run again after a
         crash, it rewrites everything from the parts.
@@ -189,15 +189,11 @@ class CorrespondStage(Stage):
         block = blocks.pop()
         part_start = np.concatenate([[0], np.cumsum([int(c.sum()) for c in counts])]).tolist()
         zarr_shards = -(-total // block)
-        tasks = min(zarr_shards, 2 * (map_tasks.slots() if map_tasks is not None else 1))
+        tasks = min(zarr_shards, 2 * map_tasks.slots())
         edges = [round(i * zarr_shards / tasks) * block for i in range(tasks)] + [total]
         jobs = [(str(store.path), a, min(b, total), block, part_start) for a, b in zip(edges, edges[1:]) if a < b]
-        (map_tasks or _map_here)(commit_pairs_blocks, jobs)
+        map_tasks(commit_pairs_blocks, jobs)
         store.sync(("pairs/offsets",) + PAIR_ARRAYS)  # durable before the runner deletes the parts
-
-
-def _map_here(fn, jobs):
-    return [fn(job) for job in jobs]
 
 
 def commit_pairs_blocks(job) -> int:
