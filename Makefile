@@ -111,7 +111,7 @@ bench-stages:  ## model-stage throughput and cache bytes per image (real archite
 bench-scale:  ## scale rehearsal: the nuScenes keyframe x FRAMES (2000): planning, correspond 1 vs 2 workers, pairs commit
 	$(BIN)/python bench/bench_scale.py $(call opt,--frames,$(FRAMES))
 
-bench-cns: $(VENV)/.installed  ## controlled-noise Table 2 on simulated labels (quick: ~45 min on 2 CPU cores; FULL=1: all rows, 3 seeds)
+bench-cns: $(VENV)/.installed  ## controlled-noise Table 2 on simulated labels (quick rows, 1 seed; FULL=1: all rows, 3 seeds; times measured in docs/benchmark.md)
 	$(BIN)/python bench/bench_cns.py --device $(DEVICE) $(if $(strip $(FULL)),--full,)
 
 bench-sam:  ## SAM per-image cost, upstream vs batched generator, projected GPU-hours (bench/results/sam.json; ~30 min on CPU)
