@@ -110,7 +110,10 @@ class DatasetSpec:
 DATASETS = {
     "street": DatasetSpec("street", "bench_street_cpu", 16, 4, {"rare_boost": 4}),
     # the 'Image numbers 32' row needs rooms of 32 images
-    "indoor": DatasetSpec("indoor", "bench_indoor_cpu", 16, 4, {"frames_per_room": 16}, {"frames_per_room": 32}),
+    # rooms fused at one point per 5 cm cube (the generator's default is 3 cm): a third of the points and pairs,
+    # about half the step time, no loss at 10 cm voxels (docs/benchmark.md)
+    "indoor": DatasetSpec("indoor", "bench_indoor_cpu", 16, 4, {"frames_per_room": 16, "point_spacing": 0.05},
+                          {"frames_per_room": 32}),
 }
 
 
@@ -153,7 +156,7 @@ def row_config(spec: DatasetSpec, ablation: str, seed: int, overrides: list[str]
 
 
 def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, device: str,
-              no_train: bool = False) -> dict | None:
+              no_train: bool = False, progress: bool = True) -> dict | None:
     """Train one row (forked from its shared stage-1 run) and evaluate it on the val store; cached in
     ``result.json``. Returns the evaluation's rows (mIoU and per-class IoU); ``None`` with ``no_train`` when
     the row has not been run."""
@@ -176,7 +179,7 @@ def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, devi
             print(f"[train] {stage1.name} (stage 1, {s['warmup_epochs']} epochs, shared)", flush=True)
             trunk_cfg = copy.deepcopy(cfg)
             Trainer(trunk_cfg, [train_store], stage1, eval_paths=[val_store], device=device,
-                    resume=parent.exists()).train(stop_after_epochs=int(s["warmup_epochs"]))
+                    resume=parent.exists(), progress=progress).train(stop_after_epochs=int(s["warmup_epochs"]))
             (stage1 / "stage1.done").write_text("")
         init_from = parent
     else:
@@ -185,7 +188,7 @@ def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, devi
     print(f"[train] {run_dir.parent.name}/{run_dir.name}", flush=True)
     resume = (run_dir / "checkpoints" / "last.pth").exists()
     trainer = Trainer(copy.deepcopy(cfg), [train_store], run_dir, eval_paths=[val_store], device=device,
-                      resume=resume, init_from=None if resume else init_from)
+                      resume=resume, init_from=None if resume else init_from, progress=progress)
     evals = trainer.train()
     if not evals:
         raise RuntimeError(f"{run_dir}: the run ended without its final evaluation")
@@ -263,6 +266,71 @@ def write_tables(result: dict, out_json: Path, out_md: Path) -> str:
     return text
 
 
+def run_dataset(kind: str, a: argparse.Namespace, rows: list, seeds: list, threads: int | None = None) -> dict:
+    """One dataset's stores, rows and gate: ``{"block", "trained_seconds", "gate_ok"}``. ``threads``: torch's
+    thread count for this process (``--jobs``: the datasets run side by side, each on its share of the cores)."""
+    if threads:
+        import os
+
+        import torch
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the label stages' subprocesses too
+    trained_seconds = 0.0
+    gate_ok = True
+    spec = copy.deepcopy(DATASETS[kind])
+    if a.scenes:
+        spec.train_scenes, spec.val_scenes = map(int, a.scenes.split(","))
+    root = a.work / kind
+    if a.full and spec.full_options:
+        spec.options = {**spec.options, **spec.full_options}
+        root = a.work / f"{kind}-full"
+    cache = root / "cache"
+    train_store = run_labels(spec, "train", spec.train_scenes, cache, a.simulate)
+    val_store = run_labels(spec, "val", spec.val_scenes, cache, a.simulate)
+    block = {"config": spec.config, "train_scenes": spec.train_scenes, "val_scenes": spec.val_scenes,
+             "options": spec.options, "rows": {}, "per_seed": {}, "classes": {},
+             "not_run": []}
+    progress = threads is None
+    kind_rows = [r for r in rows if kind in r.kinds]
+    for row in kind_rows:
+        values = []
+        for seed in seeds:
+            cfg = row_config(spec, row.ablation or "none", seed, a.overrides)
+            run_root = root / f"seed{seed}"
+            if row.baseline:
+                res = baseline_rows(cfg, val_store, run_root / "baselines.json", a.device)
+            else:
+                res = train_row(cfg, train_store, val_store, run_root / row.ablation, a.device, a.no_train, progress)
+            if res is None:
+                continue
+            trained_seconds += res.get("seconds_stage1", 0) + res.get("seconds", 0) if not row.baseline else 0
+            values.append(measured(row, res))
+            block["classes"].setdefault(row.name, {})[seed] = {d: res["rows"][f"{eval_key(row)}_{d}"]["iou"]
+                                                               for d in ("2d", "3d")}
+        if not values:
+            block["not_run"].append(row.name)
+            print(f"[{kind}] {row.name}: not run", flush=True)
+            continue
+        entry = {}
+        for d in values[0]:
+            entry[f"{d}_mean"], entry[f"{d}_std"] = mean_std([v[d] for v in values])
+        block["rows"][row.name] = entry
+        block["per_seed"][row.name] = values
+        print(f"[{kind}] {row.name}: 2D {fmt(entry['2d_mean'], entry['2d_std'])}  "
+              f"3D {fmt(entry['3d_mean'], entry['3d_std'])}", flush=True)
+        if row.ablation == "oracle":
+            passed = entry["2d_mean"] >= a.oracle_gate and entry["3d_mean"] >= a.oracle_gate
+            block["gate"] = {"passed": passed, "2d": entry["2d_mean"], "3d": entry["3d_mean"]}
+            if not passed:
+                gate_ok = False
+                print(f"ORACLE GATE MISSED on {kind}: val mIoU 2D {entry['2d_mean']:.1f} / 3D "
+                      f"{entry['3d_mean']:.1f} < {a.oracle_gate} -- the networks and budget cannot learn these "
+                      "scenes even from clean labels, so no noisy row would mean anything", flush=True)
+                if not a.ignore_gate:
+                    break
+    return {"block": block, "trained_seconds": trained_seconds, "gate_ok": gate_ok}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="every Table 2 row, 3 seeds (hours on CPU)")
@@ -278,6 +346,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-train", action="store_true",
                     help="tables from the rows already run in --work only (the others are listed as not run)")
     ap.add_argument("--scenes", default=None, help="train,val scene counts instead of the datasets' own (tests)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="datasets trained side by side, one process each with an equal share of the cores")
     ap.add_argument("--tag", default=None, help="results file stem (default cns_ablation[_quick])")
     ap.add_argument("overrides", nargs="*", help="config overrides for every row, key=value (tests, studies)")
     a = ap.parse_intermixed_args(argv)
@@ -294,60 +364,24 @@ def main(argv=None) -> int:
     result = {"mode": mode, "command": "python bench/bench_cns.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine(), "device": a.device, "seeds": seeds, "simulate": a.simulate,
               "oracle_gate": a.oracle_gate, "datasets": {}}
-    gate_ok = True
-    trained_seconds = 0.0
-    for kind in a.datasets.split(","):
-        spec = copy.deepcopy(DATASETS[kind])
-        if a.scenes:
-            spec.train_scenes, spec.val_scenes = map(int, a.scenes.split(","))
-        root = a.work / kind
-        if a.full and spec.full_options:
-            spec.options = {**spec.options, **spec.full_options}
-            root = a.work / f"{kind}-full"
-        cache = root / "cache"
-        train_store = run_labels(spec, "train", spec.train_scenes, cache, a.simulate)
-        val_store = run_labels(spec, "val", spec.val_scenes, cache, a.simulate)
-        block = {"config": spec.config, "train_scenes": spec.train_scenes, "val_scenes": spec.val_scenes,
-                 "options": spec.options, "rows": {}, "per_seed": {}, "classes": {},
-                 "not_run": []}
-        result["datasets"][kind] = block
-        kind_rows = [r for r in rows if kind in r.kinds]
-        for row in kind_rows:
-            values = []
-            for seed in seeds:
-                cfg = row_config(spec, row.ablation or "none", seed, a.overrides)
-                run_root = root / f"seed{seed}"
-                if row.baseline:
-                    res = baseline_rows(cfg, val_store, run_root / "baselines.json", a.device)
-                else:
-                    res = train_row(cfg, train_store, val_store, run_root / row.ablation, a.device, a.no_train)
-                if res is None:
-                    continue
-                trained_seconds += res.get("seconds_stage1", 0) + res.get("seconds", 0) if not row.baseline else 0
-                values.append(measured(row, res))
-                block["classes"].setdefault(row.name, {})[seed] = {d: res["rows"][f"{eval_key(row)}_{d}"]["iou"]
-                                                                   for d in ("2d", "3d")}
-            if not values:
-                block["not_run"].append(row.name)
-                print(f"[{kind}] {row.name}: not run", flush=True)
-                continue
-            entry = {}
-            for d in values[0]:
-                entry[f"{d}_mean"], entry[f"{d}_std"] = mean_std([v[d] for v in values])
-            block["rows"][row.name] = entry
-            block["per_seed"][row.name] = values
-            print(f"[{kind}] {row.name}: 2D {fmt(entry['2d_mean'], entry['2d_std'])}  "
-                  f"3D {fmt(entry['3d_mean'], entry['3d_std'])}", flush=True)
-            if row.ablation == "oracle":
-                passed = entry["2d_mean"] >= a.oracle_gate and entry["3d_mean"] >= a.oracle_gate
-                block["gate"] = {"passed": passed, "2d": entry["2d_mean"], "3d": entry["3d_mean"]}
-                if not passed:
-                    gate_ok = False
-                    print(f"ORACLE GATE MISSED on {kind}: val mIoU 2D {entry['2d_mean']:.1f} / 3D "
-                          f"{entry['3d_mean']:.1f} < {a.oracle_gate} -- the networks and budget cannot learn these "
-                          "scenes even from clean labels, so no noisy row would mean anything", flush=True)
-                    if not a.ignore_gate:
-                        break
+    kinds = a.datasets.split(",")
+    unknown = [k for k in kinds if k not in DATASETS]
+    if unknown:
+        raise SystemExit(f"unknown dataset(s) {unknown}; known: {sorted(DATASETS)}")
+    if a.jobs > 1 and len(kinds) > 1:
+        # one process per dataset, each with its share of the cores: on 2 cores two single-threaded trainings
+        # do more work than one with two threads (measured in docs/benchmark.md)
+        import multiprocessing as mp
+        import os
+        threads = max(1, (os.cpu_count() or 1) // min(a.jobs, len(kinds)))
+        with mp.get_context("spawn").Pool(min(a.jobs, len(kinds))) as pool:
+            outs = pool.starmap(run_dataset, [(k, a, rows, seeds, threads) for k in kinds])
+    else:
+        outs = [run_dataset(k, a, rows, seeds) for k in kinds]
+    for kind, o in zip(kinds, outs):
+        result["datasets"][kind] = o["block"]
+    gate_ok = all(o["gate_ok"] for o in outs)
+    trained_seconds = sum(o["trained_seconds"] for o in outs)
     gate_ok = gate_ok and all("gate" in b for b in result["datasets"].values())
     result["wall_minutes"] = (time.perf_counter() - t_start) / 60
     # training and evaluation of the rows reported (shared stage-1 runs counted once, with their first row)

@@ -74,3 +74,19 @@ def test_stage1_key_ignores_stage2_keys_only():
 def test_unknown_row_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown row"):
         bench_cns.main(["--work", str(tmp_path), "--rows", "Ours,Nonsense"])
+
+
+@pytest.mark.slow
+def test_jobs_run_the_datasets_side_by_side_with_the_same_tables(tmp_path):
+    """--jobs 2: street and indoor in two processes; the tables equal those of one process."""
+    tables = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"results{jobs}"
+        args = ["--work", str(tmp_path / f"work{jobs}"), "--out", str(out), "--datasets", "street,indoor",
+                "--scenes", "1,1", "--rows", "Baseline,w/o CNS", "--no-train", "--jobs", str(jobs)]
+        assert bench_cns.main(args) == 1  # the oracle row has not been run: no gate, so not a pass
+        res = json.loads((out / "cns_ablation_quick.json").read_text())
+        tables[jobs] = {kind: (block["rows"], block["not_run"]) for kind, block in res["datasets"].items()}
+    assert list(tables[2]) == ["street", "indoor"]
+    assert tables[2] == tables[1]
+    assert tables[2]["indoor"][1] == ["Oracle (ground truth)"] and set(tables[2]["indoor"][0]) == {"Baseline", "w/o CNS"}

@@ -194,6 +194,21 @@ def test_rare_boost_makes_rare_classes_frequent_and_one_is_the_default():
     assert SyntheticDataset(kind="street", rare_boost="4").config()["rare_boost"] == 4
 
 
+def test_point_spacing_thins_the_fused_room_cloud_and_the_default_is_unchanged():
+    """point_spacing keeps one fused point per cube of that side: coarser means fewer points, all of them
+    from the same RGB-D frames; the default (3 cm) is the room as before, point for point."""
+    default = SyntheticDataset(kind="indoor", num_scenes=1, frames_per_room=3, seed=5)
+    explicit = SyntheticDataset(kind="indoor", num_scenes=1, frames_per_room=3, seed=5, point_spacing="0.03")
+    coarse = SyntheticDataset(kind="indoor", num_scenes=1, frames_per_room=3, seed=5, point_spacing=0.06)
+    a, b, c = default.load(0), explicit.load(0), coarse.load(0)
+    assert np.array_equal(a.xyz, b.xyz) and np.array_equal(a.gt, b.gt)
+    assert len(c.xyz) < 0.5 * len(a.xyz)  # surfaces: about (6/3)^2 = 4 times fewer
+    cubes = np.floor(c.xyz.astype(np.float64) / 0.06).astype(np.int64)
+    assert len(np.unique(cubes, axis=0)) == len(cubes)  # one point per cube
+    assert coarse.config()["point_spacing"] == 0.06 and default.config()["point_spacing"] == 0.03
+    assert SyntheticDataset(kind="street").config()["point_spacing"] is None
+
+
 # -- determinism, splits, adapter contract ---------------------------------------------------------------
 
 def _frame_bytes(frame) -> list[bytes]:
@@ -258,6 +273,9 @@ def test_string_options_from_the_command_line():
     (dict(colour="red"), "unknown synthetic option(s) colour"),
     (dict(rare_boost=0), "rare_boost=0 must be >= 1"),
     (dict(kind="indoor", rare_boost=2), "rare_boost=2 applies to kind=street only"),
+    (dict(kind="indoor", point_spacing="0"), "point_spacing=0.0 must be a positive number"),
+    (dict(kind="indoor", point_spacing="fine"), "point_spacing='fine' is not a number"),
+    (dict(point_spacing=0.05), "point_spacing=0.05 applies to kind=indoor only"),
 ])
 def test_bad_options_raise_dataset_error(options, message):
     with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):

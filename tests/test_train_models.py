@@ -56,6 +56,12 @@ def test_2d_nets_and_eq5_heads(name):
     assert out["logits2d"].shape == (2, 5, 32, 48) and out["logits3d"].shape == (2 * len(index), 5)
     assert out["lat2d"].shape[:2] == (2, 8) and out["lat3d"].shape == (2 * len(index), 8)
     assert torch.equal(out["logits3d"][: len(index)], out["logits3d"][len(index):])
+    # the forward composes theta_s / phi_s with t_l: the same logits as Eq. 5 on the projected features
+    with torch.no_grad():
+        small = CNSModel.text_logits(model.theta_s(net2d(rgb)), text, dim=1)
+        eq5_2d = torch.nn.functional.interpolate(small, size=(32, 48), mode="bilinear", align_corners=False)
+        eq5_3d = CNSModel.text_logits(model.phi_s(model.net3d(feat, index, 1)), text, dim=1)[inverse]
+    assert torch.allclose(out["logits2d"], eq5_2d, atol=1e-4) and torch.allclose(out["logits3d"], eq5_3d, atol=1e-4)
     # open vocabulary: other text embeddings change only the logits' width
     model.set_text_embeddings(torch.nn.functional.normalize(torch.randn(3, 16), dim=1))
     with torch.no_grad():

@@ -66,7 +66,10 @@ def latent_consistency(pred: torch.Tensor, target: torch.Tensor, valid: torch.Te
     """**Eq. 7**: mean over elements of 1 - cos(pred, target); features on the last dimension.
 
     ``target`` is detached: the SAM (or CLIP) side is frozen, only the network's projection trains."""
-    cos = F.cosine_similarity(pred.float(), target.detach().float(), dim=-1, eps=1e-6)
+    # the frozen side normalised once, without autograd; the network's side carries the gradient
+    unit = F.normalize(target.detach().float(), dim=-1, eps=1e-6)
+    pred = pred.float()
+    cos = (pred * unit).sum(-1) / pred.norm(dim=-1).clamp_min(1e-6)
     if valid is not None:
         cos = cos[valid]
     return (1 - cos).mean() if cos.numel() else pred.sum() * 0
@@ -101,10 +104,12 @@ def features_at_pairs(feat: torch.Tensor, affine: torch.Tensor, src_hw: torch.Te
     x0, y0 = x.floor().long(), y.floor().long()
     x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
     wx, wy = (x - x0).unsqueeze(1), (y - y0).unsqueeze(1)
-    f = feat.float()
-    g = lambda yy, xx: f[pair_image, :, yy, xx]  # noqa: E731  [K, D]
-    return (g(y0, x0) * (1 - wx) * (1 - wy) + g(y0, x1) * wx * (1 - wy)
-            + g(y1, x0) * (1 - wx) * wy + g(y1, x1) * wx * wy)
+    # channels-last rows, gathered whole: f[pair_image, :, y, x] would gather D strided values per pair
+    rows = feat.float().permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
+    base = pair_image.long() * (h * w)
+    g = lambda yy, xx: rows.index_select(0, base + yy * w + xx)  # noqa: E731  [K, D]
+    top = torch.lerp(g(y0, x0), g(y0, x1), wx)
+    return torch.lerp(top, torch.lerp(g(y1, x0), g(y1, x1), wx), wy)
 
 
 #: ``loss.latent_target`` -> the foundation models whose cached feature grid (store array ``<name>/feat``,

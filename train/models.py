@@ -245,8 +245,9 @@ class GridContextMLP(nn.Module):
             cells.append((cell, count.unsqueeze(1).to(feat.dtype)))
         x = self.inp(feat)
         for block in self.blocks:
-            ctx = [torch.zeros(len(c), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, cell, x)[cell]
-                   / c[cell] for cell, c in cells]
+            # the mean per cell, then gathered back to the voxels: dividing [cells, C] rather than [voxels, C]
+            ctx = [(torch.zeros(len(c), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, cell, x) / c)[cell]
+                   for cell, c in cells]
             x = x + block(torch.cat([x] + ctx, 1))
         return x
 
@@ -287,6 +288,14 @@ class CNSModel(nn.Module):
                              f"{self.text_embed.shape[1]}")
         self.text_embed = text_embed.to(self.text_embed)
 
+    def _text_head(self, head: nn.Module):
+        """``head`` (theta_s / phi_s) composed with the text embeddings: weight [L, C] and bias [L] such that
+        ``logits = weight @ f + bias`` equals :meth:`text_logits` of ``head(f)`` (both maps are linear). A
+        C -> L product per pixel or voxel instead of C -> E -> L: E is CLIP's width (512), L the classes."""
+        t = self.text_embed.to(head.weight.dtype)
+        weight = t @ head.weight.reshape(head.weight.shape[0], -1)
+        return weight, (t @ head.bias if head.bias is not None else None)
+
     @staticmethod
     def text_logits(embedding: torch.Tensor, text_embed: torch.Tensor, dim: int) -> torch.Tensor:
         """**Eq. 5**: the score of class l is the dot product of the projected feature with t_l."""
@@ -298,8 +307,8 @@ class CNSModel(nn.Module):
         out = {}
         if rgb.shape[0]:
             f2 = self.net2d(rgb)
-            emb2 = self.theta_s(f2)
-            small = self.text_logits(emb2, self.text_embed, 1)
+            weight, bias = self._text_head(self.theta_s)  # Eq. 5 on theta_s(f2), composed
+            small = F.conv2d(f2, weight[:, :, None, None], bias)
             # the dot product with t_l and the bilinear upsampling are both linear: upsampling the L-channel
             # logits equals upsampling the E-channel embedding first, at a fraction of the memory
             out["logits2d"] = F.interpolate(small, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
@@ -308,8 +317,7 @@ class CNSModel(nn.Module):
         if self.net3d is None:
             return out
         f3 = self.net3d(voxel_feat, voxel_index, batch_size)
-        emb3 = self.phi_s(f3)
-        out["logits3d"] = self.text_logits(emb3, self.text_embed, 1)[inverse]
+        out["logits3d"] = F.linear(f3, *self._text_head(self.phi_s))[inverse]  # Eq. 5 on phi_s(f3), composed
         if self.phi_f is not None:
             out["lat3d"] = self.phi_f(f3)[inverse]
         return out

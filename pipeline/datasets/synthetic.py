@@ -31,6 +31,16 @@ def _as_int(name: str, value, minimum: int) -> int:
     return number
 
 
+def _as_float(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DatasetError(f"synthetic option {name}={value!r} is not a number") from None
+    if not number > 0 or not np.isfinite(number):
+        raise DatasetError(f"synthetic option {name}={number} must be a positive number")
+    return number
+
+
 def _as_bool(name: str, value) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
@@ -57,6 +67,8 @@ class SyntheticDataset(DatasetAdapter):
       rare_boost        street: make the rare classes (every vehicle but the car, pedestrians, cones, barriers,
                         bicycles) this many times as frequent (>= 1), default 1 = the default streets; for
                         benchmarks that must learn every class in a small budget
+      point_spacing     indoor: the fused point cloud keeps one point per cube of this side, in metres (> 0),
+                        default 0.03; coarser clouds make cheaper training steps (benchmarks on CPU)
       cache_size        generated frames kept in memory (>= 0), default 8; ``frames()`` generates every
                         frame once to count its points, so a cache as large as the dataset avoids
                         generating frames twice
@@ -70,7 +82,7 @@ class SyntheticDataset(DatasetAdapter):
     name = "synthetic"
     image_gt_name = "synthetic_render"  # the generator's exact per-pixel labels
     _OPTIONS = ("kind", "num_scenes", "seed", "sweeps_per_scene", "frames_per_room", "native_resolution",
-                "cache_size", "rare_boost")
+                "cache_size", "rare_boost", "point_spacing")
 
     def __init__(self, root=None, split: str = "train", **options):
         unknown = sorted(set(options) - set(self._OPTIONS))
@@ -90,6 +102,10 @@ class SyntheticDataset(DatasetAdapter):
         self.rare_boost = _as_int("rare_boost", options.get("rare_boost", 1), 1)
         if self.kind != "street" and self.rare_boost != 1:
             raise DatasetError(f"synthetic option rare_boost={self.rare_boost} applies to kind=street only")
+        self.point_spacing = _as_float("point_spacing", options.get("point_spacing", indoor.FUSION_VOXEL_M))
+        if self.kind != "indoor" and "point_spacing" in options:
+            raise DatasetError(f"synthetic option point_spacing={options['point_spacing']!r} applies to kind=indoor "
+                               "only (street points come from the LiDAR's beams)")
         if not isinstance(split, str) or not split:
             raise DatasetError(f"synthetic split must be a non-empty name, got {split!r}")
         # the class attributes of the base depend on the kind, so they are set per instance
@@ -118,6 +134,7 @@ class SyntheticDataset(DatasetAdapter):
                 "frames_per_room": self.frames_per_room if self.kind == "indoor" else None,
                 "native_resolution": self.native_resolution,
                 "rare_boost": self.rare_boost if self.kind == "street" else None,
+                "point_spacing": self.point_spacing if self.kind == "indoor" else None,
                 "generator_version": GENERATOR_VERSION,
                 "min_depth": self.min_depth, "occlusion_tolerance": self.occlusion_tolerance}
 
@@ -165,4 +182,4 @@ class SyntheticDataset(DatasetAdapter):
             return street.render_street_sweep(scene, sweep, self.scene_rng(scene_index, 1 + sweep), hw, token, points_file)
         room = indoor.build_room(self.scene_rng(index, 0))
         return indoor.render_room(room, self.frames_per_room, self.scene_rng(index, 1), self.native_resolution, token,
-                                  points_file)
+                                  points_file, self.point_spacing)

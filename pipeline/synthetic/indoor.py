@@ -452,11 +452,12 @@ def _depth_image(hits, camera: PinholeCamera, rng: np.random.Generator) -> np.nd
 
 
 def render_room(room: Room, num_frames: int, rng: np.random.Generator, native_resolution: bool = False,
-                token: str = "", points_file: str = "") -> Frame:
+                token: str = "", points_file: str = "", point_spacing: float = FUSION_VOXEL_M) -> Frame:
     """An RGB-D trajectory of ``num_frames`` frames through ``room`` and the point cloud fused from it.
 
     ``native_resolution`` renders colour at 1296x968 and depth at 640x480 (ScanNet's cameras) instead of
-    both at the training resolution 320x240. Returns a :class:`~pipeline.datasets.base.Frame` with points in
+    both at the training resolution 320x240; the fused cloud keeps the first point of every ``point_spacing``
+    cube (metres). Returns a :class:`~pipeline.datasets.base.Frame` with points in
     the room frame, ``feat`` = rgb/255, and ``extra``: ``point_instance`` (int32 [N]), ``point_frame`` (int16
     [N], the depth frame each point was fused from), ``instance_labels`` (uint8, per instance id),
     ``image_instance`` (int32 HxW per image), ``camera_to_world`` (4x4 per image), ``room_type``."""
@@ -491,7 +492,7 @@ def render_room(room: Room, num_frames: int, rng: np.random.Generator, native_re
                       depth_hits.instance[valid], np.full(len(valid), k, np.int16)))
 
     xyz, rgb, label, instance, source = (np.concatenate(parts) for parts in zip(*fused))
-    voxel = np.floor(xyz / FUSION_VOXEL_M).astype(np.int64) + (1 << 20)  # 21 bits per axis: +-20 km
+    voxel = np.floor(xyz / point_spacing).astype(np.int64) + (1 << 20)  # 21 bits per axis: +-20 km
     _, first = np.unique((voxel[:, 0] << 42) | (voxel[:, 1] << 21) | voxel[:, 2], return_index=True)
     first.sort()  # keep the points in frame order
     extra = {"point_instance": instance[first], "point_frame": source[first], "instance_labels": room.instance_labels,
