@@ -23,6 +23,7 @@ LABELS_ARGS ?=
 FRAMES ?=  # make bench-scale: copies of the nuScenes keyframe (default 2000)
 FULL ?=    # make bench-cns FULL=1: every Table 2 row, 3 seeds (hours on CPU)
 DEVICE ?= cpu  # make bench-cns DEVICE=cuda: train the benchmark's networks on a GPU
+JOBS ?= 2      # make bench-cns JOBS=1: street and indoor one after the other instead of side by side
 
 # make train / make eval variables (passed through to `cns-cli train` / `cns-cli eval`)
 STORE ?= $(CACHE)/$(DATASET)-train.zarr
@@ -112,7 +113,7 @@ bench-scale:  ## scale rehearsal: the nuScenes keyframe x FRAMES (2000): plannin
 	$(BIN)/python bench/bench_scale.py $(call opt,--frames,$(FRAMES))
 
 bench-cns: $(VENV)/.installed  ## controlled-noise Table 2 on simulated labels (quick rows, 1 seed; FULL=1: all rows, 3 seeds; times measured in docs/benchmark.md)
-	$(BIN)/python bench/bench_cns.py --device $(DEVICE) $(if $(strip $(FULL)),--full,)
+	$(BIN)/python bench/bench_cns.py --device $(DEVICE) --jobs $(JOBS) $(if $(strip $(FULL)),--full,)
 
 bench-sam:  ## SAM per-image cost, upstream vs batched generator, projected GPU-hours (bench/results/sam.json; ~30 min on CPU)
 	$(BIN)/python bench/bench_sam.py
