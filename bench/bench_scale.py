@@ -43,7 +43,8 @@ from bench_stages import array_bytes  # bench/ is on sys.path when this script r
 
 from data_cache.store import Store
 from pipeline.datasets import build_adapter
-from pipeline.runner import map_tasks, plan_store, run_labels, worker_plugin
+from pipeline.runner import plan_store, run_labels, worker_plugin
+from pipeline.stages.base import map_tasks
 from pipeline.stages.correspond import PAIR_ARRAYS, CorrespondStage
 
 FIXTURE = Path(os.environ.get("CNS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \

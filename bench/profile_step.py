@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     a = ap.parse_intermixed_args(argv)
     spec = bench_cns.DATASETS[a.dataset]
-    cache = a.work / a.dataset / "cache"
-    stores = [cache / "synthetic-train.zarr", cache / "synthetic-val.zarr"]
+    cache = bench_cns.dataset_root(a.work, a.dataset) / "cache"
+    stores = [bench_cns.store_path(cache, split) for split in ("train", "val")]
     missing = [str(s) for s in stores if not s.exists()]
     if missing:
         raise SystemExit(f"no benchmark store at {', '.join(missing)}: run bench/bench_cns.py first")

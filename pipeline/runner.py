@@ -28,7 +28,7 @@ from data_cache.schema import STAGE_ORDER, STAGE_REQUIRES, RootAttrs
 from data_cache.store import CacheError, Store, store_path
 
 from .datasets.base import DatasetError, build_adapter
-from .stages.base import Shard, ShardContext, build_stage, map_tasks  # noqa: F401  (map_tasks: re-exported)
+from .stages.base import Shard, ShardContext, build_stage, map_tasks
 
 log = logging.getLogger("cns.labels")
 
