@@ -67,6 +67,9 @@ class SyntheticDataset(DatasetAdapter):
       rare_boost        street: make the rare classes (every vehicle but the car, pedestrians, cones, barriers,
                         bicycles) this many times as frequent (>= 1), default 1 = the default streets; for
                         benchmarks that must learn every class in a small budget
+      room_mix          indoor: furnish every room with the furniture of this many distinct room kinds
+                        (1..5), default 1 = the default rooms (one kind each); for benchmarks that must
+                        learn every class from a few rooms
       point_spacing     indoor: the fused point cloud keeps one point per cube of this side, in metres (> 0),
                         default 0.03; coarser clouds make cheaper training steps (benchmarks on CPU)
       cache_size        generated frames kept in memory (>= 0), default 8; ``frames()`` generates every
@@ -82,7 +85,7 @@ class SyntheticDataset(DatasetAdapter):
     name = "synthetic"
     image_gt_name = "synthetic_render"  # the generator's exact per-pixel labels
     _OPTIONS = ("kind", "num_scenes", "seed", "sweeps_per_scene", "frames_per_room", "native_resolution",
-                "cache_size", "rare_boost", "point_spacing")
+                "cache_size", "rare_boost", "point_spacing", "room_mix")
 
     def __init__(self, root=None, split: str = "train", **options):
         unknown = sorted(set(options) - set(self._OPTIONS))
@@ -102,6 +105,12 @@ class SyntheticDataset(DatasetAdapter):
         self.rare_boost = _as_int("rare_boost", options.get("rare_boost", 1), 1)
         if self.kind != "street" and self.rare_boost != 1:
             raise DatasetError(f"synthetic option rare_boost={self.rare_boost} applies to kind=street only")
+        self.room_mix = _as_int("room_mix", options.get("room_mix", 1), 1)
+        if self.kind != "indoor" and self.room_mix != 1:
+            raise DatasetError(f"synthetic option room_mix={self.room_mix} applies to kind=indoor only")
+        if self.room_mix > len(indoor.ROOM_TYPES):
+            raise DatasetError(f"synthetic option room_mix={self.room_mix} exceeds the {len(indoor.ROOM_TYPES)} room "
+                               f"kinds ({', '.join(indoor.ROOM_TYPES)})")
         self.point_spacing = _as_float("point_spacing", options.get("point_spacing", indoor.FUSION_VOXEL_M))
         if self.kind != "indoor" and "point_spacing" in options:
             raise DatasetError(f"synthetic option point_spacing={options['point_spacing']!r} applies to kind=indoor "
@@ -136,7 +145,9 @@ class SyntheticDataset(DatasetAdapter):
                 "rare_boost": self.rare_boost if self.kind == "street" else None,
                 "point_spacing": self.point_spacing if self.kind == "indoor" else None,
                 "generator_version": GENERATOR_VERSION,
-                "min_depth": self.min_depth, "occlusion_tolerance": self.occlusion_tolerance}
+                "min_depth": self.min_depth, "occlusion_tolerance": self.occlusion_tolerance,
+                # only when set: the stores written before the option keep their fingerprints
+                **({"room_mix": self.room_mix} if self.room_mix != 1 else {})}
 
     def token(self, index: int) -> str:
         if self.kind == "street":
@@ -180,6 +191,6 @@ class SyntheticDataset(DatasetAdapter):
             scene = street.build_street_scene(self.scene_rng(scene_index, 0), self.rare_boost)
             hw = street.NATIVE_HW if self.native_resolution else street.TRAINING_HW
             return street.render_street_sweep(scene, sweep, self.scene_rng(scene_index, 1 + sweep), hw, token, points_file)
-        room = indoor.build_room(self.scene_rng(index, 0))
+        room = indoor.build_room(self.scene_rng(index, 0), self.room_mix)
         return indoor.render_room(room, self.frames_per_room, self.scene_rng(index, 1), self.native_resolution, token,
                                   points_file, self.point_spacing)

@@ -318,10 +318,22 @@ class _Furnisher:
             b.box(inst, (x, y, 0.2), (0.3, 0.3, 0.2), colour, 0.4, yaw)
 
 
-def build_room(rng: np.random.Generator) -> Room:
-    """Lay out one furnished room from ``rng``."""
-    room_type = ROOM_TYPES[rng.integers(len(ROOM_TYPES))]
-    if room_type == "bathroom":
+def build_room(rng: np.random.Generator, room_mix: int = 1) -> Room:
+    """Lay out one furnished room from ``rng``.
+
+    ``room_mix`` k >= 1 furnishes one room with the furniture groups of k distinct room kinds (in a room of
+    5-8 x 4.5-7 m; a group that finds no free wall or floor is left out): k = 1 is the default rooms, unchanged
+    draw for draw; k > 1 puts most of ScanNet-20's classes into every room, for benchmarks that must learn
+    every class from a few rooms (the room kinds hold 1-6 classes of their own each)."""
+    if not 1 <= room_mix <= len(ROOM_TYPES):
+        raise ValueError(f"room_mix must be in 1..{len(ROOM_TYPES)}, got {room_mix}")
+    if room_mix == 1:
+        kinds = [ROOM_TYPES[rng.integers(len(ROOM_TYPES))]]
+    else:
+        kinds = [ROOM_TYPES[i] for i in rng.choice(len(ROOM_TYPES), room_mix, replace=False)]
+    if room_mix > 1:
+        size = np.array([rng.uniform(5.0, 8.0), rng.uniform(4.5, 7.0), rng.uniform(2.5, 3.1)])
+    elif kinds[0] == "bathroom":
         size = np.array([rng.uniform(2.6, 4.0), rng.uniform(2.4, 3.5), rng.uniform(2.4, 2.8)])
     else:
         size = np.array([rng.uniform(3.5, 7.5), rng.uniform(3.2, 6.5), rng.uniform(2.5, 3.1)])
@@ -329,8 +341,10 @@ def build_room(rng: np.random.Generator) -> Room:
     f = _Furnisher(b, rng, size)
     f.shell()
     f.door()
-    for _ in range(rng.integers(0 if room_type == "bathroom" else 1, 3)):
-        f.window(with_curtains=room_type in ("bedroom", "living_room", "office") and rng.random() < 0.7)
+    only_bathroom = kinds == ["bathroom"]
+    curtained = any(k in ("bedroom", "living_room", "office") for k in kinds)
+    for _ in range(rng.integers(0 if only_bathroom else 1, 3)):
+        f.window(with_curtains=curtained and rng.random() < 0.7)
     for _ in range(rng.integers(1, 4)):
         f.picture()
 
@@ -358,6 +372,15 @@ def build_room(rng: np.random.Generator) -> Room:
             cx, cy, _ = at((k // 2 - (seats - 1) / 4) * 0.6, side * (d / 2 + 0.25), 0.0)
             f.chair(cx, cy, yaw + (np.pi if side > 0 else 0.0))
 
+    for room_type in kinds:
+        _furnish(room_type, f, rng, against_wall, free, table_with_chairs)
+    for _ in range(rng.integers(1, 4)):
+        against_wall(f.other, 0.5, 0.5)
+    return Room(b.build(), size, "+".join(kinds), np.array(b.instance_labels, np.uint8))
+
+
+def _furnish(room_type: str, f: "_Furnisher", rng: np.random.Generator, against_wall, free, table_with_chairs):
+    """The furniture group of one room kind (placed with the helpers of :func:`build_room`)."""
     u = rng.uniform
     if room_type == "bedroom":
         bed_w = u(0.9, 1.8)
@@ -406,9 +429,6 @@ def build_room(rng: np.random.Generator) -> Room:
         if rng.random() < 0.7:
             w = u(1.4, 1.7)
             against_wall(f.bathtub, w, 0.75, w)
-    for _ in range(rng.integers(1, 4)):
-        against_wall(f.other, 0.5, 0.5)
-    return Room(b.build(), size, room_type, np.array(b.instance_labels, np.uint8))
 
 
 def camera_trajectory(room: Room, num_frames: int, rng: np.random.Generator) -> list[np.ndarray]:
