@@ -29,6 +29,12 @@ def test_tiny_benchmark_gate_forks_and_tables(tmp_path, capsys):
     assert list(street["rows"]) == ["Oracle (ground truth)"]
     assert "MISSED" in (out / "cns_ablation_quick.md").read_text()
     assert "ORACLE GATE MISSED on street" in capsys.readouterr().out
+    # the diagnostic beside the gate: the oracle on its own training scenes, written once next to its run
+    seen = street["gate"]["training_scenes"]
+    assert 0 <= seen["2d"] <= 100 and 0 <= seen["3d"] <= 100
+    assert json.loads((work / "street" / "seed0" / "oracle" / "eval" / "training_scenes.json").read_text()) == seen
+    assert f"own training scenes (seed 0; a diagnostic, not a row): 2D {seen['2d']:.1f}" in (
+        out / "cns_ablation_quick.md").read_text()
     # the same work directory with a reachable gate: the oracle is not trained again, the others are
     oracle_result = (work / "street" / "seed0" / "oracle" / "result.json").stat().st_mtime_ns
     assert bench_cns.main([*args, "--oracle-gate", "0"]) == 0
