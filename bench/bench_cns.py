@@ -45,6 +45,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from perf import machine  # noqa: E402  (the machine block of bench/results/perf.json)
 
+from data_cache.store import store_path  # noqa: E402  (where `cns-cli labels` writes a dataset's split)
+
 #: The paper's Table 2 (ScanNet val, label-free 2D / 3D mIoU), printed next to the measured rows.
 PAPER_TABLE2 = {
     "Baseline": (17.3, 14.2), "w/o CNS": (24.5, 19.4), "Base+CLIP": (20.4, 23.8), "Base+CLIP+LSC": (22.5, 28.7),
@@ -123,13 +125,9 @@ def dataset_root(work: Path, kind: str, full: bool = False) -> Path:
     return work / (f"{kind}-full" if full and DATASETS[kind].full_options else kind)
 
 
-def store_path(cache: Path, split: str) -> Path:
-    return cache / f"synthetic-{split}.zarr"
-
-
 def run_labels(spec: DatasetSpec, split: str, scenes: int, cache: Path, simulate: str) -> Path:
     """The simulated label stages via ``cns-cli labels`` (it resumes a partly written store)."""
-    store = store_path(cache, split)
+    store = store_path(cache, "synthetic", split)
     opts = {"kind": spec.kind, "num_scenes": scenes, "cache_size": scenes, **spec.options}
     cmd = [str(Path(sys.executable).with_name("cns-cli")), "labels", "--dataset", "synthetic", "--cache", str(cache),
            "--split", split, "--workers", "0", "--simulate", simulate]
@@ -287,8 +285,7 @@ def write_tables(result: dict, out_json: Path, out_md: Path) -> str:
             lines += [f"The oracle on its own training scenes (seed {result['seeds'][0]}; a diagnostic, not a row): "
                       f"2D {seen['2d']:.1f}, 3D {seen['3d']:.1f} -- close to its val score: the networks or "
                       "the steps are the limit; far above it: too few training scenes.", ""]
-        lines += [
-                  "| row | 2D mIoU | 3D mIoU | paper 2D | paper 3D |", "|---|---|---|---|---|"]
+        lines += ["| row | 2D mIoU | 3D mIoU | paper 2D | paper 3D |", "|---|---|---|---|---|"]
         for name, r in block["rows"].items():
             paper = PAPER_TABLE2.get(name, (None, None))
             lines.append(f"| {name} | {fmt(r['2d_mean'], r['2d_std'])} | {fmt(r['3d_mean'], r['3d_std'])} | "
@@ -357,9 +354,9 @@ def run_dataset(kind: str, a: argparse.Namespace, rows: list, seeds: list, threa
         if row.ablation == "oracle":
             passed = entry["2d_mean"] >= a.oracle_gate and entry["3d_mean"] >= a.oracle_gate
             block["gate"] = {"passed": passed, "2d": entry["2d_mean"], "3d": entry["3d_mean"]}
-            if (root / f"seed{seeds[0]}" / "oracle" / "checkpoints" / "last.pth").exists():
-                block["gate"]["training_scenes"] = on_training_scenes(root / f"seed{seeds[0]}" / "oracle",
-                                                                      train_store, a.device)
+            oracle_run = root / f"seed{seeds[0]}" / row.ablation
+            if (oracle_run / "checkpoints" / "last.pth").exists():
+                block["gate"]["training_scenes"] = on_training_scenes(oracle_run, train_store, a.device)
             if not passed:
                 gate_ok = False
                 print(f"ORACLE GATE MISSED on {kind}: val mIoU 2D {entry['2d_mean']:.1f} / 3D "

@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     import bench_cns
+    from data_cache.store import store_path
     from train.engine import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     a = ap.parse_intermixed_args(argv)
     spec = bench_cns.DATASETS[a.dataset]
     cache = bench_cns.dataset_root(a.work, a.dataset) / "cache"
-    stores = [bench_cns.store_path(cache, split) for split in ("train", "val")]
+    stores = [store_path(cache, "synthetic", split) for split in ("train", "val")]
     missing = [str(s) for s in stores if not s.exists()]
     if missing:
         raise SystemExit(f"no benchmark store at {', '.join(missing)}: run bench/bench_cns.py first")

@@ -209,7 +209,6 @@ def test_point_spacing_thins_the_fused_room_cloud_and_the_default_is_unchanged()
     assert SyntheticDataset(kind="street").config()["point_spacing"] is None
 
 
-
 def test_room_mix_furnishes_rooms_with_several_kinds_and_one_is_the_default():
     """room_mix=k furnishes each room with the furniture of k room kinds: over 16 rooms (seed 0) the rarest
     furniture class is in 1 room with the default rooms and in 5 or more with k=5 (measured: bed 1 -> 12,

@@ -327,16 +327,15 @@ def build_room(rng: np.random.Generator, room_mix: int = 1) -> Room:
     every class from a few rooms (the room kinds hold 1-6 classes of their own each)."""
     if not 1 <= room_mix <= len(ROOM_TYPES):
         raise ValueError(f"room_mix must be in 1..{len(ROOM_TYPES)}, got {room_mix}")
-    if room_mix == 1:
-        kinds = [ROOM_TYPES[rng.integers(len(ROOM_TYPES))]]
-    else:
-        kinds = [ROOM_TYPES[i] for i in rng.choice(len(ROOM_TYPES), room_mix, replace=False)]
     if room_mix > 1:
+        kinds = [ROOM_TYPES[i] for i in rng.choice(len(ROOM_TYPES), room_mix, replace=False)]
         size = np.array([rng.uniform(5.0, 8.0), rng.uniform(4.5, 7.0), rng.uniform(2.5, 3.1)])
-    elif kinds[0] == "bathroom":
-        size = np.array([rng.uniform(2.6, 4.0), rng.uniform(2.4, 3.5), rng.uniform(2.4, 2.8)])
     else:
-        size = np.array([rng.uniform(3.5, 7.5), rng.uniform(3.2, 6.5), rng.uniform(2.5, 3.1)])
+        kinds = [ROOM_TYPES[rng.integers(len(ROOM_TYPES))]]
+        if kinds == ["bathroom"]:
+            size = np.array([rng.uniform(2.6, 4.0), rng.uniform(2.4, 3.5), rng.uniform(2.4, 2.8)])
+        else:
+            size = np.array([rng.uniform(3.5, 7.5), rng.uniform(3.2, 6.5), rng.uniform(2.5, 3.1)])
     b = SceneBuilder()
     f = _Furnisher(b, rng, size)
     f.shell()
