@@ -124,3 +124,17 @@ def test_voxelize_merges_points_of_one_voxel():
     coord = np.array([[0.01, 0.01, 0.01], [0.02, 0.05, 0.0], [0.5, 0.0, 0.0]], np.float32)
     vox, inv = voxelize(coord, 0.1)
     assert len(vox) == 2 and inv[0] == inv[1] != inv[2]
+
+
+def test_colour_jitter_changes_pixels_only_and_is_seeded(toy):
+    """data.augment.color_jitter: the images change, the label maps and pairs do not; same seed, same item."""
+    over = ["data.augment.crop_scale=[1.0,1.0]", "data.augment.hflip=false"]
+    plain = CacheFrameDataset([toy], load_config("synthetic_street_cpu", over))[1]
+    cfg = load_config("synthetic_street_cpu", over + ["data.augment.color_jitter=[0.4,0.4,0.4,0.1]"])
+    a, b = CacheFrameDataset([toy], cfg)[1], CacheFrameDataset([toy], cfg)[1]
+    assert np.array_equal(a["rgb"], b["rgb"])
+    assert a["rgb"].dtype == np.uint8 and np.abs(a["rgb"].astype(int) - plain["rgb"]).mean() > 2
+    for key in ("clip_label", "clip_refined", "mask_id", "image_gt", "pair_uv", "pair_point", "voxel_feat"):
+        assert np.array_equal(a[key], plain[key]), key
+    with pytest.raises(ValueError, match="color_jitter"):
+        load_config("synthetic_street_cpu", ["data.augment.color_jitter=[0.4,0.4,2,0.1]"])

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from train.data import affine_grid
-from train.losses import (cotraining_loss, latent_consistency, latent_losses, masked_cross_entropy,
-                          features_at_grid, features_at_pairs)
+from train.losses import (cotraining_loss, features_at_grid, features_at_pairs, latent_consistency,
+                          latent_consistency_voxels, latent_losses, masked_cross_entropy, unit_features_at_pairs)
 from train.models import CNSModel
 
 
@@ -100,7 +100,7 @@ def test_latent_targets_switch_terms():
     batch = {"rgb": torch.zeros(1, 3, 4, 4), "sam_feat": torch.randn(1, 2, 2, 2), "clip_feat": torch.randn(1, 3, 2, 2),
              "affine": torch.tensor([[1.0, 0, 1, 0]]), "src_hw": torch.tensor([[4, 4]]),
              "pair_point": torch.tensor([0, 3]), "pair_image": torch.tensor([0, 0]),
-             "pair_uv": torch.tensor([[0, 0], [3, 3]])}
+             "pair_uv": torch.tensor([[0, 0], [3, 3]]), "inverse": torch.arange(5)}
     none = latent_losses(dict(out), batch, "none")
     assert none["latent3d"].item() == 0 and none["latent2d"].item() == 0
     sam = latent_losses(dict(out, lat2d=torch.randn(1, 2, 2, 2), lat3d=torch.randn(5, 2)), batch, "sam")
@@ -122,3 +122,33 @@ def test_latent_targets_switch_terms():
                         torch.nn.functional.normalize(clip_at_pairs, dim=-1)], -1)
     expect = (1 - torch.nn.functional.cosine_similarity(head[batch["pair_point"]], target)).mean()
     assert both["latent3d"].item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+def test_latent_consistency_per_voxel_equals_per_pair():
+    """Eq. 7 in 3D summed per voxel: the value and the gradient of the per-pair mean over pred[voxel of pair]."""
+    torch.manual_seed(0)
+    pred = torch.randn(7, 4, requires_grad=True)
+    pair_voxel = torch.tensor([0, 0, 0, 2, 2, 5, 6, 6, 6, 6, 1])  # several pairs per voxel, voxels 3 and 4 unpaired
+    target = torch.randn(len(pair_voxel), 4) * torch.rand(len(pair_voxel), 1) * 3
+    per_pair = latent_consistency(pred[pair_voxel], target)
+    (grad_pair,) = torch.autograd.grad(per_pair, pred)
+    per_voxel = latent_consistency_voxels(pred, pair_voxel, target)
+    (grad_voxel,) = torch.autograd.grad(per_voxel, pred)
+    assert per_voxel.item() == pytest.approx(per_pair.item(), rel=1e-6)
+    assert torch.allclose(grad_voxel, grad_pair, atol=1e-7) and grad_voxel[3:5].abs().sum() == 0
+    empty = latent_consistency_voxels(pred, torch.zeros(0, dtype=torch.long), torch.zeros(0, 4))
+    assert empty.item() == 0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("pairs_per_pixel", [0.5, 3])
+def test_unit_features_at_pairs_per_pixel_equals_per_pair(pairs_per_pixel):
+    """Sampling the grid once per output pixel (many pairs) gives the per-pair bilinear features, normalised."""
+    torch.manual_seed(0)
+    feat = torch.randn(2, 5, 6, 8)
+    affine = torch.tensor([[0.75, 2.0, 0.8, 1.0], [-1.0, 16.0, 1.0, 0.0]])  # a crop, and a flip
+    src_hw, out_hw = torch.tensor([[12, 16], [12, 16]]), (10, 16)
+    k = int(pairs_per_pixel * 2 * 10 * 16)
+    pair_image, pair_uv = torch.randint(0, 2, (k,)), torch.stack([torch.randint(0, 16, (k,)), torch.randint(0, 10, (k,))], 1)
+    got = unit_features_at_pairs(feat, affine, src_hw, pair_image, pair_uv, out_hw)
+    expect = torch.nn.functional.normalize(features_at_pairs(feat, affine, src_hw, pair_image, pair_uv), dim=-1)
+    assert got.shape == (k, 5) and torch.allclose(got, expect, atol=1e-5)

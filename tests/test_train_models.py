@@ -54,7 +54,7 @@ def test_2d_nets_and_eq5_heads(name):
     with torch.no_grad():
         out = model(rgb, feat, index, inverse, 1)
     assert out["logits2d"].shape == (2, 5, 32, 48) and out["logits3d"].shape == (2 * len(index), 5)
-    assert out["lat2d"].shape[:2] == (2, 8) and out["lat3d"].shape == (2 * len(index), 8)
+    assert out["lat2d"].shape[:2] == (2, 8) and out["lat3d"].shape == (len(index), 8)  # lat3d: per voxel
     assert torch.equal(out["logits3d"][: len(index)], out["logits3d"][len(index):])
     # the forward composes theta_s / phi_s with t_l: the same logits as Eq. 5 on the projected features
     with torch.no_grad():

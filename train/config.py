@@ -52,6 +52,7 @@ DEFAULTS: dict = {
             "hflip": True,          # random horizontal image flip
             "crop_scale": [0.5, 1.0],   # random resized crop: area fraction; [1, 1] = no crop
             "crop_ratio": [0.75, 1.333],
+            "color_jitter": None,   # [brightness, contrast, saturation, hue] of the images (ColorJitter); null = off
         },
     },
     "model": {
@@ -227,6 +228,12 @@ def validate(cfg: dict) -> None:
                               "use [clip2d, pred2d] or a subset")
     if cfg["labels"]["switch"] not in SWITCH_UNITS:
         raise ConfigError(f"labels.switch must be one of {SWITCH_UNITS}, got '{cfg['labels']['switch']}'")
+    jitter = cfg["data"]["augment"].get("color_jitter")
+    if jitter is not None and not (isinstance(jitter, (list, tuple)) and len(jitter) == 4
+                                   and all(isinstance(v, (int, float)) and v >= 0 for v in jitter)
+                                   and max(jitter[:3]) <= 1 and jitter[3] <= 0.5):
+        raise ConfigError(f"data.augment.color_jitter must be null or [brightness, contrast, saturation, hue] with "
+                          f"the first three in [0, 1] and hue in [0, 0.5], got {jitter}")
     s = cfg["schedule"]
     if s["optimizer"] not in ("sgd", "adamw"):
         raise ConfigError(f"schedule.optimizer must be sgd or adamw, got '{s['optimizer']}'")

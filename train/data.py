@@ -19,6 +19,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset, Sampler
 
 from data_cache import schema
@@ -117,6 +118,26 @@ def warp_rgb(rgb: np.ndarray, affines: np.ndarray, out_hw) -> np.ndarray:
     grid = affine_grid(torch.from_numpy(affines), rgb.shape[1:3], out_hw)
     y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return y.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def jitter_colours(rgb: np.ndarray, rng: np.random.Generator, strength) -> np.ndarray:
+    """Photometric augmentation of [I, 3, H, W] uint8 images, one draw per image from ``rng`` (so an item's
+    augmentation stays seeded by (seed, epoch, index)): ``strength`` = (brightness, contrast, saturation,
+    hue) as in ``torchvision.transforms.ColorJitter`` -- factors drawn in [1 - s, 1 + s], the hue shift in
+    [-h, h] -- applied in that order by torchvision's functional ops. The label maps are untouched."""
+    b, c, s, h = (float(v) for v in strength)
+    images = []
+    for img in torch.from_numpy(rgb):
+        if b:
+            img = TF.adjust_brightness(img, rng.uniform(1 - b, 1 + b))
+        if c:
+            img = TF.adjust_contrast(img, rng.uniform(1 - c, 1 + c))
+        if s:
+            img = TF.adjust_saturation(img, rng.uniform(1 - s, 1 + s))
+        if h:
+            img = TF.adjust_hue(img, rng.uniform(-h, h))
+        images.append(img)
+    return torch.stack(images).numpy() if images else rgb.copy()
 
 
 def warp_pairs(uv: np.ndarray, image: np.ndarray, affines: np.ndarray, out_hw) -> tuple[np.ndarray, np.ndarray]:
@@ -268,6 +289,8 @@ class CacheFrameDataset(Dataset):
         affines = np.stack([image_affine(rng, src_hw, self.out_size, aug) for _ in rows]) if len(rows) else \
             np.zeros((0, 4))
         rgb = warp_rgb(_read_rows(st.array("images/rgb"), rows), affines, self.out_size)
+        if rng is not None and aug.get("color_jitter"):
+            rgb = jitter_colours(rgb, rng, aug["color_jitter"])
         maps = {}
         for key, name in (("clip_label", "clip/label"), ("clip_refined", "clip/label_refined"),
                           ("mask_id", "sam/mask_id"), ("image_gt", "images/gt")):

@@ -319,7 +319,7 @@ class CNSModel(nn.Module):
         f3 = self.net3d(voxel_feat, voxel_index, batch_size)
         out["logits3d"] = F.linear(f3, *self._text_head(self.phi_s))[inverse]  # Eq. 5 on phi_s(f3), composed
         if self.phi_f is not None:
-            out["lat3d"] = self.phi_f(f3)[inverse]
+            out["lat3d"] = self.phi_f(f3)  # per voxel: Eq. 7 gathers it at the pairs' voxels (batch["inverse"])
         return out
 
 
