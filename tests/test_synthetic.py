@@ -232,6 +232,34 @@ def test_room_mix_furnishes_rooms_with_several_kinds_and_one_is_the_default():
     assert "room_mix" not in SyntheticDataset(kind="indoor").config()  # stores written before the option keep theirs
 
 
+@pytest.mark.parametrize("kind", ["street", "indoor"])
+def test_class_colours_recolour_a_share_of_objects_and_nothing_else(kind):
+    """class_colours=s: a share s of the instances wears its class's colour; the geometry, labels and points are
+    the default scene's draw for draw; 0 is the default (and not in the fingerprint)."""
+    from pipeline.synthetic.palettes import class_colour_table
+    kw = {"kind": kind, "num_scenes": 1, **({"frames_per_room": 2} if kind == "indoor" else {})}
+    default, one = SyntheticDataset(**kw), SyntheticDataset(class_colours=1, **kw)
+    build = ((lambda d: street.build_street_scene(d.scene_rng(0, 0))) if kind == "street"
+             else (lambda d: build_room(d.scene_rng(0, 0))))
+    base = build(default)
+    coloured = one._wear_class_colours(base, 0)
+    n = len(default.class_names)
+    labelled = base.prims.label < n
+    got, table = coloured.prims.albedo[labelled], class_colour_table(n)[base.prims.label[labelled]]
+    unclipped = got.max(1) < 0.999  # the brightness is the drawn one: divide it out where nothing saturated
+    assert unclipped.mean() > 0.5
+    assert np.allclose(got[unclipped] / got[unclipped].max(1, keepdims=True),
+                       table[unclipped] / table[unclipped].max(1, keepdims=True), atol=1e-4)
+    assert np.array_equal(coloured.prims.albedo[~labelled], base.prims.albedo[~labelled])  # ceilings kept
+    half = SyntheticDataset(class_colours=0.5, **kw)._wear_class_colours(base, 0)
+    changed = np.unique(base.prims.instance[(half.prims.albedo != base.prims.albedo).any(1)])
+    assert 0.2 < len(changed) / len(np.unique(base.prims.instance[labelled])) < 0.8
+    a, b = default.load(0), SyntheticDataset(class_colours=0.5, **kw).load(0)
+    assert np.array_equal(a.xyz, b.xyz) and np.array_equal(a.gt, b.gt)
+    assert SyntheticDataset(class_colours=0.5, **kw).config()["class_colours"] == 0.5
+    assert "class_colours" not in SyntheticDataset(class_colours=0, **kw).config()
+
+
 # -- determinism, splits, adapter contract ---------------------------------------------------------------
 
 def _frame_bytes(frame) -> list[bytes]:
@@ -302,6 +330,8 @@ def test_string_options_from_the_command_line():
     (dict(room_mix=2), "room_mix=2 applies to kind=indoor only"),
     (dict(kind="indoor", room_mix=0), "room_mix=0 must be >= 1"),
     (dict(kind="indoor", room_mix=6), "room_mix=6 exceeds the 5 room kinds"),
+    (dict(class_colours=1.5), "class_colours=1.5 must lie in"),
+    (dict(kind="indoor", class_colours="all"), "class_colours='all' is not a number"),
 ])
 def test_bad_options_raise_dataset_error(options, message):
     with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -6,12 +6,14 @@ random streams. Options may be given as strings (``--dataset-option num_scenes=4
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections import OrderedDict
 
 import numpy as np
 
 from ..synthetic import indoor, street
+from ..synthetic.palettes import wear_class_colours
 from .base import DATASETS, DatasetAdapter, DatasetError, Frame, FrameInfo
 from .classes import SCANNET20, nuscenes16
 
@@ -38,6 +40,16 @@ def _as_float(name: str, value) -> float:
         raise DatasetError(f"synthetic option {name}={value!r} is not a number") from None
     if not number > 0 or not np.isfinite(number):
         raise DatasetError(f"synthetic option {name}={number} must be a positive number")
+    return number
+
+
+def _as_share(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DatasetError(f"synthetic option {name}={value!r} is not a number") from None
+    if not 0.0 <= number <= 1.0:
+        raise DatasetError(f"synthetic option {name}={number} must lie in [0, 1]")
     return number
 
 
@@ -70,6 +82,12 @@ class SyntheticDataset(DatasetAdapter):
       room_mix          indoor: furnish every room with the furniture of this many distinct room kinds
                         (1..5), default 1 = the default rooms (one kind each); for benchmarks that must
                         learn every class from a few rooms
+      class_colours     share of the objects (and ground regions) that wear their class's own colour, in
+                        [0, 1], default 0 = the default scenes, whose classes share overlapping palettes on
+                        purpose. The others keep their drawn colours; which ones is drawn per scene from a
+                        stream of its own, so the geometry is the default's draw for draw. A stand-in, for
+                        from-scratch CPU study networks, for the pretrained features that make classes
+                        separable by appearance (docs/benchmark.md)
       point_spacing     indoor: the fused point cloud keeps one point per cube of this side, in metres (> 0),
                         default 0.03; coarser clouds make cheaper training steps (benchmarks on CPU)
       cache_size        generated frames kept in memory (>= 0), default 8; ``frames()`` generates every
@@ -85,7 +103,11 @@ class SyntheticDataset(DatasetAdapter):
     name = "synthetic"
     image_gt_name = "synthetic_render"  # the generator's exact per-pixel labels
     _OPTIONS = ("kind", "num_scenes", "seed", "sweeps_per_scene", "frames_per_room", "native_resolution",
-                "cache_size", "rare_boost", "point_spacing", "room_mix")
+                "cache_size", "rare_boost", "point_spacing", "room_mix", "class_colours")
+
+    #: random stream of a scene that picks the objects wearing their class colour (option class_colours);
+    #: apart from the streams the geometry and the sensors draw from, so these stay the default's
+    CLASS_COLOUR_STREAM = 1000
 
     def __init__(self, root=None, split: str = "train", **options):
         unknown = sorted(set(options) - set(self._OPTIONS))
@@ -111,6 +133,7 @@ class SyntheticDataset(DatasetAdapter):
         if self.room_mix > len(indoor.ROOM_TYPES):
             raise DatasetError(f"synthetic option room_mix={self.room_mix} exceeds the {len(indoor.ROOM_TYPES)} room "
                                f"kinds ({', '.join(indoor.ROOM_TYPES)})")
+        self.class_colours = _as_share("class_colours", options.get("class_colours", 0.0))
         self.point_spacing = _as_float("point_spacing", options.get("point_spacing", indoor.FUSION_VOXEL_M))
         if self.kind != "indoor" and "point_spacing" in options:
             raise DatasetError(f"synthetic option point_spacing={options['point_spacing']!r} applies to kind=indoor "
@@ -147,7 +170,8 @@ class SyntheticDataset(DatasetAdapter):
                 "generator_version": GENERATOR_VERSION,
                 "min_depth": self.min_depth, "occlusion_tolerance": self.occlusion_tolerance,
                 # only when set: the stores written before the option keep their fingerprints
-                **({"room_mix": self.room_mix} if self.room_mix != 1 else {})}
+                **({"room_mix": self.room_mix} if self.room_mix != 1 else {}),
+                **({"class_colours": self.class_colours} if self.class_colours else {})}
 
     def token(self, index: int) -> str:
         if self.kind == "street":
@@ -189,8 +213,27 @@ class SyntheticDataset(DatasetAdapter):
         if self.kind == "street":
             scene_index, sweep = divmod(index, self.sweeps_per_scene)
             scene = street.build_street_scene(self.scene_rng(scene_index, 0), self.rare_boost)
+            if self.class_colours:
+                scene = self._wear_class_colours(scene, scene_index)
             hw = street.NATIVE_HW if self.native_resolution else street.TRAINING_HW
             return street.render_street_sweep(scene, sweep, self.scene_rng(scene_index, 1 + sweep), hw, token, points_file)
         room = indoor.build_room(self.scene_rng(index, 0), self.room_mix)
+        if self.class_colours:
+            room = self._wear_class_colours(room, index)
         return indoor.render_room(room, self.frames_per_room, self.scene_rng(index, 1), self.native_resolution, token,
                                   points_file, self.point_spacing)
+
+    def _wear_class_colours(self, scene, index: int):
+        """``scene`` (a street or a room) with a ``class_colours`` share of its instances recoloured
+        (:func:`pipeline.synthetic.palettes.wear_class_colours`); one draw per instance id."""
+        n = len(self.class_names)
+        chosen = self.scene_rng(index, self.CLASS_COLOUR_STREAM).random(len(scene.instance_labels)) < self.class_colours
+        prims = scene.prims
+        albedo = wear_class_colours(prims.label.astype(np.int64), prims.albedo, chosen[prims.instance], n)
+        changes = {"prims": dataclasses.replace(prims, albedo=albedo)}
+        if getattr(scene, "ground", None) is not None:
+            regions = [dataclasses.replace(r, albedo=tuple(wear_class_colours(
+                np.array([r.label]), np.array([r.albedo]), chosen[[r.instance]], n)[0]))
+                for r in scene.ground.regions]
+            changes["ground"] = dataclasses.replace(scene.ground, regions=regions)
+        return dataclasses.replace(scene, **changes)

@@ -23,3 +23,23 @@ def pick_colour(rng: np.random.Generator, names: tuple[str, ...], spread: float 
     base = np.array(COLOURS[names[rng.integers(len(names))]])
     varied = base * rng.uniform(1 - spread, 1 + spread) * rng.uniform(1 - spread / 3, 1 + spread / 3, 3)
     return np.clip(varied, 0.0, 1.0)
+
+
+def class_colour_table(num_classes: int) -> np.ndarray:
+    """One saturated colour per class [L, 3]: hues a golden-ratio step apart (neighbouring class ids far apart
+    on the colour wheel), two brightness levels alternating."""
+    import colorsys
+    return np.array([colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.7, 0.85 if i % 2 else 0.6)
+                     for i in range(num_classes)])
+
+
+def wear_class_colours(labels: np.ndarray, albedo: np.ndarray, chosen: np.ndarray, num_classes: int) -> np.ndarray:
+    """``albedo`` [N, 3] with the rows where ``chosen`` [N] holds recoloured to their class's colour of
+    :func:`class_colour_table`; each keeps its drawn brightness (mean albedo / 0.5, clipped to [0.6, 1.4]) so
+    instances still vary. Rows of unlabelled parts (``labels`` >= ``num_classes``: ceilings) are kept."""
+    table = class_colour_table(num_classes)
+    out = np.array(albedo, dtype=np.float64, copy=True)
+    rows = np.flatnonzero(chosen & (labels < num_classes))
+    brightness = np.clip(out[rows].mean(1, keepdims=True) / 0.5, 0.6, 1.4)
+    out[rows] = np.clip(table[labels[rows]] * brightness, 0.0, 1.0)
+    return out.astype(np.asarray(albedo).dtype)
