@@ -33,21 +33,22 @@ def _as_int(name: str, value, minimum: int) -> int:
     return number
 
 
-def _as_float(name: str, value) -> float:
+def _as_number(name: str, value) -> float:
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise DatasetError(f"synthetic option {name}={value!r} is not a number") from None
+
+
+def _as_float(name: str, value) -> float:
+    number = _as_number(name, value)
     if not number > 0 or not np.isfinite(number):
         raise DatasetError(f"synthetic option {name}={number} must be a positive number")
     return number
 
 
 def _as_share(name: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DatasetError(f"synthetic option {name}={value!r} is not a number") from None
+    number = _as_number(name, value)
     if not 0.0 <= number <= 1.0:
         raise DatasetError(f"synthetic option {name}={number} must lie in [0, 1]")
     return number
@@ -232,8 +233,10 @@ class SyntheticDataset(DatasetAdapter):
         albedo = wear_class_colours(prims.label.astype(np.int64), prims.albedo, chosen[prims.instance], n)
         changes = {"prims": dataclasses.replace(prims, albedo=albedo)}
         if getattr(scene, "ground", None) is not None:
-            regions = [dataclasses.replace(r, albedo=tuple(wear_class_colours(
-                np.array([r.label]), np.array([r.albedo]), chosen[[r.instance]], n)[0]))
-                for r in scene.ground.regions]
-            changes["ground"] = dataclasses.replace(scene.ground, regions=regions)
+            regions = scene.ground.regions
+            albedo = wear_class_colours(np.array([r.label for r in regions], np.int64),
+                                        np.array([r.albedo for r in regions], np.float64).reshape(-1, 3),
+                                        chosen[[r.instance for r in regions]], n)
+            changes["ground"] = dataclasses.replace(scene.ground, regions=[
+                dataclasses.replace(r, albedo=tuple(a)) for r, a in zip(regions, albedo)])
         return dataclasses.replace(scene, **changes)

@@ -332,7 +332,7 @@ def build_room(rng: np.random.Generator, room_mix: int = 1) -> Room:
         size = np.array([rng.uniform(5.0, 8.0), rng.uniform(4.5, 7.0), rng.uniform(2.5, 3.1)])
     else:
         kinds = [ROOM_TYPES[rng.integers(len(ROOM_TYPES))]]
-        if kinds == ["bathroom"]:
+        if kinds[0] == "bathroom":
             size = np.array([rng.uniform(2.6, 4.0), rng.uniform(2.4, 3.5), rng.uniform(2.4, 2.8)])
         else:
             size = np.array([rng.uniform(3.5, 7.5), rng.uniform(3.2, 6.5), rng.uniform(2.5, 3.1)])

@@ -5,6 +5,8 @@ grass and green cars), so a model cannot separate classes by colour alone.
 """
 from __future__ import annotations
 
+import colorsys
+
 import numpy as np
 
 COLOURS = {
@@ -28,7 +30,6 @@ def pick_colour(rng: np.random.Generator, names: tuple[str, ...], spread: float 
 def class_colour_table(num_classes: int) -> np.ndarray:
     """One saturated colour per class [L, 3]: hues a golden-ratio step apart (neighbouring class ids far apart
     on the colour wheel), two brightness levels alternating."""
-    import colorsys
     return np.array([colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.7, 0.85 if i % 2 else 0.6)
                      for i in range(num_classes)])
 
