@@ -12,6 +12,7 @@ from pipeline.projection import project_points
 from pipeline.synthetic import street
 from pipeline.synthetic.figures import colorize_labels, labels_from_colours
 from pipeline.synthetic.indoor import build_room, render_room
+from pipeline.synthetic.palettes import CLASS_COLOUR_VERSION
 
 #: per-class share of labelled points over 20 generated scenes, [low, high] (documented in docs/synthetic.md)
 STREET_POINT_BANDS = {
@@ -256,8 +257,26 @@ def test_class_colours_recolour_a_share_of_objects_and_nothing_else(kind):
     assert 0.2 < len(changed) / len(np.unique(base.prims.instance[labelled])) < 0.8
     a, b = default.load(0), SyntheticDataset(class_colours=0.5, **kw).load(0)
     assert np.array_equal(a.xyz, b.xyz) and np.array_equal(a.gt, b.gt)
-    assert SyntheticDataset(class_colours=0.5, **kw).config()["class_colours"] == 0.5
-    assert "class_colours" not in SyntheticDataset(class_colours=0, **kw).config()
+    config = SyntheticDataset(class_colours=0.5, **kw).config()
+    assert config["class_colours"] == 0.5 and config["class_colour_version"] == CLASS_COLOUR_VERSION
+    assert not {"class_colours", "class_colour_version"} & set(SyntheticDataset(class_colours=0, **kw).config())
+
+
+@pytest.mark.parametrize("num_classes", [16, 20])
+def test_class_colours_are_apart_in_chromaticity(num_classes):
+    """Brightness is drawn per instance and scaled by the shading, so the class colours must differ in hue or
+    saturation: any two at least 360 / ceil(L / 2) degrees of hue or 0.45 of saturation apart (version 1 had
+    same-brightness pairs 20 degrees apart)."""
+    import colorsys
+    from pipeline.synthetic.palettes import class_colour_table
+    hsv = np.array([colorsys.rgb_to_hsv(*rgb) for rgb in class_colour_table(num_classes)])
+    step = 1.0 / -(-num_classes // 2)
+    for i in range(num_classes):
+        for j in range(i + 1, num_classes):
+            hue_apart = abs(hsv[i, 0] - hsv[j, 0])
+            hue_apart = min(hue_apart, 1 - hue_apart)
+            assert hue_apart > step - 1e-6 or abs(hsv[i, 1] - hsv[j, 1]) > 0.45 - 1e-6, (i, j, hsv[i], hsv[j])
+    assert len({tuple(np.round(c, 6)) for c in class_colour_table(num_classes)}) == num_classes
 
 
 # -- determinism, splits, adapter contract ---------------------------------------------------------------

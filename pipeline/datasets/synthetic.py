@@ -13,7 +13,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..synthetic import indoor, street
-from ..synthetic.palettes import wear_class_colours
+from ..synthetic.palettes import CLASS_COLOUR_VERSION, wear_class_colours
 from .base import DATASETS, DatasetAdapter, DatasetError, Frame, FrameInfo
 from .classes import SCANNET20, nuscenes16
 
@@ -172,7 +172,8 @@ class SyntheticDataset(DatasetAdapter):
                 "min_depth": self.min_depth, "occlusion_tolerance": self.occlusion_tolerance,
                 # only when set: the stores written before the option keep their fingerprints
                 **({"room_mix": self.room_mix} if self.room_mix != 1 else {}),
-                **({"class_colours": self.class_colours} if self.class_colours else {})}
+                **({"class_colours": self.class_colours, "class_colour_version": CLASS_COLOUR_VERSION}
+                   if self.class_colours else {})}
 
     def token(self, index: int) -> str:
         if self.kind == "street":
