@@ -23,7 +23,8 @@ and a val store made of different scenes, and every row is scored on the val sto
     python bench/bench_cns.py [--full] [--device cpu|cuda] [--work runs/bench_cns] [--seeds N]
 
 The CPU study regime (configs/train/bench_*_cpu.yaml) is a choice for 2 cores, not the paper's: small
-from-scratch networks (unet_small, grid_mlp_small), small images, AdamW, class-balanced cross-entropy, and
+from-scratch networks (unet_small, spunet_small), small images, AdamW, class-balanced cross-entropy, objects in
+their class's colour (``class_colours``), and
 streets with the rare classes made more frequent (``rare_boost``); docs/benchmark.md says why.
 """
 from __future__ import annotations
