@@ -84,7 +84,8 @@ def test_unknown_row_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_jobs_run_the_datasets_side_by_side_with_the_same_tables(tmp_path):
-    """--jobs 2: street and indoor in two processes; the tables equal those of one process."""
+    """--jobs 2: street and indoor in two processes; the tables equal those of one process. With several
+    seeds the label rows are scored once."""
     tables = {}
     for jobs in (1, 2):
         out = tmp_path / f"results{jobs}"
@@ -96,3 +97,12 @@ def test_jobs_run_the_datasets_side_by_side_with_the_same_tables(tmp_path):
     assert list(tables[2]) == ["street", "indoor"]
     assert tables[2] == tables[1]
     assert tables[2]["indoor"][1] == ["Oracle (ground truth)"] and set(tables[2]["indoor"][0]) == {"Baseline", "w/o CNS"}
+    # several seeds: the label rows score the stores every seed shares, once, without a spread
+    out = tmp_path / "results_seeds"
+    bench_cns.main(["--work", str(tmp_path / "work1"), "--out", str(out), "--datasets", "street", "--scenes", "1,1",
+                    "--rows", "Baseline,w/o CNS", "--no-train", "--seeds", "2"])
+    street = json.loads((out / "cns_ablation_quick.json").read_text())["datasets"]["street"]
+    assert street["rows"]["Baseline"]["2d_std"] is None and len(street["per_seed"]["Baseline"]) == 1
+    assert street["rows"]["w/o CNS"] == tables[1]["street"][0]["w/o CNS"]
+    assert not (tmp_path / "work1" / "street" / "seed1" / "baselines.json").exists()
+    assert "which every seed shares (one value)" in (out / "cns_ablation_quick.md").read_text()
