@@ -24,8 +24,8 @@ and a val store made of different scenes, and every row is scored on the val sto
 
 The CPU study regime (configs/train/bench_*_cpu.yaml) is a choice for 2 cores, not the paper's: small
 from-scratch networks (unet_small, spunet_small), small images, AdamW, class-balanced cross-entropy, objects in
-their class's colour (``class_colours``), and
-streets with the rare classes made more frequent (``rare_boost``); docs/benchmark.md says why.
+their class's colour (``class_colours``) and streets with the rare classes made more frequent (``rare_boost``);
+docs/benchmark.md says why.
 """
 from __future__ import annotations
 
