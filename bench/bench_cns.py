@@ -296,7 +296,8 @@ def write_tables(result: dict, out_json: Path, out_md: Path) -> str:
             lines.append(f"| {name} | {fmt(r['2d_mean'], r['2d_std'])} | {fmt(r['3d_mean'], r['3d_std'])} | "
                          f"{fmt(paper[0], None)} | {fmt(paper[1], None)} |")
         if len(result["seeds"]) > 1:
-            lines += ["", "Mean ± standard deviation over the seeds; Baseline and w/o CNS score the labels of the "
+            label_rows = " and ".join(r.name for r in ROWS if r.baseline)
+            lines += ["", f"Mean ± standard deviation over the seeds; {label_rows} score the labels of the "
                       "stores, which every seed shares (one value)."]
         if block["not_run"]:
             lines += ["", f"Not run: {', '.join(block['not_run'])}."]
