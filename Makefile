@@ -23,7 +23,7 @@ LABELS_ARGS ?=
 FRAMES ?=  # make bench-scale: copies of the nuScenes keyframe (default 2000)
 FULL ?=    # make bench-cns FULL=1: every Table 2 row, 3 seeds (hours on CPU)
 DEVICE ?= cpu  # make bench-cns DEVICE=cuda: train the benchmark's networks on a GPU
-JOBS ?= 2      # make bench-cns JOBS=1: street and indoor one after the other instead of side by side
+JOBS ?= 2      # make bench-cns: training processes side by side, one (dataset, seed) pair each at a time
 
 # make train / make eval variables (passed through to `cns-cli train` / `cns-cli eval`)
 STORE ?= $(CACHE)/$(DATASET)-train.zarr

@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
@@ -189,7 +191,8 @@ def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, devi
     t0 = time.perf_counter()
     if int(s["warmup_epochs"]) > 0 and not cfg["labels"]["oracle"]:
         if not (stage1 / "stage1.done").exists():
-            print(f"[train] {stage1.name} (stage 1, {s['warmup_epochs']} epochs, shared)", flush=True)
+            print(f"[train] {run_dir.parent.parent.name}/{run_dir.parent.name}/{stage1.name} (stage 1, "
+                  f"{s['warmup_epochs']} epochs, shared)", flush=True)
             trunk_cfg = copy.deepcopy(cfg)
             Trainer(trunk_cfg, [train_store], stage1, eval_paths=[val_store], device=device,
                     resume=parent.exists(), progress=progress).train(stop_after_epochs=int(s["warmup_epochs"]))
@@ -198,11 +201,17 @@ def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, devi
     else:
         init_from = None
     t1 = time.perf_counter()
-    print(f"[train] {run_dir.parent.name}/{run_dir.name}", flush=True)
+    print(f"[train] {run_dir.parent.parent.name}/{run_dir.parent.name}/{run_dir.name}", flush=True)
     resume = (run_dir / "checkpoints" / "last.pth").exists()
-    trainer = Trainer(copy.deepcopy(cfg), [train_store], run_dir, eval_paths=[val_store], device=device,
+    run_cfg = copy.deepcopy(cfg)
+    if resume:  # a fork's config.yaml records its parent: resume with it, as `cns-cli train --resume` does
+        run_cfg["init_from"] = yaml.safe_load((run_dir / "config.yaml").read_text())["init_from"]
+    trainer = Trainer(run_cfg, [train_store], run_dir, eval_paths=[val_store], device=device,
                       resume=resume, init_from=None if resume else init_from, progress=progress)
     evals = trainer.train()
+    epochs = int(s["epochs"])
+    if not evals and trainer.start_epoch >= epochs:  # stopped after its last checkpoint, before its evaluation
+        evals = [trainer.evaluate(epochs - 1)]
     if not evals:
         raise RuntimeError(f"{run_dir}: the run ended without its final evaluation")
     res = {"config_sha": config_sha(cfg), "rows": evals[-1]["rows"], "class_names": evals[-1]["class_names"],
@@ -309,17 +318,23 @@ def write_tables(result: dict, out_json: Path, out_md: Path) -> str:
     return text
 
 
-def run_dataset(kind: str, a: argparse.Namespace, rows: list, seeds: list, threads: int | None = None) -> dict:
-    """One dataset's stores, rows and gate: ``{"block", "trained_seconds", "gate_ok"}``. ``threads``: torch's
-    thread count for this process (``--jobs``: the datasets run side by side, each on its share of the cores)."""
+class RowRefused(Exception):
+    """A worker's refusal (``train_row``'s ``SystemExit``), carried back to the parent process."""
+
+
+def _use_threads(threads: int | None) -> None:
+    """Torch's thread count for this process (and the label stages' subprocesses): a worker of ``--jobs``."""
     if threads:
         import os
 
         import torch
         torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # the label stages' subprocesses too
-    trained_seconds = 0.0
-    gate_ok = True
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def dataset_stores(kind: str, a: argparse.Namespace) -> tuple[DatasetSpec, Path, Path, Path]:
+    """A dataset's spec (``--scenes`` and ``--full`` applied), its directory under ``--work`` and its train and
+    val stores, written by the label stages where they are missing (they resume a partly written store)."""
     spec = copy.deepcopy(DATASETS[kind])
     if a.scenes:
         spec.train_scenes, spec.val_scenes = map(int, a.scenes.split(","))
@@ -329,10 +344,68 @@ def run_dataset(kind: str, a: argparse.Namespace, rows: list, seeds: list, threa
     cache = root / "cache"
     train_store = run_labels(spec, "train", spec.train_scenes, cache, a.simulate)
     val_store = run_labels(spec, "val", spec.val_scenes, cache, a.simulate)
+    return spec, root, train_store, val_store
+
+
+def train_seed(kind: str, stores: tuple, a: argparse.Namespace, rows: list, seed: int, threads: int) -> None:
+    """A worker of ``--jobs``: train one dataset's ``rows`` for one seed; ``stores``: ``dataset_stores``'s
+    answer. A seed's runs (its stage-1 runs included) live in ``seed<k>/`` and share nothing with another
+    seed's, and the stores are written before the workers start, so (dataset, seed) pairs train side by side
+    without touching each other's files."""
+    _use_threads(threads)
+    spec, root, train_store, val_store = stores
+    for row in rows:
+        if kind in row.kinds and not row.baseline:
+            cfg = row_config(spec, row.ablation or "none", seed, a.overrides)
+            try:
+                train_row(cfg, train_store, val_store, root / f"seed{seed}" / row.ablation, a.device, progress=False)
+            except SystemExit as e:  # a pool worker that exits leaves the pool waiting for it forever
+                raise RowRefused(str(e)) from None
+
+
+def oracle_passes(kind: str, a: argparse.Namespace, seeds: list) -> bool:
+    """Whether the oracle's runs of every seed are there and their mean val mIoU reaches the gate."""
+    root = dataset_root(a.work, kind, a.full)
+    values = []
+    for seed in seeds:
+        done = root / f"seed{seed}" / ROWS[0].ablation / "result.json"
+        if not done.exists():
+            return False
+        values.append(measured(ROWS[0], json.loads(done.read_text())))
+    return all(statistics.mean(v[d] for v in values) >= a.oracle_gate for d in ("2d", "3d"))
+
+
+def train_in_parallel(kinds: list, a: argparse.Namespace, rows: list, seeds: list) -> None:
+    """``--jobs N``: the trained rows in N processes of an equal share of the cores, one (dataset, seed) pair
+    at a time each. The oracle of every pair first; then the other rows of each dataset whose oracle passed
+    its gate (or all, ``--ignore-gate``), the pairs with more rows first so that no core idles at the end."""
+    import multiprocessing as mp
+    import os
+    stores = {kind: dataset_stores(kind, a) for kind in kinds}  # written before any worker reads them
+    pairs = [(k, s) for k in kinds for s in seeds]
+    jobs = min(a.jobs, len(pairs))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    oracle = [r for r in rows if r.ablation == "oracle"]
+    rest = [r for r in rows if r.ablation != "oracle"]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        try:
+            pool.starmap(train_seed, [(k, stores[k], a, oracle, s, threads) for k, s in pairs], chunksize=1)
+            todo = [(k, s) for k, s in pairs if a.ignore_gate or oracle_passes(k, a, seeds)]
+            todo.sort(key=lambda p: -sum(p[0] in r.kinds and not r.baseline for r in rest))
+            pool.starmap(train_seed, [(k, stores[k], a, rest, s, threads) for k, s in todo], chunksize=1)
+        except RowRefused as e:
+            raise SystemExit(str(e)) from None
+
+
+def run_dataset(kind: str, a: argparse.Namespace, rows: list, seeds: list) -> dict:
+    """One dataset's stores, rows and gate: ``{"block", "trained_seconds", "gate_ok"}``, training the rows not
+    yet run unless ``--no-train`` (``--jobs`` trains them before, in parallel, and this only collects them)."""
+    trained_seconds = 0.0
+    gate_ok = True
+    spec, root, train_store, val_store = dataset_stores(kind, a)
     block = {"config": spec.config, "train_scenes": spec.train_scenes, "val_scenes": spec.val_scenes,
              "options": spec.options, "rows": {}, "per_seed": {}, "classes": {},
              "not_run": []}
-    progress = threads is None
     kind_rows = [r for r in rows if kind in r.kinds]
     for row in kind_rows:
         values = []
@@ -343,7 +416,7 @@ def run_dataset(kind: str, a: argparse.Namespace, rows: list, seeds: list, threa
             if row.baseline:
                 res = baseline_rows(cfg, val_store, run_root / "baselines.json", a.device)
             else:
-                res = train_row(cfg, train_store, val_store, run_root / row.ablation, a.device, a.no_train, progress)
+                res = train_row(cfg, train_store, val_store, run_root / row.ablation, a.device, a.no_train)
             if res is None:
                 continue
             trained_seconds += res.get("seconds_stage1", 0) + res.get("seconds", 0) if not row.baseline else 0
@@ -393,7 +466,8 @@ def main(argv=None) -> int:
                     help="tables from the rows already run in --work only (the others are listed as not run)")
     ap.add_argument("--scenes", default=None, help="train,val scene counts instead of the datasets' own (tests)")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="datasets trained side by side, one process each with an equal share of the cores")
+                    help="processes training side by side, each an equal share of the cores and one (dataset, "
+                         "seed) pair at a time")
     ap.add_argument("--tag", default=None, help="results file stem (default cns_ablation[_quick])")
     ap.add_argument("overrides", nargs="*", help="config overrides for every row, key=value (tests, studies)")
     a = ap.parse_intermixed_args(argv)
@@ -414,14 +488,11 @@ def main(argv=None) -> int:
     unknown = [k for k in kinds if k not in DATASETS]
     if unknown:
         raise SystemExit(f"unknown dataset(s) {unknown}; known: {sorted(DATASETS)}")
-    if a.jobs > 1 and len(kinds) > 1:
-        # one process per dataset, each with its share of the cores: on 2 cores two single-threaded trainings
-        # do more work than one with two threads (measured in docs/benchmark.md)
-        import multiprocessing as mp
-        import os
-        threads = max(1, (os.cpu_count() or 1) // min(a.jobs, len(kinds)))
-        with mp.get_context("spawn").Pool(min(a.jobs, len(kinds))) as pool:
-            outs = pool.starmap(run_dataset, [(k, a, rows, seeds, threads) for k in kinds])
+    if a.jobs > 1 and not a.no_train:
+        train_in_parallel(kinds, a, rows, seeds)
+        collect = copy.copy(a)
+        collect.no_train = True
+        outs = [run_dataset(k, collect, rows, seeds) for k in kinds]
     else:
         outs = [run_dataset(k, a, rows, seeds) for k in kinds]
     for kind, o in zip(kinds, outs):

@@ -83,9 +83,44 @@ def test_unknown_row_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_jobs_run_the_datasets_side_by_side_with_the_same_tables(tmp_path):
-    """--jobs 2: street and indoor in two processes; the tables equal those of one process. With several
-    seeds the label rows are scored once."""
+def test_jobs_train_dataset_seed_pairs_side_by_side(tmp_path, capfd):
+    """--jobs 2: the (dataset, seed) pairs train in two processes, oracles first and gated; the parent collects
+    the tables from the runs; a refusal in a worker reaches the parent instead of hanging the pool."""
+    work, out = tmp_path / "work", tmp_path / "results"
+    args = ["--work", str(work), "--out", str(out), "--rows", "Ours,w/o CLIP", "--seeds", "2", "--jobs", "2", *TINY]
+    assert bench_cns.main([*args, "--oracle-gate", "101"]) == 1  # both seeds' oracles, then nothing else
+    for seed in (0, 1):
+        assert (work / "street" / f"seed{seed}" / "oracle" / "result.json").exists()
+        assert not (work / "street" / f"seed{seed}" / "none").exists()
+    assert list(json.loads((out / "cns_ablation_quick.json").read_text())["datasets"]["street"]["rows"]) == [
+        "Oracle (ground truth)"]
+    assert bench_cns.main([*args, "--oracle-gate", "0"]) == 0
+    street = json.loads((out / "cns_ablation_quick.json").read_text())["datasets"]["street"]
+    assert list(street["rows"]) == ["Oracle (ground truth)", "w/o CLIP", "Ours"]
+    for seed in (0, 1):  # each seed's two rows forked from that seed's one stage-1 run
+        runs = work / "street" / f"seed{seed}"
+        result = json.loads((runs / "none" / "result.json").read_text())
+        assert street["per_seed"]["Ours"][seed]["2d"] == pytest.approx(result["rows"]["cns_2d"]["miou"])
+        stage1 = [p for p in runs.iterdir() if p.name.startswith("stage1-")]
+        assert len(stage1) == 1 and result["stage1"] == stage1[0].name
+        assert json.loads((runs / "no_clip_stage2" / "result.json").read_text())["stage1"] == stage1[0].name
+    assert "street/seed1/none" in capfd.readouterr().out  # the log names the dataset and seed of each run
+    # a fork stopped after its last checkpoint, before its result: resumed (its recorded parent kept), evaluated
+    ours = work / "street" / "seed1" / "none"
+    before = json.loads((ours / "result.json").read_text())
+    (ours / "result.json").unlink()
+    assert bench_cns.main([*args, "--oracle-gate", "0"]) == 0
+    after = json.loads((ours / "result.json").read_text())
+    assert after["rows"]["cns_2d"] == before["rows"]["cns_2d"] and after["rows"]["cns_3d"] == before["rows"]["cns_3d"]
+    assert yaml.safe_load((ours / "config.yaml").read_text())["init_from"]["epochs_done"] == 1
+    with pytest.raises(SystemExit, match="another configuration"):
+        bench_cns.main([*args, "--oracle-gate", "0", "schedule.lr=0.001"])
+
+
+@pytest.mark.slow
+def test_label_rows_are_scored_once_over_seeds(tmp_path):
+    """With several seeds the label rows score the stores every seed shares, once, without a spread; --jobs
+    changes nothing in tables collected without training."""
     tables = {}
     for jobs in (1, 2):
         out = tmp_path / f"results{jobs}"
@@ -94,8 +129,7 @@ def test_jobs_run_the_datasets_side_by_side_with_the_same_tables(tmp_path):
         assert bench_cns.main(args) == 1  # the oracle row has not been run: no gate, so not a pass
         res = json.loads((out / "cns_ablation_quick.json").read_text())
         tables[jobs] = {kind: (block["rows"], block["not_run"]) for kind, block in res["datasets"].items()}
-    assert list(tables[2]) == ["street", "indoor"]
-    assert tables[2] == tables[1]
+    assert list(tables[2]) == ["street", "indoor"] and tables[2] == tables[1]
     assert tables[2]["indoor"][1] == ["Oracle (ground truth)"] and set(tables[2]["indoor"][0]) == {"Baseline", "w/o CNS"}
     # several seeds: the label rows score the stores every seed shares, once, without a spread
     out = tmp_path / "results_seeds"
