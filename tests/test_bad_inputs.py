@@ -192,3 +192,18 @@ def test_unknown_dataset_and_not_a_dataset(tmp_path):
     result = CliRunner().invoke(main, ["labels", "--dataset", "kitti", "--cache", str(tmp_path / "c"),
                                        "--stages", "correspond", "--workers", "0"])
     assert result.exit_code != 0 and "unknown dataset 'kitti'" in result.output
+
+
+def test_unknown_dataset_option_is_refused_naming_the_known_ones(tmp_path):
+    """A misspelt --dataset-option is an error, not an option recorded in the store that does nothing."""
+    with pytest.raises(DatasetError, match=r"unknown nuscenes dataset option\(s\) replicat \(known: replicate, version\)"):
+        build_adapter("nuscenes", tmp_path, replicat=2)
+    with pytest.raises(DatasetError, match=r"unknown scannet dataset option\(s\) image_sorce \(known: image_source, "
+                                           r"label_filt_ids, occlusion_tolerance\)"):
+        build_adapter("scannet", tmp_path, image_sorce="frames_25k")
+    with pytest.raises(DatasetError, match=r"unknown nuimages dataset option\(s\) versoin \(known: version\)"):
+        build_adapter("nuimages", tmp_path, versoin="v1.0-mini")
+    result = CliRunner().invoke(main, ["labels", "--dataset", "nuscenes", "--data-root", str(tmp_path),
+                                       "--cache", str(tmp_path / "c"), "--stages", "correspond", "--workers", "0",
+                                       "--dataset-option", "replicat=2"])
+    assert result.exit_code != 0 and "unknown nuscenes dataset option(s) replicat" in result.output

@@ -340,7 +340,7 @@ def test_string_options_from_the_command_line():
     (dict(num_scenes="many"), "not an integer"),
     (dict(frames_per_room=0), "frames_per_room"),
     (dict(native_resolution="maybe"), "not a boolean"),
-    (dict(colour="red"), "unknown synthetic option(s) colour"),
+    (dict(colour="red"), "unknown synthetic dataset option(s) colour (known: cache_size, class_colours"),
     (dict(rare_boost=0), "rare_boost=0 must be >= 1"),
     (dict(kind="indoor", rare_boost=2), "rare_boost=2 applies to kind=street only"),
     (dict(kind="indoor", point_spacing="0"), "point_spacing=0.0 must be a positive number"),

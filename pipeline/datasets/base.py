@@ -9,6 +9,7 @@ adapter only builds the transforms, with its dataset's own tools (nuscenes-devki
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -88,11 +89,26 @@ class DatasetAdapter:
     voxel_size: float = 0.1
     modalities: tuple[str, ...] = ("points", "images")  # ("images",): a 2D-only dataset, no points or pairs
     image_gt_name: str = ""  # the 2D ground truth's name when the adapter has "image_gt" (see image_gt_source)
+    #: options an adapter records in ``self.options`` (the store's dataset_config) beyond the keyword
+    #: parameters of its ``__init__``; anything else a subclass passes on here is an unknown option
+    extra_options: tuple[str, ...] = ()
 
     def __init__(self, root: str | os.PathLike | None = None, split: str = "train", **options):
+        unknown = sorted(set(options) - set(self.extra_options))
+        if unknown:  # a misspelt --dataset-option would otherwise be recorded and silently do nothing
+            raise DatasetError(f"unknown {self.name} dataset option(s) {', '.join(unknown)} (known: "
+                               f"{', '.join(self.known_options()) or 'none'})")
         self.root = Path(root) if root is not None else None
         self.split = split
         self.options = options
+
+    @classmethod
+    def known_options(cls) -> list[str]:
+        """The ``--dataset-option`` keys this adapter takes."""
+        params = inspect.signature(cls.__init__).parameters
+        named = [n for n, p in params.items() if n not in ("self", "root", "split")
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return sorted(set(named) | set(cls.extra_options))
 
     # capabilities recorded in the store: "point_gt", "image_gt"
     @property

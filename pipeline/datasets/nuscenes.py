@@ -34,6 +34,7 @@ class NuScenesDataset(DatasetAdapter):
     point_features = ("intensity",)
     min_depth = 1.0
     voxel_size = 0.1
+    extra_options = ("replicate",)  # recorded when > 1
 
     def __init__(self, root=None, split: str = "train", version: str | None = None, replicate: int = 1, **options):
         if root is None:

@@ -103,7 +103,7 @@ class SyntheticDataset(DatasetAdapter):
 
     name = "synthetic"
     image_gt_name = "synthetic_render"  # the generator's exact per-pixel labels
-    _OPTIONS = ("kind", "num_scenes", "seed", "sweeps_per_scene", "frames_per_room", "native_resolution",
+    extra_options = ("kind", "num_scenes", "seed", "sweeps_per_scene", "frames_per_room", "native_resolution",
                 "cache_size", "rare_boost", "point_spacing", "room_mix", "class_colours")
 
     #: random stream of a scene that picks the objects wearing their class colour (option class_colours);
@@ -111,9 +111,6 @@ class SyntheticDataset(DatasetAdapter):
     CLASS_COLOUR_STREAM = 1000
 
     def __init__(self, root=None, split: str = "train", **options):
-        unknown = sorted(set(options) - set(self._OPTIONS))
-        if unknown:
-            raise DatasetError(f"unknown synthetic option(s) {', '.join(unknown)} (known: {', '.join(self._OPTIONS)})")
         super().__init__(root, split, **options)
         self.root = None  # generated data has no root
         self.kind = str(options.get("kind", "street")).strip().lower()
