@@ -40,7 +40,7 @@ def _as_number(name: str, value) -> float:
         raise DatasetError(f"synthetic option {name}={value!r} is not a number") from None
 
 
-def _as_float(name: str, value) -> float:
+def _as_positive(name: str, value) -> float:
     number = _as_number(name, value)
     if not number > 0 or not np.isfinite(number):
         raise DatasetError(f"synthetic option {name}={number} must be a positive number")
@@ -132,7 +132,7 @@ class SyntheticDataset(DatasetAdapter):
             raise DatasetError(f"synthetic option room_mix={self.room_mix} exceeds the {len(indoor.ROOM_TYPES)} room "
                                f"kinds ({', '.join(indoor.ROOM_TYPES)})")
         self.class_colours = _as_share("class_colours", options.get("class_colours", 0.0))
-        self.point_spacing = _as_float("point_spacing", options.get("point_spacing", indoor.FUSION_VOXEL_M))
+        self.point_spacing = _as_positive("point_spacing", options.get("point_spacing", indoor.FUSION_VOXEL_M))
         if self.kind != "indoor" and "point_spacing" in options:
             raise DatasetError(f"synthetic option point_spacing={options['point_spacing']!r} applies to kind=indoor "
                                "only (street points come from the LiDAR's beams)")
