@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import bench_cns  # noqa: E402
+import stage1_recall  # noqa: E402
 
 TINY = ["--datasets", "street", "--scenes", "2,1", "schedule.epochs=2", "schedule.warmup_epochs=1",
         "schedule.max_steps_per_epoch=1", "data.image_size=[56,104]", "eval.bn_recalibration_images=2"]
@@ -58,6 +59,12 @@ def test_tiny_benchmark_gate_forks_and_tables(tmp_path, capsys):
     assert rows["Baseline"]["2d_mean"] == pytest.approx(base["clip_2d"]["miou"])
     md = (out / "cns_ablation_quick.md").read_text()
     assert "| Ours |" in md and "| 28.4 | 33.5 |" in md and "passed" in md
+    # the stage-2 premise diagnostic on that seed: recall of each source at the end of the shared stage 1
+    names, rec = stage1_recall.stage1_recall(stage1[0], work / "street" / "cache" / "synthetic-train.zarr")
+    assert set(rec) == {"clip2d", "net2d", "clip3d", "net3d"} and len(rec["net2d"]) == len(names)
+    assert (~rec["clip2d"].isnan()).any()
+    assert all((((r >= 0) & (r <= 100)) | r.isnan()).all() for r in rec.values())
+    assert stage1_recall.main([str(seed0), "--rows", "none,no_clip_stage2"]) == 0
     # --no-train: the tables from what is there; a row never run is listed, not trained
     assert bench_cns.main([*args, "--oracle-gate", "0", "--no-train", "--rows", "Ours,w/o Refine"]) == 0
     res = json.loads((out / "cns_ablation_quick.json").read_text())

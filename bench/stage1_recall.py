@@ -1,0 +1,93 @@
+"""What stage 2 starts from: per class, how often each label source is right when stage 1 ends.
+
+Label switching (Eq. 6) draws each element's target with equal probability from the refined CLIP labels and
+the two networks' own (refined) predictions. On the pixels of a class the networks do not predict yet, half or
+more of the targets then name another class, and training moves the networks further from it: the class is
+not taught any more. This diagnostic measures that premise on a dataset's training store, for a benchmark
+seed's stage-1 checkpoint: per class (ground truth), the recall of the refined CLIP labels and of the stage-1
+2D and 3D networks (3D: points with a pair, which are the ones stage 2 supervises), next to the class's val
+IoU in the rows given by ``--rows`` (their ``result.json``).
+
+    python bench/stage1_recall.py runs/bench_cns/indoor-full/seed0 [--rows none,base_clip_lsc]
+
+The stage-1 run is the one the first of ``--rows`` forked from (its ``result.json`` names it). Evaluation
+mode, no augmentation, every image of a frame (``eval.images_per_frame``); one thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from train.config import load_config  # noqa: E402
+from train.data import CacheFrameDataset, collate_offsets  # noqa: E402
+from train.engine import check_stores  # noqa: E402
+from train.evaluate import ConfusionMatrix  # noqa: E402
+from train.labels import pixels_to_points  # noqa: E402
+from train.models import load_trained_model  # noqa: E402
+
+
+def recall(cm: ConfusionMatrix) -> torch.Tensor:
+    """Per ground-truth class the share of its elements predicted as that class (NaN where it has none)."""
+    m = cm.m.double()
+    return torch.where(m.sum(1) > 0, m.diagonal() / m.sum(1).clamp(min=1), torch.full((cm.L,), float("nan")))
+
+
+def stage1_recall(stage1: Path, store: Path, device: str = "cpu") -> tuple[list[str], dict]:
+    """``(class names, {source: recall [L]})`` for the sources clip2d, net2d (pixels) and clip3d, net3d
+    (paired points) on ``store``."""
+    cfg = load_config(stage1 / "config.yaml", [])
+    info = check_stores([str(store)], cfg, for_training=False)
+    model, _ = load_trained_model(cfg, stage1 / "checkpoints" / "last.pth", info, device)
+    model.eval()
+    names = cfg["data"]["class_names"]
+    cms = {k: ConfusionMatrix(len(names)) for k in ("clip2d", "net2d", "clip3d", "net3d")}
+    data = CacheFrameDataset([str(store)], cfg, train=False)
+    with torch.no_grad():
+        for i in range(len(data)):
+            b = collate_offsets([data[i]])
+            out = model(b["rgb"].to(device), b["voxel_feat"].to(device), b["voxel_index"].to(device),
+                        b["inverse"].to(device), 1)
+            clip3d = pixels_to_points(b["clip_refined"], b["pair_point"], b["pair_image"], b["pair_uv"],
+                                      len(b["point_gt"]))
+            paired_gt = torch.where(clip3d != 255, b["point_gt"].long(), torch.full_like(clip3d, 255))
+            cms["clip2d"].update(b["clip_refined"], b["image_gt"])
+            cms["net2d"].update(out["logits2d"].argmax(1).cpu(), b["image_gt"])
+            cms["clip3d"].update(clip3d, paired_gt)
+            cms["net3d"].update(out["logits3d"].argmax(1).cpu(), paired_gt)
+    return names, {k: recall(cm) * 100 for k, cm in cms.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("seed_dir", type=Path, help="a benchmark seed directory, e.g. runs/bench_cns/indoor-full/seed0")
+    ap.add_argument("--rows", default="none,base_clip_lsc", help="row directories (ablation names) to show")
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = a.rows.split(",")
+    results = {r: json.loads((a.seed_dir / r / "result.json").read_text()) for r in rows}
+    stage1 = a.seed_dir / results[rows[0]]["stage1"]
+    store = a.seed_dir.parent / "cache" / "synthetic-train.zarr"
+    names, rec = stage1_recall(stage1, store, a.device)
+    print(f"{stage1} on {store}: recall (%) of each source at the end of stage 1 | val IoU of the rows (2D / 3D)")
+    print(f"{'class':>15} | clip2d net2d | clip3d net3d || " + " | ".join(f"{r:>13}" for r in rows))
+    fmt = lambda v: "    -" if v is None or v != v else f"{v:5.1f}"  # noqa: E731
+    for c, name in enumerate(names):
+        if rec["clip2d"][c] != rec["clip2d"][c]:
+            continue  # not in the training scenes
+        ious = " | ".join(f"{fmt(results[r]['rows']['cns_2d']['iou'].get(name))} / "
+                          f"{fmt(results[r]['rows']['cns_3d']['iou'].get(name))}" for r in rows)
+        print(f"{name:>15} | {fmt(float(rec['clip2d'][c]))} {fmt(float(rec['net2d'][c]))} | "
+              f"{fmt(float(rec['clip3d'][c]))} {fmt(float(rec['net3d'][c]))} || {ious}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
