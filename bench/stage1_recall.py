@@ -68,13 +68,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("seed_dir", type=Path, help="a benchmark seed directory, e.g. runs/bench_cns/indoor-full/seed0")
     ap.add_argument("--rows", default="none,base_clip_lsc", help="row directories (ablation names) to show")
+    ap.add_argument("--store", type=Path, default=None,
+                    help="the training store (default: the benchmark's, <dataset>/cache/synthetic-train.zarr)")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = a.rows.split(",")
     results = {r: json.loads((a.seed_dir / r / "result.json").read_text()) for r in rows}
     stage1 = a.seed_dir / results[rows[0]]["stage1"]
-    store = a.seed_dir.parent / "cache" / "synthetic-train.zarr"
+    # the benchmark's training store: <dataset>/cache/, beside the seed directories (or above a study's)
+    found = [d / "cache" / "synthetic-train.zarr" for d in a.seed_dir.resolve().parents]
+    store = a.store or next((s for s in found if s.exists()), None)
+    if store is None:
+        raise SystemExit(f"no benchmark training store above {a.seed_dir}: pass --store")
     names, rec = stage1_recall(stage1, store, a.device)
     print(f"{stage1} on {store}: recall (%) of each source at the end of stage 1 | val IoU of the rows (2D / 3D)")
     print(f"{'class':>15} | clip2d net2d | clip3d net3d || " + " | ".join(f"{r:>13}" for r in rows))
