@@ -300,16 +300,20 @@ def write_tables(result: dict, out_json: Path, out_md: Path) -> str:
                       f"2D {seen['2d']:.1f}, 3D {seen['3d']:.1f} -- close to its val score: the networks or "
                       "the steps are the limit; far above it: too few training scenes.", ""]
         lines += ["| row | 2D mIoU | 3D mIoU | paper 2D | paper 3D |", "|---|---|---|---|---|"]
+        baselines = {r.name for r in ROWS if r.baseline}
         for name, r in block["rows"].items():
             paper = PAPER_TABLE2.get(name, (None, None))
-            lines.append(f"| {name} | {fmt(r['2d_mean'], r['2d_std'])} | {fmt(r['3d_mean'], r['3d_std'])} | "
+            seeds = len(block["per_seed"][name])
+            # a trained row run for fewer seeds than asked (a run in progress, --no-train) says how many
+            short = "" if name in baselines or seeds == len(result["seeds"]) else f" ({seeds} of {len(result['seeds'])} seeds)"
+            lines.append(f"| {name}{short} | {fmt(r['2d_mean'], r['2d_std'])} | {fmt(r['3d_mean'], r['3d_std'])} | "
                          f"{fmt(paper[0], None)} | {fmt(paper[1], None)} |")
         if len(result["seeds"]) > 1:
             label_rows = " and ".join(r.name for r in ROWS if r.baseline)
             lines += ["", f"Mean ± standard deviation over the seeds; {label_rows} score the labels of the "
                       "stores, which every seed shares (one value)."]
         if block["not_run"]:
-            lines += ["", f"Not run: {', '.join(block['not_run'])}."]
+            lines += ["", f"Not run: {'; '.join(block['not_run'])}."]  # row names hold commas
         lines.append("")
     lines += ["Paper: ScanNet val, Table 2 of Chen et al. 2023 (full networks and datasets); the measured rows are "
               "synthetic scenes with simulated labels and CPU study networks: compare directions, not values.", ""]

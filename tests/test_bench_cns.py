@@ -120,6 +120,13 @@ def test_jobs_train_dataset_seed_pairs_side_by_side(tmp_path, capfd):
     after = json.loads((ours / "result.json").read_text())
     assert after["rows"]["cns_2d"] == before["rows"]["cns_2d"] and after["rows"]["cns_3d"] == before["rows"]["cns_3d"]
     assert yaml.safe_load((ours / "config.yaml").read_text())["init_from"]["epochs_done"] == 1
+    # a row with fewer seeds than asked (a run in progress) says so in the table
+    done = work / "street" / "seed1" / "no_clip_stage2" / "result.json"
+    done.rename(done.with_suffix(".away"))
+    assert bench_cns.main([*args, "--oracle-gate", "0", "--no-train"]) == 0
+    md = (out / "cns_ablation_quick.md").read_text()
+    assert "| w/o CLIP (1 of 2 seeds) |" in md and "| Ours |" in md
+    done.with_suffix(".away").rename(done)
     with pytest.raises(SystemExit, match="another configuration"):
         bench_cns.main([*args, "--oracle-gate", "0", "schedule.lr=0.001"])
 
@@ -145,5 +152,7 @@ def test_label_rows_are_scored_once_over_seeds(tmp_path):
     street = json.loads((out / "cns_ablation_quick.json").read_text())["datasets"]["street"]
     assert street["rows"]["Baseline"]["2d_std"] is None and len(street["per_seed"]["Baseline"]) == 1
     assert street["rows"]["w/o CNS"] == tables[1]["street"][0]["w/o CNS"]
+    md = (out / "cns_ablation_quick.md").read_text()
+    assert "| Baseline |" in md and "seeds)" not in md  # label rows: one value for every seed, no count
     assert not (tmp_path / "work1" / "street" / "seed1" / "baselines.json").exists()
     assert "which every seed shares (one value)" in (out / "cns_ablation_quick.md").read_text()
