@@ -104,7 +104,7 @@ class SyntheticDataset(DatasetAdapter):
     name = "synthetic"
     image_gt_name = "synthetic_render"  # the generator's exact per-pixel labels
     extra_options = ("kind", "num_scenes", "seed", "sweeps_per_scene", "frames_per_room", "native_resolution",
-                "cache_size", "rare_boost", "point_spacing", "room_mix", "class_colours")
+                     "cache_size", "rare_boost", "point_spacing", "room_mix", "class_colours")
 
     #: random stream of a scene that picks the objects wearing their class colour (option class_colours);
     #: apart from the streams the geometry and the sensors draw from, so these stay the default's
