@@ -59,12 +59,14 @@ DEMO ?= runs/demo
 DEMO_SCENES ?= 8
 DEMO_LABELS = $(if $(and $(CLIP_CKPT),$(SAM_CKPT)),--clip-checkpoint $(CLIP_CKPT) --sam-checkpoint $(SAM_CKPT),--simulate default)
 
-demo: $(VENV)/.installed  ## the whole system offline: synthetic data, labels, CNS training, eval, HTML report
+# no prerequisite: the first line of output says where the labels come from, before a fresh clone's install
+demo:  ## the whole system offline: synthetic data, labels, CNS training, eval, HTML report
 	@if [ -n "$(CLIP_CKPT)" ] && [ -n "$(SAM_CKPT)" ]; then \
 	  echo "make demo: pseudo-labels from the real CLIP ($(CLIP_CKPT)) and SAM ($(SAM_CKPT)) checkpoints"; \
 	else \
 	  echo "make demo: no CLIP_CKPT/SAM_CKPT given -- pseudo-labels from the SIMULATED foundation models (a benchmark component, docs/simulate.md), not from CLIP/SAM"; \
 	fi
+	@test -f $(VENV)/.installed || $(MAKE) --no-print-directory install
 	@echo "[1/5] synthetic street scenes, correspondences and pseudo-labels -> $(DEMO)/cache"
 	@$(CLI) labels --dataset synthetic --cache $(DEMO)/cache --split train --workers 0 $(DEMO_LABELS) \
 	  --dataset-option kind=street --dataset-option num_scenes=$(DEMO_SCENES) --dataset-option cache_size=$(DEMO_SCENES)
