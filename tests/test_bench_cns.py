@@ -84,6 +84,27 @@ def test_stage1_key_ignores_stage2_keys_only():
     assert bench_cns.stage1_key(bench_cns.row_config(spec, "none", 1, [])) != key("none")  # the seed
 
 
+def test_rows_of_one_configuration_are_one_run():
+    rows = {r.name: r for r in bench_cns.ROWS}
+    indoor, street = bench_cns.DATASETS["indoor"], bench_cns.DATASETS["street"]
+    run = lambda spec, name: bench_cns.row_run(spec, rows[name], 0, [])[1]  # noqa: E731
+    assert bench_cns.row_config(indoor, "none", 0, [])["data"]["images_per_frame"] == 8
+    assert run(indoor, "Image numbers 8") == run(indoor, "Ours") == "none"  # Ours' rooms are 8 images a step
+    assert run(indoor, "Image numbers 16") == "images_16" and run(indoor, "Post-Refine") == "none"
+    assert [run(street, r.name) for r in bench_cns.ROWS if r.ablation and "street" in r.kinds] == [
+        r.ablation for r in bench_cns.ROWS if r.ablation and "street" in r.kinds]
+    # a row that shares a run is checked against, and trains with, the run's own configuration
+    cfg, _ = bench_cns.row_run(indoor, rows["Image numbers 8"], 0, [])
+    assert cfg["ablation"] == "none"
+    # an override can make two rows one run or keep them apart
+    assert bench_cns.row_run(indoor, rows["Image numbers 16"], 0, ["data.images_per_frame=16"])[1] == "none"
+
+
+def test_gate_is_reached_on_the_seed_mean_in_both_modalities():
+    assert bench_cns.reaches_gate([{"2d": 60, "3d": 45}, {"2d": 40, "3d": 56}], 50)
+    assert not bench_cns.reaches_gate([{"2d": 60, "3d": 45}, {"2d": 40, "3d": 54}], 50)
+
+
 def test_unknown_row_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown row"):
         bench_cns.main(["--work", str(tmp_path), "--rows", "Ours,Nonsense"])
