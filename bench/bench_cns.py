@@ -344,6 +344,26 @@ def write_tables(result: dict, out_json: Path, out_md: Path) -> str:
     return text
 
 
+def parse_rows(text: str) -> list[Row]:
+    """``--rows``: comma-separated row names (which may hold commas themselves: 'Ours, switch per frame', the
+    longest name that matches wins) or ablation presets (``switch_frame``; ``none`` is Ours)."""
+    names = {r.name: r for r in ROWS}
+    presets = {r.ablation: r for r in ROWS if r.ablation and not r.post_refine}
+    tokens = [t.strip() for t in text.split(",")]
+    chosen, i = [], 0
+    while i < len(tokens):
+        for j in range(len(tokens), i, -1):
+            name = ", ".join(tokens[i:j])
+            if name in names or (j == i + 1 and name in presets):
+                chosen.append(names.get(name) or presets[name])
+                i = j
+                break
+        else:
+            raise SystemExit(f"unknown row {tokens[i]!r} in --rows {text!r}; known: {list(names)}, or the presets "
+                             f"{list(presets)}")
+    return chosen
+
+
 class RowRefused(Exception):
     """A worker's refusal (``train_row``'s ``SystemExit``), carried back to the parent process."""
 
@@ -496,7 +516,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--seeds", type=int, default=None, help="default: 1 quick, 3 full")
     ap.add_argument("--datasets", default="street,indoor")
-    ap.add_argument("--rows", default=None, help="comma-separated row names (default: the mode's rows)")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated row names or ablation presets (default: the mode's rows), e.g. "
+                         "'w 2D,Ours, switch per frame' or 'pred2d_only,switch_frame'")
     ap.add_argument("--simulate", default="default", help="simulator config (configs/simulate/<name>.yaml)")
     ap.add_argument("--oracle-gate", type=float, default=50.0)
     ap.add_argument("--ignore-gate", action="store_true", help="train the noisy rows even when the oracle misses")
@@ -512,10 +534,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     mode = "full" if a.full else "quick"
     seeds = list(range(a.seeds if a.seeds is not None else (3 if a.full else 1)))
-    wanted = set(a.rows.split(",")) if a.rows else None
-    rows = [r for r in ROWS if (wanted is None and (a.full or r.quick)) or (wanted and r.name in wanted)]
-    if wanted and len(rows) != len(wanted):
-        raise SystemExit(f"unknown row(s) {sorted(wanted - {r.name for r in rows})}; known: {[r.name for r in ROWS]}")
+    wanted = parse_rows(a.rows) if a.rows else None
+    rows = [r for r in ROWS if (wanted is None and (a.full or r.quick)) or (wanted and r in wanted)]
     if rows[0].ablation != "oracle":
         rows.insert(0, ROWS[0])  # the gate row always comes first
     stem = a.tag or ("cns_ablation" if a.full else "cns_ablation_quick")

@@ -110,6 +110,15 @@ def test_unknown_row_is_refused(tmp_path):
         bench_cns.main(["--work", str(tmp_path), "--rows", "Ours,Nonsense"])
 
 
+def test_rows_by_name_with_commas_or_by_preset():
+    names = lambda text: [r.name for r in bench_cns.parse_rows(text)]  # noqa: E731
+    assert names("w 2D,Ours, switch per frame") == ["w 2D", "Ours, switch per frame"]
+    assert names("Ours,w/o CLIP") == ["Ours", "w/o CLIP"]
+    assert names("pred2d_only, switch_frame,none") == ["w 2D", "Ours, switch per frame", "Ours"]
+    with pytest.raises(SystemExit, match="unknown row 'switch per frame'"):
+        bench_cns.parse_rows("switch per frame")
+
+
 @pytest.mark.slow
 def test_jobs_train_dataset_seed_pairs_side_by_side(tmp_path, capfd):
     """--jobs 2: the (dataset, seed) pairs train in two processes, oracles first and gated; the parent collects
