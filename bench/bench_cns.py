@@ -101,6 +101,8 @@ ROWS = (
     Row("Ours", ablation="none", quick=True),
     Row("Ours, switch per frame", ablation="switch_frame"),
 )
+#: The row that trains each ablation preset (Post-Refine reads Ours' run, it trains none of its own).
+ROW_OF_PRESET = {r.ablation: r for r in ROWS if r.ablation and not r.post_refine}
 
 
 @dataclass
@@ -348,7 +350,7 @@ def parse_rows(text: str) -> list[Row]:
     """``--rows``: comma-separated row names (which may hold commas themselves: 'Ours, switch per frame', the
     longest name that matches wins) or ablation presets (``switch_frame``; ``none`` is Ours)."""
     names = {r.name: r for r in ROWS}
-    presets = {r.ablation: r for r in ROWS if r.ablation and not r.post_refine}
+    presets = ROW_OF_PRESET
     tokens = [t.strip() for t in text.split(",")]
     chosen, i = [], 0
     while i < len(tokens):
@@ -470,8 +472,7 @@ def run_dataset(kind: str, a: argparse.Namespace, rows: list, seeds: list) -> di
             else:
                 cfg, run_name = row_run(spec, row, seed, a.overrides)
                 if run_name != row.ablation:
-                    block["same_run"][row.name] = next(r.name for r in ROWS if r.ablation == run_name
-                                                       and not r.post_refine)
+                    block["same_run"][row.name] = ROW_OF_PRESET[run_name].name
                 res = train_row(cfg, train_store, val_store, run_root / run_name, a.device, a.no_train)
                 if res is not None and (run_root / run_name) not in timed:
                     timed.add(run_root / run_name)
