@@ -54,7 +54,7 @@ install:  ## create .venv and install the project with every dependency
 $(VENV)/.installed:
 	$(MAKE) install
 
-# make demo: the whole system offline on synthetic streets, in DEMO (about 12 minutes on 2 CPU cores, the
+# make demo: the whole system offline on synthetic streets, in DEMO (about 11 minutes on 2 CPU cores, the
 # install included). The streets of the controlled-noise benchmark (bench/bench_cns.py: 16 train / 4 val, rare
 # objects boosted, objects in their class's colour), so its stores are the benchmark's street stores.
 DEMO ?= runs/demo
