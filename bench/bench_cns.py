@@ -350,19 +350,18 @@ def parse_rows(text: str) -> list[Row]:
     """``--rows``: comma-separated row names (which may hold commas themselves: 'Ours, switch per frame', the
     longest name that matches wins) or ablation presets (``switch_frame``; ``none`` is Ours)."""
     names = {r.name: r for r in ROWS}
-    presets = ROW_OF_PRESET
     tokens = [t.strip() for t in text.split(",")]
     chosen, i = [], 0
     while i < len(tokens):
         for j in range(len(tokens), i, -1):
             name = ", ".join(tokens[i:j])
-            if name in names or (j == i + 1 and name in presets):
-                chosen.append(names.get(name) or presets[name])
+            if name in names or (j == i + 1 and name in ROW_OF_PRESET):
+                chosen.append(names.get(name) or ROW_OF_PRESET[name])
                 i = j
                 break
         else:
             raise SystemExit(f"unknown row {tokens[i]!r} in --rows {text!r}; known: {list(names)}, or the presets "
-                             f"{list(presets)}")
+                             f"{list(ROW_OF_PRESET)}")
     return chosen
 
 

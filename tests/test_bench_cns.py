@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import bench_cns  # noqa: E402
 import stage1_recall  # noqa: E402
+from train.config import load_config  # noqa: E402
 
 TINY = ["--datasets", "street", "--scenes", "2,1", "schedule.epochs=2", "schedule.warmup_epochs=1",
         "schedule.max_steps_per_epoch=1", "data.image_size=[56,104]", "eval.bn_recalibration_images=2"]
@@ -103,6 +106,28 @@ def test_rows_of_one_configuration_are_one_run():
 def test_gate_is_reached_on_the_seed_mean_in_both_modalities():
     assert bench_cns.reaches_gate([{"2d": 60, "3d": 45}, {"2d": 40, "3d": 56}], 50)
     assert not bench_cns.reaches_gate([{"2d": 60, "3d": 45}, {"2d": 40, "3d": 54}], 50)
+
+
+def test_make_demo_runs_the_benchmarks_street_regime():
+    """make demo's stores and training are the benchmark's streets (README: "the benchmark's street stores"),
+    only shorter: its Makefile variables and demo_street_cpu.yaml cannot drift from bench_cns.DATASETS."""
+    if shutil.which("make") is None:
+        pytest.skip("GNU make is not installed")
+    show = "show-demo-streets: ; @echo $(DEMO_SCENES) $(DEMO_VAL_SCENES) $(DEMO_STREETS)"
+    out = subprocess.run(["make", "--no-print-directory", "-s", "-C", str(REPO), f"--eval={show}",
+                          "show-demo-streets"], check=True, capture_output=True, text=True).stdout.split()
+    spec = bench_cns.DATASETS["street"]
+    assert [int(out[0]), int(out[1])] == [spec.train_scenes, spec.val_scenes]
+    assert out[2::2] == ["--dataset-option"] * len(out[3::2])
+    options = {"kind": "street", **{k: str(v) for k, v in spec.options.items()}}
+    assert dict(o.split("=", 1) for o in out[3::2]) == options
+    demo, bench = load_config("demo_street_cpu"), load_config(spec.config)
+    assert (demo["schedule"]["epochs"], demo["schedule"]["warmup_epochs"]) == (40, 20)  # half of them stage 1
+    for cfg in (demo, bench):  # what the demo shortens or adds for its report; the rest is the benchmark's
+        for section, key in (("schedule", "epochs"), ("schedule", "warmup_epochs"), ("schedule", "log_interval"),
+                             ("eval", "interval")):
+            cfg[section].pop(key)
+    assert demo == bench
 
 
 def test_unknown_row_is_refused(tmp_path):
