@@ -24,9 +24,10 @@ from filelock import FileLock
 
 from . import schema
 from .schema import RootAttrs
+from .errors import UserError
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A store is missing, malformed or incompatible with what is asked of it."""
 
 

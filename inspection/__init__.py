@@ -12,5 +12,8 @@ commands   the click commands (registered in ``cli.py``)
 """
 
 
-class InspectError(ValueError):
+from data_cache.errors import UserError
+
+
+class InspectError(UserError, ValueError):
     """A bad input (not a store, a newer schema, an unknown frame, ...): one line, nothing written."""

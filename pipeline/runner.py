@@ -29,6 +29,7 @@ from data_cache.store import CacheError, Store, store_path
 
 from .datasets.base import DatasetError, build_adapter
 from .stages.base import Shard, ShardContext, build_stage, map_tasks
+from data_cache.errors import UserError
 
 log = logging.getLogger("cns.labels")
 
@@ -36,7 +37,7 @@ DEFAULT_SHARD_SIZE = {"nuscenes": 32, "nuimages": 64, "scannet": 1, "synthetic":
 PLAN = "plan"
 
 
-class LabelRunError(RuntimeError):
+class LabelRunError(UserError, RuntimeError):
     pass
 
 

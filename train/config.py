@@ -19,6 +19,7 @@ import yaml
 
 from data_cache.schema import SCHEMA_VERSION
 from pipeline.registry import resolve_shipped_config, shipped_configs
+from data_cache.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 
@@ -128,7 +129,7 @@ ABLATIONS: dict[str, dict] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ..registry import Registry
+from data_cache.errors import UserError
 
 DATASETS = Registry("dataset")
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """Bad input: names the frame and the file at fault."""
 
     def __init__(self, message: str, frame: str | None = None, file: str | os.PathLike | None = None):

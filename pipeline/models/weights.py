@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_cache.store import file_digest
+from data_cache.errors import UserError
 
 #: CLIP's image normalisation (OpenAI; open_clip's ``OPENAI_DATASET_MEAN``/``_STD``), on 0..1 pixels.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -33,7 +34,7 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """No usable weight source was given (the stages never fall back to random weights)."""
 
 

@@ -11,12 +11,13 @@ import math
 from pathlib import Path
 
 from pipeline.registry import resolve_shipped_config, shipped_configs
+from data_cache.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "simulate"
 DEFAULT_CONFIG = "default"
 
 
-class SimulationConfigError(ValueError):
+class SimulationConfigError(UserError, ValueError):
     """A simulator configuration with an unknown key or an out-of-range value (the message names both)."""
 
 
