@@ -7,6 +7,25 @@ import sys
 
 import click
 
+from data_cache.errors import UserError
+
+
+class UserFacingError(click.ClickException):
+    """A :class:`UserError` as click prints it: ``Error: <one line>`` on stderr, exit code 2."""
+
+    exit_code = UserError.exit_code
+
+
+class CnsGroup(click.Group):
+    """The one place where a user's error becomes one line and exit code 2 for every verb (and sub-verb);
+    any other exception is a programming error and keeps its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            raise UserFacingError(str(e)) from None
+
 
 def _parse_options(pairs) -> dict:
     out = {}
@@ -21,7 +40,7 @@ def _parse_options(pairs) -> dict:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CnsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
     """Label-free scene understanding with vision foundation models (CNS).
