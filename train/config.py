@@ -60,6 +60,7 @@ DEFAULTS: dict = {
         "net2d": "deeplabv3_resnet50",   # registry MODELS_2D
         "net3d": "minkunet34",           # registry MODELS_3D; null = 2D only (nuImages): no 3D net, sources, loss
         "pretrained_2d": True,           # ImageNet backbone weights; a missing download is an error
+        "sparse_backend": "spconv",      # spconv | spconv_triton (train/sparse.py): the 3D net's sparse convolutions
     },
     "schedule": {
         "epochs": 30,
@@ -227,6 +228,8 @@ def validate(cfg: dict) -> None:
         if three_d:
             raise ConfigError(f"model.net3d is null (2D only): labels.stage2_sources cannot hold {three_d}; "
                               "use [clip2d, pred2d] or a subset")
+    from .sparse import sparse_backend
+    sparse_backend(cfg["model"]["sparse_backend"])  # a known backend (whether it loads is checked at build time)
     if cfg["labels"]["switch"] not in SWITCH_UNITS:
         raise ConfigError(f"labels.switch must be one of {SWITCH_UNITS}, got '{cfg['labels']['switch']}'")
     jitter = cfg["data"]["augment"].get("color_jitter")

@@ -44,7 +44,8 @@ def describe_parent(checkpoint, cfg: dict) -> dict:
 
 
 #: Keys that may change when a run is resumed (they do not change what is computed).
-RESUMABLE_KEYS = ("data.num_workers", "schedule.log_interval", "eval.interval", "schedule.keep_checkpoints")
+RESUMABLE_KEYS = ("data.num_workers", "schedule.log_interval", "eval.interval", "schedule.keep_checkpoints",
+                  "model.sparse_backend")  # the backends build the same modules and load the same checkpoints
 
 
 class StoreMismatch(CacheError):

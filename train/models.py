@@ -6,13 +6,14 @@ features -> per-voxel features`` and its C. :class:`CNSModel` puts both behind t
 """
 from __future__ import annotations
 
-import spconv.pytorch as spconv
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.registry import Registry
 from data_cache.errors import UserError
+
+from .sparse import conv_algo, sparse_modules
 
 MODELS_2D = Registry("2D network")
 MODELS_3D = Registry("3D network")
@@ -114,31 +115,24 @@ def unet_small(pretrained: bool = False) -> SmallUNet2D:
 
 
 # -- 3D ---------------------------------------------------------------------------------------------
-def conv_algo(device: torch.device | str):
-    """The one place that picks the spconv algorithm: ``Native`` on CPU (the only one that runs there),
-    spconv's default (implicit GEMM) on CUDA."""
-    from spconv.core import ConvAlgo
-    return ConvAlgo.Native if torch.device(device).type == "cpu" else None
-
-
 def _algo_kw(algo):
     return {} if algo is None else {"algo": algo}
 
 
-class SparseBasicBlock(spconv.SparseModule):
-    """Two 3^3 submanifold convolutions with a residual (a SparseModule, so SparseSequential passes it the
-    sparse tensor rather than its features)."""
+class SparseBasicBlock(nn.Module):
+    """Two 3^3 submanifold convolutions with a residual: sparse tensor in, sparse tensor out (the blocks of a
+    level are chained by a plain ``nn.Sequential``, whatever the backend ``sp``)."""
 
-    def __init__(self, cin: int, cout: int, key: str, algo):
+    def __init__(self, cin: int, cout: int, key: str, algo, sp):
         super().__init__()
         kw = _algo_kw(algo)
-        self.conv1 = spconv.SubMConv3d(cin, cout, 3, padding=1, bias=False, indice_key=key, **kw)
+        self.conv1 = sp.SubMConv3d(cin, cout, 3, padding=1, bias=False, indice_key=key, **kw)
         self.bn1 = nn.BatchNorm1d(cout)
-        self.conv2 = spconv.SubMConv3d(cout, cout, 3, padding=1, bias=False, indice_key=key, **kw)
+        self.conv2 = sp.SubMConv3d(cout, cout, 3, padding=1, bias=False, indice_key=key, **kw)
         self.bn2 = nn.BatchNorm1d(cout)
         self.proj = None
         if cin != cout:
-            self.proj = spconv.SparseSequential(spconv.SubMConv3d(cin, cout, 1, bias=False, **kw),
+            self.proj = sp.SparseSequential(sp.SubMConv3d(cin, cout, 1, bias=False, **kw),
                                                 nn.BatchNorm1d(cout))
 
     def forward(self, x):
@@ -152,14 +146,19 @@ class SparseBasicBlock(spconv.SparseModule):
 class SparseUNet(nn.Module):
     """A spconv U-Net in the layout of MinkUNet34 (Pointcept's SpUNet-v1m1): a 5^3 stem, four stride-2
     encoder levels with ``layers[:4]`` basic blocks, four decoder levels with ``layers[4:]`` blocks that
-    concatenate the skip features. Output: per input voxel, in the input's order."""
+    concatenate the skip features. Output: per input voxel, in the input's order.
+
+    ``sp``: the sparse backend's module (:func:`train.sparse.sparse_modules`; default spconv); the modules and
+    their state_dict keys and shapes are the same with every backend."""
 
     def __init__(self, in_channels: int, channels=(32, 64, 128, 256, 256, 128, 96, 96),
-                 layers=(2, 3, 4, 6, 2, 2, 2, 2), base: int = 32, stem_kernel: int = 5, algo=None):
+                 layers=(2, 3, 4, 6, 2, 2, 2, 2), base: int = 32, stem_kernel: int = 5, algo=None, sp=None):
         super().__init__()
+        sp = sp if sp is not None else sparse_modules("spconv")
+        self.tensor_type = sp.SparseConvTensor  # a class, not the module: the network stays deep-copyable
         kw = _algo_kw(algo)
-        self.stem = spconv.SparseSequential(
-            spconv.SubMConv3d(in_channels, base, stem_kernel, padding=stem_kernel // 2, bias=False, indice_key="stem",
+        self.stem = sp.SparseSequential(
+            sp.SubMConv3d(in_channels, base, stem_kernel, padding=stem_kernel // 2, bias=False, indice_key="stem",
                               **kw),
             nn.BatchNorm1d(base), nn.ReLU())
         n = len(layers) // 2
@@ -167,23 +166,23 @@ class SparseUNet(nn.Module):
         enc_ch = [base]
         c = base
         for s in range(n):
-            self.down.append(spconv.SparseSequential(
-                spconv.SparseConv3d(c, channels[s], 2, stride=2, bias=False, indice_key=f"spconv{s + 1}", **kw),
+            self.down.append(sp.SparseSequential(
+                sp.SparseConv3d(c, channels[s], 2, stride=2, bias=False, indice_key=f"spconv{s + 1}", **kw),
                 nn.BatchNorm1d(channels[s]), nn.ReLU()))
-            self.enc.append(spconv.SparseSequential(*[
-                SparseBasicBlock(channels[s], channels[s], f"subm{s + 1}", algo) for _ in range(layers[s])]))
+            self.enc.append(nn.Sequential(*[
+                SparseBasicBlock(channels[s], channels[s], f"subm{s + 1}", algo, sp) for _ in range(layers[s])]))
             c = channels[s]
             enc_ch.append(c)
         for s in range(n):
             level = n - 1 - s  # the level the decoder step returns to (its skip)
             cout = channels[n + s]
-            self.up.append(spconv.SparseSequential(
-                spconv.SparseInverseConv3d(c, cout, 2, bias=False, indice_key=f"spconv{level + 1}", **kw),
+            self.up.append(sp.SparseSequential(
+                sp.SparseInverseConv3d(c, cout, 2, bias=False, indice_key=f"spconv{level + 1}", **kw),
                 nn.BatchNorm1d(cout), nn.ReLU()))
             key = f"subm{level}"  # level 0 has the stem's indices but a 3^3 kernel: its own key
-            blocks = [SparseBasicBlock(cout + enc_ch[level], cout, key, algo)]
-            blocks += [SparseBasicBlock(cout, cout, key, algo) for _ in range(layers[n + s] - 1)]
-            self.dec.append(spconv.SparseSequential(*blocks))
+            blocks = [SparseBasicBlock(cout + enc_ch[level], cout, key, algo, sp)]
+            blocks += [SparseBasicBlock(cout, cout, key, algo, sp) for _ in range(layers[n + s] - 1)]
+            self.dec.append(nn.Sequential(*blocks))
             c = cout
         self.out_channels = c
 
@@ -192,7 +191,7 @@ class SparseUNet(nn.Module):
         # every encoder level halves the grid: pad so that the decoder restores the exact shape
         m = 2 ** len(self.down)
         spatial = [((s + m - 1) // m) * m + m for s in spatial]
-        x = spconv.SparseConvTensor(feat, index.int(), spatial, batch_size)
+        x = self.tensor_type(feat, index.int(), spatial, batch_size)
         x = self.stem(x)
         skips = [x]
         for down, enc in zip(self.down, self.enc):
@@ -207,16 +206,18 @@ class SparseUNet(nn.Module):
 
 
 @MODELS_3D.register("minkunet34")
-def minkunet34(in_channels: int, device="cpu") -> SparseUNet:
-    return SparseUNet(in_channels, algo=conv_algo(device))
+def minkunet34(in_channels: int, device="cpu", sparse_backend: str = "spconv") -> SparseUNet:
+    sp = sparse_modules(sparse_backend, device)
+    return SparseUNet(in_channels, algo=conv_algo(device, sp), sp=sp)
 
 
 @MODELS_3D.register("spunet_small")
-def spunet_small(in_channels: int, device="cpu") -> SparseUNet:
+def spunet_small(in_channels: int, device="cpu", sparse_backend: str = "spconv") -> SparseUNet:
     """The CPU variant: same layout, one block per level, narrow channels, a 3^3 stem (the Native CPU
     algorithm costs one matrix product per kernel offset: 27 instead of 125)."""
+    sp = sparse_modules(sparse_backend, device)
     return SparseUNet(in_channels, channels=(16, 32, 64, 64, 64, 32, 32, 32), layers=(1, 1, 1, 1, 1, 1, 1, 1),
-                      base=16, stem_kernel=3, algo=conv_algo(device))
+                      base=16, stem_kernel=3, algo=conv_algo(device, sp), sp=sp)
 
 
 class GridContextMLP(nn.Module):
@@ -254,8 +255,8 @@ class GridContextMLP(nn.Module):
 
 
 @MODELS_3D.register("grid_mlp_small")
-def grid_mlp_small(in_channels: int, device="cpu") -> GridContextMLP:
-    """CPU study network (see :class:`GridContextMLP`)."""
+def grid_mlp_small(in_channels: int, device="cpu", sparse_backend: str = "spconv") -> GridContextMLP:
+    """CPU study network (see :class:`GridContextMLP`); dense torch: ``sparse_backend`` is not used."""
     return GridContextMLP(in_channels)
 
 
@@ -330,7 +331,8 @@ def build_model(cfg: dict, in_channels: int, text_embed: torch.Tensor, feature_d
     from .losses import LATENT_FEATURES
     m = cfg["model"]
     net2d = MODELS_2D.get(m["net2d"])(pretrained=bool(m["pretrained_2d"]))
-    net3d = MODELS_3D.get(m["net3d"])(in_channels, device=device) if m["net3d"] else None
+    net3d = (MODELS_3D.get(m["net3d"])(in_channels, device=device, sparse_backend=m["sparse_backend"])
+             if m["net3d"] else None)
     keys = LATENT_FEATURES[cfg["loss"]["latent_target"]]
     latent_dim = sum(int(feature_dims[k]) for k in keys)
     return CNSModel(net2d, net3d, text_embed, latent_dim or None).to(device)
