@@ -35,7 +35,7 @@ EVAL_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam bench-cns clean
+.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam bench-cns gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -123,6 +123,16 @@ bench-cns: $(VENV)/.installed  ## controlled-noise Table 2 on simulated labels (
 
 bench-sam:  ## SAM per-image cost, upstream vs batched generator, projected GPU-hours (bench/results/sam.json; ~30 min on CPU)
 	$(BIN)/python bench/bench_sam.py
+
+# make gpu-check: PREPARE=1 here (wheels for the GPU machine in .whl/, CPU references in .gpu_ref/, prints what to
+# carry and the command), then the check on the GPU machine (bench/results/gpu.json); DRY=1: the same on CPU, tiny
+PREPARE ?=
+DRY ?=
+GPU_OUT ?=
+GPU_CHECK = bench/gpu_check.py $(if $(strip $(PREPARE)),--prepare,) $(if $(strip $(DRY)),--dry,) $(call opt,--out,$(strip $(GPU_OUT)))
+
+gpu-check:  ## CUDA correctness + speed (docs/performance-gpu.md): PREPARE=1 here, then on the GPU; DRY=1 on CPU
+	$(if $(or $(strip $(PREPARE)),$(strip $(DRY))),$(BIN)/python,$(PYTHON)) $(GPU_CHECK)
 
 clean:  ## remove caches of Python and pytest
 	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache
