@@ -71,3 +71,19 @@ def test_spconv_triton_missing_names_the_install_command(monkeypatch):
 def test_an_unknown_backend_is_a_config_error():
     with pytest.raises(ConfigError, match="model.sparse_backend must be one of spconv, spconv_triton, got 'torchsparse'"):
         load_config("nuscenes", ["model.sparse_backend=torchsparse"])
+
+
+def test_cns_cli_train_with_spconv_triton_on_cpu_is_one_error_line(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+    from tests.toy_store import build_toy_store
+    toy = build_toy_store(tmp_path / "toy.zarr", num_frames=2, num_images=2)
+    res = CliRunner().invoke(main, ["train", "--cache", str(toy), "--config", "synthetic_street_cpu", "--out",
+                                    str(tmp_path / "run"), "--device", "cpu", "model.net3d=spunet_small",
+                                    "model.sparse_backend=spconv_triton"])
+    # (train/commands.py turns ConfigError into a click.ClickException: exit 1, not CnsGroup's 2)
+    assert res.exit_code in (1, 2), res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: model.sparse_backend=spconv_triton runs Triton kernels on a GPU only (device cpu): "
+                      "use model.sparse_backend=spconv on CPU"]
