@@ -25,7 +25,7 @@ Figures (``gpu.json``; every one is also defined under ``definitions``):
 * ``correctness.maskclip``: labels on CUDA vs CPU: ``labels_equal`` (share of pixels; pass: >=
   ``TOL_CLIP_PIXELS``), ``confidence_max_abs`` (uint8 units).
 * ``speed.train_<dataset>``: :class:`train.engine.Trainer` with AMP on a toy store of the paper's sizes
-  (nuScenes: 6 images 224x416 and ~34k points per frame; ScanNet: 16 images 240x320), DeepLabV3-ResNet50 and
+  (nuScenes: 6 images 224x416 and ~33k points per frame; ScanNet: 16 images 240x320, ~47k points), DeepLabV3-ResNet50 and
   minkunet34 with random weights, batch 2: ``steps_per_s`` (measured epoch, after a warm-up epoch),
   ``data_wait_share`` (time waiting for the loader / step wall time), ``peak_gpu_mib``
   (``torch.cuda.max_memory_allocated``).
@@ -85,7 +85,7 @@ SIZES = {
     "real": {"ref3d": {"net": "minkunet34", "points": 12_000, "extent": 512},
              "ref_sam": {"model": "vit_b", "points_per_side": 8, "image_hw": (900, 1600), "out_hw": (224, 416)},
              "ref_clip": {"model": "ViT-B-16", "images": 2, "hw": (224, 416)},
-             "train": {"nuscenes": {"images": 6, "hw": (224, 416), "point_stride": 16, "frames": 6, "sam_grid": (36, 64)},
+             "train": {"nuscenes": {"images": 6, "hw": (224, 416), "point_stride": 11, "frames": 6, "sam_grid": (36, 64)},
                        "scannet": {"images": 16, "hw": (240, 320), "point_stride": 16, "frames": 4,
                                    "sam_grid": (48, 64)},
                        "net2d": "deeplabv3_resnet50", "net3d": "minkunet34", "warm_steps": 3, "steps": 15,
@@ -98,7 +98,7 @@ SIZES = {
             "ref_clip": {"model": "tiny", "images": 2, "hw": (32, 48)},
             "train": {"nuscenes": {"images": 2, "hw": (32, 48), "point_stride": 12, "frames": 2, "sam_grid": (4, 6)},
                       "scannet": {"images": 3, "hw": (32, 40), "point_stride": 12, "frames": 2, "sam_grid": (4, 5)},
-                      "net2d": "unet_small", "net3d": "spunet_small", "warm_steps": 1, "steps": 1, "workers": 0},
+                      "net2d": "unet_small", "net3d": "spunet_small", "warm_steps": 1, "steps": 2, "workers": 0},
             "sam": {"model": "tiny", "points_per_side": 4, "image_hw": (90, 160), "out_hw": (45, 80), "repeats": 1},
             "clip": {"model": "tiny", "batch": 2, "hw": (32, 48), "budget_s": 0.5}},
 }
