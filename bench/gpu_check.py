@@ -25,7 +25,8 @@ Figures (``gpu.json``; every one is also defined under ``definitions``):
 * ``correctness.maskclip``: labels on CUDA vs CPU: ``labels_equal`` (share of pixels; pass: >=
   ``TOL_CLIP_PIXELS``), ``confidence_max_abs`` (uint8 units).
 * ``speed.train_<dataset>``: :class:`train.engine.Trainer` with AMP on a toy store of the paper's sizes
-  (nuScenes: 6 images 224x416 and ~33k points per frame; ScanNet: 16 images 240x320, ~47k points), DeepLabV3-ResNet50 and
+  (nuScenes: 6 images 224x416 and ~33k points per frame; ScanNet: 16 images 240x320, ~47k points),
+  DeepLabV3-ResNet50 and
   minkunet34 with random weights, batch 2: ``steps_per_s`` (measured epoch, after a warm-up epoch),
   ``data_wait_share`` (time waiting for the loader / step wall time), ``peak_gpu_mib``
   (``torch.cuda.max_memory_allocated``).
@@ -73,10 +74,13 @@ WHEELS = ("zarr==3.1.5", "numcodecs==0.16.6", "donfig==0.8.1.post1", "google-crc
           "open_clip_torch==3.3.0", "ftfy==6.3.1", "wcwidth==0.9.4", "segment-anything==1.0", "spconv-triton==1.0.0")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 RUN_COMMAND = ("python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && "
-               "PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --ref .gpu_ref --out $OUT/gpu.json")
+               "PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 "
+               "python3 bench/gpu_check.py --ref .gpu_ref --out $OUT/gpu.json")
 TOL_3D = 1e-2          # relative L2: TF32 / reordered sums over ~30 layers stay well inside it
 TOL_SAM_PIXELS = 0.98  # id maps are discrete: a near-tie between masks may flip a few pixels
 TOL_CLIP_PIXELS = 0.99
+#: random weights predict IoU ~0: the official thresholds would drop every mask (as bench/bench_sam.py)
+SAM_THRESHOLDS = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 0.7}
 NUSCENES_IMAGES = 205_000   # 34 149 keyframes x 6 cameras (bench_sam.py)
 NUSCENES_TRAIN_FRAMES = 28_130  # the train split's keyframes
 
@@ -85,7 +89,8 @@ SIZES = {
     "real": {"ref3d": {"net": "minkunet34", "points": 12_000, "extent": 512},
              "ref_sam": {"model": "vit_b", "points_per_side": 8, "image_hw": (900, 1600), "out_hw": (224, 416)},
              "ref_clip": {"model": "ViT-B-16", "images": 2, "hw": (224, 416)},
-             "train": {"nuscenes": {"images": 6, "hw": (224, 416), "point_stride": 11, "frames": 6, "sam_grid": (36, 64)},
+             "train": {"nuscenes": {"images": 6, "hw": (224, 416), "point_stride": 11, "frames": 6,
+                                    "sam_grid": (36, 64)},
                        "scannet": {"images": 16, "hw": (240, 320), "point_stride": 16, "frames": 4,
                                    "sam_grid": (48, 64)},
                        "net2d": "deeplabv3_resnet50", "net3d": "minkunet34", "warm_steps": 3, "steps": 15,
@@ -153,8 +158,7 @@ def build_sam_generator(model: str, points: int, device: str, bf16: bool = False
     from pipeline.models import sam as ms
     sam, _ = ms.build_sam("vit_b" if model == "tiny" else model, tiny=model == "tiny", random_init=model != "tiny")
     fill_deterministic(sam)
-    gen = ms.BatchedMaskGenerator(sam.to(device), bf16=bf16, points_per_side=points, pred_iou_thresh=0.0,
-                                  stability_score_thresh=0.0, box_nms_thresh=0.7)
+    gen = ms.BatchedMaskGenerator(sam.to(device), bf16=bf16, points_per_side=points, **SAM_THRESHOLDS)
     return gen
 
 
@@ -267,8 +271,8 @@ def speed_train(dataset: str, sizes: dict, device: str, backend: str, work: Path
     cfg = load_config(dataset, {
         "model.net2d": t["net2d"], "model.net3d": t["net3d"], "model.pretrained_2d": False,
         "model.sparse_backend": backend, "schedule.epochs": 2, "schedule.warmup_epochs": 1, "schedule.amp": True,
-        "schedule.max_steps_per_epoch": max(t["steps"], t["warm_steps"]), "schedule.log_interval": 1000, "eval.interval": 0,
-        "eval.at_end": False, "eval.bn_recalibration_images": 0, "data.num_workers": t["workers"],
+        "schedule.max_steps_per_epoch": max(t["steps"], t["warm_steps"]), "schedule.log_interval": 1000,
+        "eval.interval": 0, "eval.at_end": False, "eval.bn_recalibration_images": 0, "data.num_workers": t["workers"],
         "data.images_per_frame": s["images"]})
     # the store's few frames listed again until an epoch holds the measured steps (ray-casting more is slow)
     repeat = math.ceil(max(t["steps"], t["warm_steps"]) * int(cfg["data"]["batch_size"]) / s["frames"])
@@ -299,8 +303,8 @@ def speed_sam(sizes: dict, device: str) -> dict:
     image = test_image(s["image_hw"])
     rows = {}
     for bf16 in (False, True):
-        gen = ms.BatchedMaskGenerator(sam, bf16=bf16 and device.startswith("cuda"), points_per_side=s["points_per_side"],
-                                      pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.7)
+        gen = ms.BatchedMaskGenerator(sam, bf16=bf16 and device.startswith("cuda"),
+                                      points_per_side=s["points_per_side"], **SAM_THRESHOLDS)
         masks = len(gen.generate([image], output_size=s["out_hw"])[0]["masks"])  # warm-up
         walls, forwards = [], []
         for _ in range(s["repeats"]):
@@ -362,7 +366,7 @@ DEFINITIONS = {
     "speed.train_*.data_wait_share": "time the step loop waited for the DataLoader / wall time of the epoch",
     "speed.train_*.peak_gpu_mib": "torch.cuda.max_memory_allocated during the measured epoch, MiB",
     "speed.sam.bf16_*.s_per_image": "wall seconds of BatchedMaskGenerator.generate on one image (mean of repeats)",
-    "speed.sam.bf16_*.outside_forwards_share": "1 - (image encoder + prompt encoder + mask decoder forward time) / wall",
+    "speed.sam.bf16_*.outside_forwards_share": "1 - (image encoder + prompt encoder + mask decoder forwards) / wall",
     "speed.maskclip.bf16_*.images_per_s": "images per second of MaskCLIPPredictor.predict, labels on the host",
     "projection.label_gpu_hours_nuscenes": "205000 images x (SAM s/image with bf16 + 1/MaskCLIP images/s) / 3600",
     "projection.train_20_epochs_hours_nuscenes": "20 x 28130 frames / (steps/s x batch size) / 3600, one GPU",

@@ -69,7 +69,7 @@ def test_spconv_triton_missing_names_the_install_command(monkeypatch):
 
 
 def test_an_unknown_backend_is_a_config_error():
-    with pytest.raises(ConfigError, match="model.sparse_backend must be one of spconv, spconv_triton, got 'torchsparse'"):
+    with pytest.raises(ConfigError, match="sparse_backend must be one of spconv, spconv_triton, got 'torchsparse'"):
         load_config("nuscenes", ["model.sparse_backend=torchsparse"])
 
 
