@@ -143,6 +143,15 @@ class DatasetAdapter:
                                f"(the dataset changed since the store was created)", token, frame.points_file)
         return [im.rgb for im in frame.images]
 
+    def frame_alias(self, key: str) -> str | None:
+        """The frame token that another name of a frame stands for (nuScenes: a sample token), else None."""
+        return None
+
+    @classmethod
+    def alias_from_config(cls, dataset_config: dict, key: str) -> str | None:
+        """:meth:`frame_alias` for a store written with ``dataset_config`` (None where no alias exists)."""
+        return None
+
     def config(self) -> dict:
         """The adapter's configuration, recorded in the store (and compared on rerun)."""
         return {"root": str(self.root) if self.root else None, "split": self.split, **self.options,
@@ -217,3 +226,9 @@ def build_adapter(name: str, root=None, split: str | None = None, **options) -> 
     if split is not None:
         kwargs["split"] = split
     return cls(root, **kwargs)
+
+
+def frame_alias(name: str, dataset_config: dict, key: str) -> str | None:
+    """The frame token ``key`` names in a store of dataset ``name`` (``cns.dataset_config``), else None."""
+    from . import load_builtin  # noqa: F401
+    return DATASETS.get(name).alias_from_config(dataset_config or {}, key) if name in DATASETS else None

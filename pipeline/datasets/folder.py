@@ -9,7 +9,7 @@ Layout under the data root (docs/own_data.md has a complete example)::
                   /points.bin         or raw little-endian float32, dataset.json "bin_fields" values per point
                   /points.ply         or a PLY with vertex properties x, y, z and the point_fields
                   /points_gt.npy      optional: integer class id per point (index into "classes"; 255 = none)
-                  /calib.json         per-frame calibration (else rig.json): {"images": [IMAGE, ...], "points": ...}
+                  /calib.json         per-frame calibration (else rig.json; neither: a frame without images)
                   /<files the calibration names>   images (any PIL format), depth maps, label PNGs
 
 ``dataset.json``: ``classes`` (list of names, index = class id; required), ``prompt_names`` (optional: class
@@ -203,14 +203,14 @@ class FolderDataset(DatasetAdapter):
                                self.frame_dir(token))
         return found[0]
 
-    def calibration(self, token: str) -> tuple[dict, Path]:
-        """The frame's calibration (``calib.json``, else the shared ``rig.json``) and its file."""
+    def calibration(self, token: str) -> tuple[dict, Path | None]:
+        """The frame's calibration (``calib.json``, else the shared ``rig.json``) and its file; a frame with
+        neither has no images (a LiDAR sweep alone: ``cns-cli predict`` labels its points)."""
         path = self.frame_dir(token) / "calib.json"
         if not path.exists():
             path = self.root / "rig.json"
             if not path.exists():
-                raise DatasetError("no calibration: neither calib.json in the frame folder nor rig.json in the "
-                                   "root", token, self.frame_dir(token) / "calib.json")
+                return {"images": []}, None
         calib = read_json(path, token)
         images = calib.get("images", [])
         if not isinstance(images, list) or not all(isinstance(e, dict) for e in images):
@@ -230,8 +230,8 @@ class FolderDataset(DatasetAdapter):
         out = []
         for token in self.tokens:
             path = self.points_file(token)
-            calib, calib_path = self.calibration(token)
-            names = [str(e.get("name", i)) for i, e in enumerate(calib["images"])] if "images" in calib else []
+            calib, _ = self.calibration(token)
+            names = [str(e.get("name", i)) for i, e in enumerate(calib.get("images", []))]
             out.append(FrameInfo(token=token, num_points=self._count_points(path, token), image_names=names,
                                  points_file=str(path)))
         return out
@@ -249,7 +249,7 @@ class FolderDataset(DatasetAdapter):
         path = self.points_file(token)
         xyz, feat = self.read_points(path, token)
         calib, calib_path = self.calibration(token)
-        images = [self._image(e, i, calib, calib_path, token) for i, e in enumerate(calib["images"])]
+        images = [self._image(e, i, calib, calib_path, token) for i, e in enumerate(calib.get("images", []))]
         return Frame(token=token, points_file=str(path), xyz=xyz, feat=feat, images=images,
                      gt=self._point_gt(token, len(xyz)))
 

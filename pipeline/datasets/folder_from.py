@@ -117,19 +117,6 @@ def write_folder(adapter: DatasetAdapter, dst, progress: bool = True) -> Path:
     return dst
 
 
-def _options(pairs) -> dict:
-    out = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"'{item}' is not key=value", param_hint="--dataset-option")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("dataset")
 @click.argument("src")
@@ -140,9 +127,10 @@ def _options(pairs) -> dict:
 def main(dataset, src, dst, split, dataset_options):
     """Write the DATASET (nuscenes, scannet, synthetic, ...) at SRC in the folder layout at DST (SRC: - for
     synthetic, which has no root)."""
+    from cli import _parse_options
     from data_cache.errors import UserError
     try:
-        adapter = build_adapter(dataset, src, split, **_options(dataset_options))
+        adapter = build_adapter(dataset, src, split, **_parse_options(dataset_options))
         out = write_folder(adapter, dst)
     except (UserError, FileExistsError) as e:
         raise click.ClickException(str(e)) from None
