@@ -216,3 +216,18 @@ def test_shared_rig_file(tmp_path):
     root = _tiny_folder(tmp_path)
     shutil.move(root / "frames" / "f0" / "calib.json", root / "rig.json")
     assert len(_pairs(build_adapter("folder", root), 0)["pairs/point"]) > 0
+
+
+def test_config_folder_takes_the_settings_of_like():
+    from train.config import ConfigError, load_config
+    indoor, street = load_config("folder", like="scannet"), load_config("folder", like="nuscenes")
+    assert indoor["data"]["voxel_size"] == 0.05 and indoor["data"]["images_per_frame"] == 16
+    assert street["data"]["voxel_size"] == 0.1 and street["schedule"]["epochs"] == 20
+    with pytest.raises(ConfigError, match="'like'"):
+        load_config("folder", like=None)
+
+
+def test_prompt_names_of_dataset_json_reach_clip():
+    from pipeline.models.prompts import class_texts
+    assert class_texts(["road", "car"], dataset="folder", own_names={"road": "asphalt road"}) == \
+        [("asphalt road",), ("car",)]

@@ -17,9 +17,9 @@ from pipeline.datasets.folder_from import write_folder
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
-    """A 2-street synthetic dataset as a folder, its store (tiny CLIP/SAM), a run trained a few steps on it."""
+    """A synthetic street as a folder, its store (tiny CLIP/SAM), a run trained both stages (a step each) on it."""
     tmp = tmp_path_factory.mktemp("folder_e2e")
-    root = write_folder(build_adapter("synthetic", None, "train", num_scenes=2), tmp / "streets", progress=False)
+    root = write_folder(build_adapter("synthetic", None, "train", num_scenes=1), tmp / "streets", progress=False)
     runner = CliRunner()
     labels = runner.invoke(main, ["labels", "--dataset", "folder", "--data-root", str(root), "--split", "train",
                                   "--cache", str(tmp / "cache"), "--workers", "0", "--test-tiny-models",
@@ -28,8 +28,11 @@ def folder_run(tmp_path_factory):
     store = tmp / "cache" / "folder-train.zarr"
     run = tmp / "run"
     train = runner.invoke(main, ["train", "--cache", str(store), "--config", "synthetic_street_cpu", "--out", str(run),
-                                 "schedule.epochs=2", "schedule.warmup_epochs=1", "eval.interval=0"])
+                                 "schedule.epochs=2", "schedule.warmup_epochs=1", "eval.interval=0",
+                                 "eval.at_end=false", "eval.bn_recalibration_images=0"])
     assert train.exit_code == 0, train.output
+    stages = {json.loads(line).get("stage") for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert {1, 2} <= stages, stages  # both training stages ran
     return {"root": root, "store": store, "run": run, "tmp": tmp, "runner": runner}
 
 

@@ -161,11 +161,16 @@ class DatasetAdapter:
 def check_points(xyz: np.ndarray, frame: str, file: str) -> None:
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise DatasetError(f"points must be (N, 3), got {xyz.shape}", frame, file)
-    if len(xyz) == 0:
+    check_finite_rows(xyz, "coordinates", frame, file)
+
+
+def check_finite_rows(values: np.ndarray, what: str, frame: str, file) -> None:
+    """``values`` [N, C] of a frame's points: at least one row, every value finite."""
+    if len(values) == 0:
         raise DatasetError("the frame has no points", frame, file)
-    bad = ~np.isfinite(xyz).all(axis=1)
+    bad = ~np.isfinite(values).all(axis=1)
     if bad.any():
-        raise DatasetError(f"{int(bad.sum())} point(s) have NaN/inf coordinates (first at row "
+        raise DatasetError(f"{int(bad.sum())} point(s) have NaN/inf {what} (first at row "
                            f"{int(np.flatnonzero(bad)[0])})", frame, file)
 
 
@@ -213,6 +218,22 @@ def read_rgb(path: Path, frame: str) -> np.ndarray:
         raise DatasetError("image file is missing", frame, path) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"image file is unreadable or truncated: {e}", frame, path) from None
+
+
+def read_single_channel(path: Path, frame: str, what: str) -> np.ndarray:
+    """A single-channel image (depth map, label map) as it is stored; ``what`` names it in errors."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            a = np.asarray(im)
+    except FileNotFoundError:
+        raise DatasetError(f"{what} is missing", frame, path) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{what} is unreadable or truncated: {e}", frame, path) from None
+    if a.ndim != 2:
+        raise DatasetError(f"{what} must be single-channel, got shape {a.shape}", frame, path)
+    return a
 
 
 def build_adapter(name: str, root=None, split: str | None = None, **options) -> DatasetAdapter:

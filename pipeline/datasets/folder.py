@@ -44,7 +44,8 @@ import numpy as np
 from data_cache.schema import IGNORE_INDEX
 
 from ..projection import scale_intrinsics
-from .base import DATASETS, DatasetAdapter, DatasetError, Frame, FrameInfo, ImageRecord, check_rigid, read_rgb
+from .base import (DATASETS, DatasetAdapter, DatasetError, Frame, FrameInfo, ImageRecord, check_finite_rows, check_rigid,
+                   read_float_records, read_rgb, read_single_channel)
 
 POINT_FILES = ("points.npy", "points.bin", "points.ply")
 #: the settings a dataset "like" a benchmark takes by default (the adapters' own values)
@@ -267,16 +268,10 @@ class FolderDataset(DatasetAdapter):
                 raise DatasetError(f"points have shape {raw.shape}, expected [N, {3 + nf}] (x y z"
                                    f"{''.join(' ' + f for f in self.point_features)})", token, path)
         elif path.suffix == ".bin":
-            from .base import read_float_records
             raw = read_float_records(path, self.bin_fields, token)[:, :3 + nf]
         else:
             raw = self._read_ply(path, token)
-        if len(raw) == 0:
-            raise DatasetError("the frame has no points", token, path)
-        bad = ~np.isfinite(raw).all(axis=1)
-        if bad.any():
-            raise DatasetError(f"{int(bad.sum())} point(s) have NaN/inf values (first at row "
-                               f"{int(np.flatnonzero(bad)[0])}); expected finite float32", token, path)
+        check_finite_rows(raw, "values (expected finite float32)", token, path)
         return np.ascontiguousarray(raw[:, :3]), np.ascontiguousarray(raw[:, 3:3 + nf])
 
     def _read_ply(self, path: Path, token: str) -> np.ndarray:
@@ -365,7 +360,7 @@ class FolderDataset(DatasetAdapter):
                 raise DatasetError("depth map is missing", token, path) from None
             d = d.astype(np.float32) if np.issubdtype(d.dtype, np.floating) else None
         else:
-            d = _read_single_channel(path, token, "depth image")
+            d = read_single_channel(path, token, "depth image")
             d = d.astype(np.float32) / self.depth_scale
         if d is None or d.ndim != 2 or not np.isfinite(d).all():
             raise DatasetError("depth map must be a finite single-channel array (PNG in depth_scale units or "
@@ -373,24 +368,10 @@ class FolderDataset(DatasetAdapter):
         return d
 
     def _image_gt(self, path: Path, rgb_hw, token: str) -> np.ndarray:
-        ids = _read_single_channel(path, token, "label image")
+        ids = read_single_channel(path, token, "label image")
         if ids.shape != tuple(rgb_hw):
             raise DatasetError(f"label image is {ids.shape[1]}x{ids.shape[0]}, its colour image "
                                f"{rgb_hw[1]}x{rgb_hw[0]}: expected the same size", token, path)
         self._check_ids(ids.astype(np.int64), token, path)
         return ids.astype(np.uint8)
 
-
-def _read_single_channel(path: Path, token: str, what: str) -> np.ndarray:
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im.load()
-            a = np.asarray(im)
-    except FileNotFoundError:
-        raise DatasetError(f"{what} is missing", token, path) from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{what} is unreadable or truncated: {e}", token, path) from None
-    if a.ndim != 2:
-        raise DatasetError(f"{what} must be single-channel, got shape {a.shape}", token, path)
-    return a
