@@ -57,7 +57,7 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--dataset", required=True, help="nuscenes | nuimages | scannet | synthetic")
+@click.option("--dataset", required=True, help="nuscenes | nuimages | scannet | synthetic | folder")
 @click.option("--data-root", type=click.Path(), default=None, help="Dataset root (not needed for synthetic).")
 @click.option("--split", default=None, help="Split (nuScenes: train/val/test/mini_train/...; 'all').")
 @click.option("--cache", "cache", default="data_cache/stores", show_default=True, help="Directory of the stores.")
