@@ -39,7 +39,7 @@ opt = $(if $(strip $(2)),$(1) $(2),)
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  labels variables: DATASET=nuscenes|nuimages|scannet|synthetic DATA_ROOT=... SPLIT=... CACHE=$(CACHE) STAGES=$(STAGES)"
+	@echo "  labels variables: DATASET=nuscenes|nuimages|scannet|synthetic|folder DATA_ROOT=... SPLIT=... CACHE=$(CACHE) STAGES=$(STAGES)"
 	@echo "                    WORKERS=N SCHEDULER=tcp://host:port SHARD_SIZE=N CLIP_CKPT=... SAM_CKPT=... SAM_MODEL=vit_h|vit_l|vit_b SAM_POINTS=32"
 	@echo "                    SIMULATE=default|file.yaml (BENCHMARK ONLY: simulated CLIP/SAM from the ground truth)"
 	@echo "  train/eval variables: STORE=... EVAL_STORE=... CONFIG=... RUN=... TRAIN_ARGS='key=value ...' EVAL_ARGS=..."

@@ -50,13 +50,14 @@ def main(verbose: bool) -> None:
     cns-cli cache      status / validate a cache store
     cns-cli train      co-train the 2D and 3D networks from cache stores
     cns-cli eval       mIoU tables of a run and the baselines
+    cns-cli predict    label new data with a trained run (per-point .npy/.ply, per-image PNGs)
     cns-cli inspect    statistics, pictures and an HTML report of a store (and a run)
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
 
 @main.command()
-@click.option("--dataset", required=True, help="nuscenes | nuimages | scannet | synthetic")
+@click.option("--dataset", required=True, help="nuscenes | nuimages | scannet | synthetic | folder")
 @click.option("--data-root", type=click.Path(), default=None, help="Dataset root (not needed for synthetic).")
 @click.option("--split", default=None, help="Split (nuScenes: train/val/test/mini_train/...; 'all').")
 @click.option("--cache", "cache", default="data_cache/stores", show_default=True, help="Directory of the stores.")
@@ -187,10 +188,12 @@ def cache_validate(store, no_checkpoint_hash):
 from train.commands import eval as eval_command, train as train_command  # noqa: E402  (verbs defined with the trainer)
 
 from inspection.commands import inspect_group  # noqa: E402
+from train.predict import predict as predict_command  # noqa: E402  (the verb's body lives in train/predict.py)
 
 main.add_command(train_command)
 main.add_command(eval_command)
 main.add_command(inspect_group)
+main.add_command(predict_command)
 
 if __name__ == "__main__":
     main()

@@ -102,6 +102,11 @@ class StoreView:
                 return index
             raise InspectError(f"frame index {index} out of range: {self.path} has {self.num_frames} frames "
                                f"(0..{self.num_frames - 1})")
+        from pipeline.datasets.base import frame_alias
+        alias = frame_alias(self.attrs.dataset, self.attrs.dataset_config, key)  # nuScenes: a sample token
+        hits = np.flatnonzero(self.tokens == alias) if alias else hits
+        if len(hits):
+            return int(hits[0])
         raise InspectError(f"no frame with token '{key}' in {self.path} (give a token of frames/token or an "
                            f"index 0..{self.num_frames - 1})")
 

@@ -8,7 +8,8 @@ def test_every_shipped_config_loads():
     names = available_configs()
     assert {"nuscenes", "scannet", "synthetic_street_cpu", "synthetic_indoor_cpu"} <= set(names)
     for n in names:
-        load_config(n)
+        for like in ("nuscenes", "scannet"):  # folder.yaml takes its base from the store's dataset.json "like"
+            load_config(n, like=like)
     assert load_config("scannet")["data"]["images_per_frame"] == 16
     nus = load_config("nuscenes")["schedule"]  # paper sec. 4: 20 epochs, stage 2 after ten of stage 1
     assert (nus["epochs"], nus["warmup_epochs"]) == (20, 10)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, available_configs, dump_config, load_config, parse_overrides
+from .config import ConfigError, available_configs, dump_config, load_config, parse_overrides, store_like
 
 
 def _fail(e: Exception) -> None:
@@ -53,7 +53,7 @@ def train(caches, config_file, out, resume, init_from, seed, eval_caches, device
         run_cfg = Path(out) / "config.yaml"
         if resume and config_file is None and run_cfg.exists():
             config_file = str(run_cfg)
-        cfg = load_config(config_file, ov)
+        cfg = load_config(config_file, ov, like=store_like(caches))
         if init_from and resume:
             raise ConfigError("--init-from starts a new run; --resume continues one (its config.yaml already "
                               "records the parent)")
@@ -112,7 +112,7 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
             cfg = load_config(Path(run_dir) / "config.yaml", ov)
         else:
             state_path = Path(checkpoint) if checkpoint else None
-            cfg = load_config(config_file, ov)
+            cfg = load_config(config_file, ov, like=store_like(caches))
         info = check_stores(list(caches), cfg, for_training=False)
     except (ConfigError, StoreMismatch, CacheError) as e:
         _fail(e)

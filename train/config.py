@@ -1,7 +1,8 @@
 """Training configuration: YAML files in ``configs/train/``, ``key=value`` overrides, the resolved dump.
 
 A configuration is a nested dict. :data:`DEFAULTS` holds every key with its default; a YAML file overrides
-some of them (and may name a ``_base_`` file in the same folder); command-line ``a.b=value`` overrides come
+some of them (and may name a ``_base_`` file in the same folder; ``_base_: "{like}.yaml"`` is the settings of
+the benchmark a folder dataset's ``dataset.json`` says it is ``like``, as its store records them); command-line ``a.b=value`` overrides come
 last (``value`` is parsed as YAML, so ``8``, ``true``, ``[clip2d, pred3d]`` and ``null`` work). Unknown keys
 are an error, so a typo never silently trains with a default.
 
@@ -30,6 +31,8 @@ LABEL_SOURCES = ("clip2d", "clip3d", "pred2d", "pred3d")
 SWITCH_UNITS = ("pair", "frame")
 #: ``loss.class_balance``: how the classes of one batch's targets weigh in the cross-entropy (train/losses.py).
 CLASS_BALANCE = ("none", "sqrt_inverse")
+#: what a folder dataset's ``like`` may name: the configurations ``_base_: "{like}.yaml"`` resolves to
+FOLDER_LIKE = ("nuscenes", "scannet")
 
 DEFAULTS: dict = {
     "seed": 0,
@@ -147,11 +150,18 @@ def _merge(base: dict, over: Mapping, where: str) -> dict:
     return base
 
 
-def _load_yaml_chain(path: Path) -> list[dict]:
+def _load_yaml_chain(path: Path, like: str | None = None) -> list[dict]:
     data = yaml.safe_load(path.read_text()) or {}
     chain = []
     if "_base_" in data:
-        chain += _load_yaml_chain((path.parent / data["_base_"]).resolve())
+        base = str(data["_base_"])
+        if "{like}" in base:
+            if like not in FOLDER_LIKE:
+                raise ConfigError(f"{path.name} takes the settings of the benchmark the store's dataset.json names "
+                                  f"in 'like' ({' or '.join(FOLDER_LIKE)}); the training store records "
+                                  f"{like!r}: set \"like\" in dataset.json and rebuild the store, or pick a config")
+            base = base.replace("{like}", like)
+        chain += _load_yaml_chain((path.parent / base).resolve(), like)
     return chain + [data]
 
 
@@ -193,10 +203,17 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     return resolve_shipped_config(CONFIG_DIR, name_or_path, ConfigError, "training configuration")
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping | Iterable[str] = ()) -> dict:
+def store_like(store_paths) -> str | None:
+    """The benchmark a folder dataset's store says it is like (``dataset_config.like``), else None."""
+    from data_cache.store import Store
+    return (Store(store_paths[0]).attrs.dataset_config or {}).get("like") if store_paths else None
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping | Iterable[str] = (), like: str | None = None) -> dict:
+    """DEFAULTS, then the YAML chain of ``path``, then ``overrides``; ``like``: see the module docstring."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        for layer in _load_yaml_chain(resolve_config_path(path)):
+        for layer in _load_yaml_chain(resolve_config_path(path), like):
             _merge(cfg, layer, "")
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)

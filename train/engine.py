@@ -250,6 +250,8 @@ class Trainer:
         self.cache_paths = [str(p) for p in cache_paths]
         self.eval_paths = [str(p) for p in (eval_paths or default_eval_stores(self.cache_paths))]
         self.info = check_stores(self.cache_paths, cfg)
+        from .evaluate import store_teacher
+        self.teacher = store_teacher(self.cache_paths[0])
         check_stores(self.eval_paths, cfg, for_training=False)
         from .evaluate import store_label
         self.eval_label = store_label(self.eval_paths)
@@ -331,7 +333,11 @@ class Trainer:
         state = {"epoch": epoch, "global_step": self.global_step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "config": self.cfg,
-                 "bn_recalibration": self.bn_recalibration, "feature_dims": self.info["feature_dims"]}
+                 "bn_recalibration": self.bn_recalibration, "feature_dims": self.info["feature_dims"],
+                 # what `cns-cli predict` needs without the training store: the heads' class embeddings, the
+                 # point channels the 3D net reads, and the teacher (CLIP text tower) of the training store
+                 "text_embed": self.info["text_embed"].cpu(), "point_channels": self.info["point_channels"],
+                 "train_stores": self.cache_paths, "teacher": self.teacher}
         # last.pth first: an epoch file on disk always implies a last.pth at least as new
         _atomic_save(state, self.ckpt_dir / "last.pth")
         _atomic_save(state, self.ckpt_dir / f"epoch_{epoch + 1:03d}.pth")

@@ -84,6 +84,15 @@ def store_text_tower(store_path) -> dict:
             "checkpoint_sha256": fp.get("checkpoint_sha256")}
 
 
+def store_teacher(store_path) -> dict:
+    """The teacher of a store's labels: its CLIP text tower (:func:`store_text_tower`), its dataset and split,
+    and the stages simulated from the ground truth (a benchmark store; ``[]`` for real CLIP/SAM labels)."""
+    from data_cache.store import Store
+    st = Store(store_path)
+    return {"store": str(store_path), "dataset": st.attrs.dataset, "split": st.attrs.split,
+            "text_tower": store_text_tower(store_path), "simulated_stages": sorted(st.simulated_stages())}
+
+
 def open_vocabulary_embeddings(class_names, clip_cfg: dict, device) -> torch.Tensor:
     """Embed new class names with the CLIP text tower (evaluation only; the import is deliberately lazy so
     that training never loads open_clip).

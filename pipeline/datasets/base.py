@@ -143,6 +143,15 @@ class DatasetAdapter:
                                f"(the dataset changed since the store was created)", token, frame.points_file)
         return [im.rgb for im in frame.images]
 
+    def frame_alias(self, key: str) -> str | None:
+        """The frame token that another name of a frame stands for (nuScenes: a sample token), else None."""
+        return None
+
+    @classmethod
+    def alias_from_config(cls, dataset_config: dict, key: str) -> str | None:
+        """:meth:`frame_alias` for a store written with ``dataset_config`` (None where no alias exists)."""
+        return None
+
     def config(self) -> dict:
         """The adapter's configuration, recorded in the store (and compared on rerun)."""
         return {"root": str(self.root) if self.root else None, "split": self.split, **self.options,
@@ -152,11 +161,16 @@ class DatasetAdapter:
 def check_points(xyz: np.ndarray, frame: str, file: str) -> None:
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise DatasetError(f"points must be (N, 3), got {xyz.shape}", frame, file)
-    if len(xyz) == 0:
+    check_finite_rows(xyz, "coordinates", frame, file)
+
+
+def check_finite_rows(values: np.ndarray, what: str, frame: str, file) -> None:
+    """``values`` [N, C] of a frame's points: at least one row, every value finite."""
+    if len(values) == 0:
         raise DatasetError("the frame has no points", frame, file)
-    bad = ~np.isfinite(xyz).all(axis=1)
+    bad = ~np.isfinite(values).all(axis=1)
     if bad.any():
-        raise DatasetError(f"{int(bad.sum())} point(s) have NaN/inf coordinates (first at row "
+        raise DatasetError(f"{int(bad.sum())} point(s) have NaN/inf {what} (first at row "
                            f"{int(np.flatnonzero(bad)[0])})", frame, file)
 
 
@@ -206,6 +220,22 @@ def read_rgb(path: Path, frame: str) -> np.ndarray:
         raise DatasetError(f"image file is unreadable or truncated: {e}", frame, path) from None
 
 
+def read_single_channel(path: Path, frame: str, what: str) -> np.ndarray:
+    """A single-channel image (depth map, label map) as it is stored; ``what`` names it in errors."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            a = np.asarray(im)
+    except FileNotFoundError:
+        raise DatasetError(f"{what} is missing", frame, path) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{what} is unreadable or truncated: {e}", frame, path) from None
+    if a.ndim != 2:
+        raise DatasetError(f"{what} must be single-channel, got shape {a.shape}", frame, path)
+    return a
+
+
 def build_adapter(name: str, root=None, split: str | None = None, **options) -> DatasetAdapter:
     """Construct a registered dataset adapter; the dataset modules register themselves on import."""
     from . import load_builtin  # noqa: F401  (registers nuscenes, nuimages, scannet, synthetic)
@@ -217,3 +247,9 @@ def build_adapter(name: str, root=None, split: str | None = None, **options) -> 
     if split is not None:
         kwargs["split"] = split
     return cls(root, **kwargs)
+
+
+def frame_alias(name: str, dataset_config: dict, key: str) -> str | None:
+    """The frame token ``key`` names in a store of dataset ``name`` (``cns.dataset_config``), else None."""
+    from . import load_builtin  # noqa: F401
+    return DATASETS.get(name).alias_from_config(dataset_config or {}, key) if name in DATASETS else None

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 from pyquaternion import Quaternion
@@ -74,6 +75,21 @@ class NuScenesDataset(DatasetAdapter):
 
     def config(self) -> dict:
         return {**super().config(), "version": self.version}
+
+    def frame_alias(self, key: str) -> str | None:
+        """A sample token -> its LIDAR_TOP sample_data token (the frame token); None for any other key."""
+        try:
+            sample = self.nusc.get("sample", key)
+        except KeyError:  # the devkit's lookup of an unknown token
+            return None
+        return sample["data"].get("LIDAR_TOP")
+
+    @classmethod
+    def alias_from_config(cls, dataset_config: dict, key: str) -> str | None:
+        root = dataset_config.get("root")
+        if not root or not Path(root).is_dir():
+            return None  # the store was written elsewhere: no tables to look the sample up in
+        return cls(root, dataset_config.get("split", "all"), version=dataset_config.get("version")).frame_alias(key)
 
     @cached_property
     def _scene_names(self) -> set[str]:

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..projection import scale_intrinsics
 from .base import (DATASETS, DatasetAdapter, DatasetError, Frame, FrameInfo, ImageRecord, check_points, check_rigid,
-                   read_float_records, read_rgb)
+                   read_float_records, read_rgb, read_single_channel)
 from .classes import SCANNET20, nyu40_to_scannet20_lut
 
 POINT_COLUMNS = 6
@@ -248,20 +248,8 @@ class ScanNetDataset(DatasetAdapter):
 
     def _image_gt(self, files: _ImageFiles, rgb_hw, scene: str) -> np.ndarray:
         """The native-resolution ScanNet-20 label map of one posed frame (255 = unlabelled)."""
-        from PIL import Image
         path = files.label
-        try:
-            with Image.open(path) as im:
-                im.load()
-                ids = np.asarray(im)
-        except FileNotFoundError:
-            raise DatasetError(f"2D label image of frame {files.name} is missing", scene, path) from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DatasetError(f"2D label image of frame {files.name} is unreadable or truncated: {e}", scene,
-                               path) from None
-        if ids.ndim != 2:
-            raise DatasetError(f"2D label image of frame {files.name} must be single-channel, got shape "
-                               f"{ids.shape}", scene, path)
+        ids = read_single_channel(path, scene, f"2D label image of frame {files.name}")
         (h, w), (rh, rw) = ids.shape, rgb_hw
         if (h, w) != (rh, rw) and abs((w / h) / (rw / rh) - 1) > LABEL_ASPECT_TOLERANCE:
             raise DatasetError(f"2D label image of frame {files.name} is {w}x{h} but its colour image is "
@@ -298,18 +286,7 @@ class ScanNetDataset(DatasetAdapter):
 
     @staticmethod
     def _depth(path, scene: str) -> np.ndarray:
-        from PIL import Image
-        try:
-            with Image.open(path) as im:
-                im.load()
-                d = np.asarray(im)
-        except FileNotFoundError:
-            raise DatasetError("depth image is missing", scene, path) from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DatasetError(f"depth image is unreadable or truncated: {e}", scene, path) from None
-        if d.ndim != 2:
-            raise DatasetError(f"depth image must be single-channel, got shape {d.shape}", scene, path)
-        return d.astype(np.float32) / DEPTH_SCALE
+        return read_single_channel(path, scene, "depth image").astype(np.float32) / DEPTH_SCALE
 
     def _load_gt(self, scene: str, num_points: int) -> np.ndarray | None:
         path = self._label_file(scene)

@@ -153,7 +153,7 @@ def plain_name(name: str) -> str:
 
 
 def class_texts(class_names: Sequence[str], descriptive: bool = False,
-                dataset: str | None = None) -> list[tuple[str, ...]]:
+                dataset: str | None = None, own_names: dict | None = None) -> list[tuple[str, ...]]:
     """The word(s) to put in the templates for each class, in class order.
 
     Args:
@@ -161,6 +161,7 @@ def class_texts(class_names: Sequence[str], descriptive: bool = False,
         descriptive: use ``DESCRIPTIVE_NAMES`` where a class is listed there.
         dataset: which tables to use; ``None`` or a dataset without tables searches every dataset's (names
             are unambiguous across the benchmarks).
+        own_names: the dataset's own prompt words per class (a folder dataset's ``prompt_names``); they win.
     Returns:
         One tuple of synonyms per class: the CLIP2Scene prompt name (a single one) unless ``descriptive``
         lists the class; else the plain name.
@@ -171,6 +172,9 @@ def class_texts(class_names: Sequence[str], descriptive: bool = False,
 
     out = []
     for name in class_names:
+        if own_names and name in own_names:
+            out.append((own_names[name],))
+            continue
         words = lookup(DESCRIPTIVE_NAMES, name) if descriptive else None
         if not words:
             words = (lookup(PROMPT_NAMES, name) or plain_name(name),)

@@ -91,7 +91,7 @@ class MaskCLIPStage(Stage):
     def prompt_words(self, attrs) -> list[tuple[str, ...]]:
         from ..models.prompts import class_texts
         return class_texts(list(attrs.class_names), descriptive=bool(self.config["descriptive_names"]),
-                           dataset=attrs.dataset)
+                           dataset=attrs.dataset, own_names=(attrs.dataset_config or {}).get("prompt_names"))
 
     def architecture(self) -> dict:
         from ..models.maskclip import architecture
