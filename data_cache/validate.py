@@ -94,7 +94,8 @@ def validate_store(path, check_checkpoints: bool = True) -> ValidationReport:
 
 def _expected_arrays(store: Store, complete) -> list[schema.ArraySpec]:
     attrs = store.attrs
-    return [a for a in schema.ARRAYS if (a.stage == "plan" or a.stage in complete)
+    absent = schema.absent_arrays(store.raw_attrs.get("stages", {}))  # e.g. clip/feat of an import without features
+    return [a for a in schema.ARRAYS if (a.stage == "plan" or a.stage in complete) and a.name not in absent
             and schema.array_in_store(a, attrs.modalities, attrs.capabilities)]
 
 

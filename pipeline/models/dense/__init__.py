@@ -21,7 +21,14 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from data_cache.errors import UserError
+
 from ...registry import Registry
+
+
+class TeacherError(UserError, ValueError):
+    """A bad teacher choice or option (``maskclip.dense``, ``maskclip.naclip_sigma``, ``maskclip.import_dir``)."""
+
 
 DENSE_TEACHERS = Registry("dense CLIP teacher")
 _MODULES = ("maskclip", "sclip", "clearclip", "naclip")
@@ -45,7 +52,7 @@ class DenseTeacher:
     def __init__(self, **options):
         unknown = set(options) - set(self.options)
         if unknown:
-            raise TypeError(f"dense teacher '{self.name}' takes no option(s) {sorted(unknown)}")
+            raise TeacherError(f"dense teacher '{self.name}' takes no option(s) {sorted(unknown)}")
         self.config = {**self.options, **options}
 
     def __call__(self, block, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
