@@ -2,7 +2,7 @@
 
 Layout of ``maskclip.import_dir`` (DIR)::
 
-    DIR/teacher.json                       optional: {"model": "SAM 3 (text prompts)", "trained_with_human_labels": true}
+    DIR/teacher.json                          optional: {"model": "SAM 3", "trained_with_human_labels": true}
     DIR/<frame token>/<image name>.png     uint8 class ids of the store's class list, 255 = no label
     DIR/<frame token>/<image name>.conf.png   optional: uint8 confidence (0..255)
     DIR/<frame token>/<image name>.feat.npy   optional: dense features [E, h, w] in CLIP's embedding space

@@ -13,7 +13,8 @@ from . import DENSE_TEACHERS, DenseTeacher
 class MaskCLIPTeacher(DenseTeacher):
     name = "maskclip"
     changes = "attention -> identity (each patch keeps its value); residual and FFN kept"
-    published = "MaskCLIP (ECCV 2022) reports zero-shot numbers on other benchmarks (PASCAL Context, COCO-Stuff); not verified here"
+    published = ("MaskCLIP (ECCV 2022) reports its zero-shot numbers on PASCAL Context and COCO-Stuff; "
+                 "not transcribed here")
 
     def __call__(self, block, x, grid_hw):
         return value_path(block, x)
