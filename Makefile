@@ -36,7 +36,7 @@ EVAL_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam bench-cns clean
+.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam bench-cns bench-teachers clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -126,6 +126,9 @@ bench-cns: $(VENV)/.installed  ## controlled-noise Table 2 on simulated labels (
 
 bench-sam:  ## SAM per-image cost, upstream vs batched generator, projected GPU-hours (bench/results/sam.json; ~30 min on CPU)
 	$(BIN)/python bench/bench_sam.py
+
+bench-teachers:  ## CPU cost per image of every 2D teacher side by side (bench/results/teachers.json; docs/teachers.md)
+	$(BIN)/python bench/bench_teachers.py
 
 clean:  ## remove caches of Python and pytest
 	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache

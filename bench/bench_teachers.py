@@ -94,8 +94,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     rows = time_dense(args.images) + [time_import(args.images)]
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "images": args.images,
+           # the machine's 1-minute load average before and after: other jobs share the cores
+           "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
            "resolution": [H, W], "classes": NUM_CLASSES, "weights": "random ViT-B/16 (open_clip, random_init)",
            "device": "cpu", "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows,
