@@ -166,6 +166,8 @@ def test_teacher_enters_the_fingerprint_and_bad_choices_are_one_line():
     assert schema.teacher_line(na["teacher"]) == "teacher: naclip (sigma 3, PAMR; label-free)"
     with pytest.raises(TeacherError, match="maskclip.dense 'nope' is no dense teacher .*naclip"):
         build_stage("maskclip", tiny=True, dense="nope")
+    with pytest.raises(TeacherError, match="naclip_sigma must be a positive number, got 0"):
+        build_stage("maskclip", tiny=True, dense="naclip", naclip_sigma=0)
     with pytest.raises(TypeError, match="import_dir"):
         build_stage("maskclip", tiny=True, import_dir="/x")
 

@@ -69,6 +69,11 @@ def heads_qkv(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q, k, v, (c // heads) ** -0.5
 
 
+def self_similarity(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * t t^T`` per head: [B, heads, N, d] -> attention logits [B, heads, N, N] (q-q, k-k)."""
+    return scale * t @ t.transpose(-2, -1)
+
+
 def attend(block, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``out_proj(weights @ v)`` with the heads merged back: [B, heads, N, N] x [B, heads, N, d] -> [B, N, C];
     the block's layer scale (``ls_1``, the identity for OpenAI's CLIP) applies as to its attention branch."""

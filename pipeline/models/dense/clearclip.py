@@ -8,7 +8,7 @@ one window and the stage's ``logit_scale`` applies (see docs/teachers.md).
 """
 from __future__ import annotations
 
-from . import DENSE_TEACHERS, DenseTeacher, attend, heads_qkv
+from . import DENSE_TEACHERS, DenseTeacher, attend, heads_qkv, self_similarity
 
 
 @DENSE_TEACHERS.register("clearclip")
@@ -19,4 +19,4 @@ class ClearCLIPTeacher(DenseTeacher):
 
     def __call__(self, block, x, grid_hw):
         q, k, v, s = heads_qkv(block, x)
-        return attend(block, (s * q @ q.transpose(-2, -1)).softmax(-1), v)
+        return attend(block, self_similarity(q, s).softmax(-1), v)

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from . import DENSE_TEACHERS, DenseTeacher, attend, heads_qkv
+from . import DENSE_TEACHERS, DenseTeacher, TeacherError, attend, heads_qkv, self_similarity
 
 
 @functools.lru_cache(maxsize=8)
@@ -37,8 +37,14 @@ class NACLIPTeacher(DenseTeacher):
     published = "NACLIP README (sinahmr/NACLIP), ViT-B/16 with PAMR: Cityscapes 38.27, VOC20 83.03"
     options = {"naclip_sigma": 5.0}
 
+    def __init__(self, **options):
+        super().__init__(**options)
+        sigma = self.config["naclip_sigma"]
+        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
+            raise TeacherError(f"maskclip.naclip_sigma must be a positive number, got {sigma!r}")
+
     def __call__(self, block, x, grid_hw):
         q, k, v, s = heads_qkv(block, x)
         omega = neighbourhood_window(tuple(int(g) for g in grid_hw), float(self.config["naclip_sigma"]))
-        logits = s * k @ k.transpose(-2, -1) + omega.to(k.device, k.dtype)
+        logits = self_similarity(k, s) + omega.to(k.device, k.dtype)
         return attend(block, logits.softmax(-1), v)

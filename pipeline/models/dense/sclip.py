@@ -7,7 +7,7 @@ whole training image is one window and the stage's ``logit_scale`` applies (see 
 """
 from __future__ import annotations
 
-from . import DENSE_TEACHERS, DenseTeacher, attend, heads_qkv
+from . import DENSE_TEACHERS, DenseTeacher, attend, heads_qkv, self_similarity
 
 
 @DENSE_TEACHERS.register("sclip")
@@ -18,6 +18,6 @@ class SCLIPTeacher(DenseTeacher):
 
     def __call__(self, block, x, grid_hw):
         q, k, v, s = heads_qkv(block, x)
-        w = (s * q @ q.transpose(-2, -1)).softmax(-1) + (s * k @ k.transpose(-2, -1)).softmax(-1)
+        w = self_similarity(q, s).softmax(-1) + self_similarity(k, s).softmax(-1)
         x = x + attend(block, w, v)
         return x + block.ls_2(block.mlp(block.ln_2(x)))
