@@ -309,3 +309,24 @@ def test_import_without_features_validates_and_is_left_out_of_the_latent_term(tm
     store.update_attrs(stages=dict(stages, maskclip={**stages["maskclip"], "config": {}}))  # a MaskCLIP store
     with pytest.raises(Exception, match="missing array"):
         check_stores([str(store.path)], cfg)
+
+
+def test_teacher_is_printed_by_inspect_and_eval(tmp_path):
+    from inspection.frames import StoreView
+    from inspection.summary import format_summary, summarize
+    from train.evaluate import format_tables
+    store = Store(build_toy_store(tmp_path / "toy.zarr", num_frames=2, num_images=1, image_size=(32, 48),
+                                  text_dim=32), mode="a")
+    stage = build_stage("maskclip", tiny=True, dense="naclip", pamr=True)
+    stage.bind(store.attrs)
+    record = json.loads(json.dumps(stage.fingerprint()))
+    store.update_attrs(stages=dict(store.raw_attrs.get("stages", {}), maskclip=record))
+    text = format_summary(summarize(StoreView(store.path)))
+    assert "teacher   naclip (sigma 5, PAMR; label-free)" in text
+    assert "IoU %; teacher: naclip (sigma 5, PAMR; label-free)" in text  # beside the pseudo-label mIoU table
+    names = list(TOY_CLASSES)
+    row = {"miou": 12.5, "iou": {n: 12.5 for n in names}}
+    tables = format_tables({"rows": {"clip_2d": row, "cns_2d": row}, "class_names": names,
+                            "teachers": [schema.teacher_line(stage.teacher_record())]})
+    assert tables.splitlines()[0] == "teacher: naclip (sigma 5, PAMR; label-free)"
+    assert "CLIP labels (naclip), 2D" in tables
