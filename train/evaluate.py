@@ -256,7 +256,8 @@ def _titles_for(teachers) -> dict:
     names = {line.split(" ")[1] for line in teachers}
     if len(names) != 1 or names == {"maskclip"}:
         return dict(ROW_TITLES)
-    return {k: v.replace("MaskCLIP", names.pop()) for k, v in ROW_TITLES.items()}
+    name = next(iter(names))
+    return {k: v.replace("MaskCLIP", name) for k, v in ROW_TITLES.items()}
 
 
 def format_tables(result: dict) -> str:
