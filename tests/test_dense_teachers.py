@@ -184,6 +184,41 @@ def test_pamr_runs_and_keeps_distributions():
     assert out[..., :30].std() < scores[..., :30].std()
 
 
+def _pamr_by_loops(image, scores, iterations, dilations):
+    """PAMR pixel by pixel: for each pixel, its 8 neighbours per dilation (clamped at the border); weights
+    softmax_n(mean_c(-|I_p - I_n| / (0.1 std_p))), std_p over the pixel and all its neighbours (unbiased)."""
+    _, c, h, w = image.shape
+    unit = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    offs = [(dy * d, dx * d) for d in dilations for dy, dx in unit]
+
+    def at(t, y, x):
+        return t[0, :, min(max(y, 0), h - 1), min(max(x, 0), w - 1)]
+
+    weights = torch.zeros(h, w, len(offs))
+    for y in range(h):
+        for x in range(w):
+            near = torch.stack([at(image, y + oy, x + ox) for oy, ox in offs], 1)  # [C, P]
+            ring = torch.stack([at(image, y + dy * d, x + dx * d) for d in dilations for dy, dx in unit + [(0, 0)]], 1)
+            std = ring.std(1, keepdim=True)
+            weights[y, x] = (-(image[0, :, y, x, None] - near).abs() / (1e-8 + 0.1 * std)).mean(0).softmax(0)
+    for _ in range(iterations):
+        new = torch.zeros_like(scores)
+        for y in range(h):
+            for x in range(w):
+                near = torch.stack([at(scores, y + oy, x + ox) for oy, ox in offs], 1)  # [L, P]
+                new[0, :, y, x] = (near * weights[y, x]).sum(1)
+        scores = new
+    return scores
+
+
+def test_pamr_matches_a_pixel_by_pixel_computation():
+    from pipeline.models.pamr import pamr
+    g = torch.Generator().manual_seed(0)
+    image, scores = torch.rand(1, 3, 6, 7, generator=g), torch.rand(1, 2, 6, 7, generator=g)
+    torch.testing.assert_close(pamr(image, scores, iterations=2, dilations=(1, 2)),
+                               _pamr_by_loops(image, scores, 2, (1, 2)), atol=1e-5, rtol=1e-4)
+
+
 def test_stage_with_pamr_writes_labels(tmp_path):
     store = Store(build_toy_store(tmp_path / "s.zarr", num_frames=2, num_images=1, image_size=(32, 48),
                                   text_dim=32, stages=("correspond",)), mode="a")
