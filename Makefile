@@ -18,6 +18,7 @@ CLIP_CKPT ?=
 SAM_CKPT ?=
 SAM_MODEL ?=
 SAM_POINTS ?=
+DENSE ?=   # the dense 2D teacher: maskclip (default) | sclip | clearclip | naclip (docs/teachers.md)
 SIMULATE ?=
 LABELS_ARGS ?=
 FRAMES ?=  # make bench-scale: copies of the nuScenes keyframe (default 2000)
@@ -35,12 +36,13 @@ EVAL_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam bench-cns gpu-check clean
+.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam bench-cns bench-teachers gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  labels variables: DATASET=nuscenes|nuimages|scannet|synthetic|folder DATA_ROOT=... SPLIT=... CACHE=$(CACHE) STAGES=$(STAGES)"
 	@echo "                    WORKERS=N SCHEDULER=tcp://host:port SHARD_SIZE=N CLIP_CKPT=... SAM_CKPT=... SAM_MODEL=vit_h|vit_l|vit_b SAM_POINTS=32"
+	@echo "                    DENSE=maskclip|sclip|clearclip|naclip (the dense CLIP teacher, docs/teachers.md)"
 	@echo "                    SIMULATE=default|file.yaml (BENCHMARK ONLY: simulated CLIP/SAM from the ground truth)"
 	@echo "  train/eval variables: STORE=... EVAL_STORE=... CONFIG=... RUN=... TRAIN_ARGS='key=value ...' EVAL_ARGS=..."
 
@@ -96,7 +98,8 @@ labels:  ## run the pseudo-label stages into CACHE (see variables above)
 	  $(call opt,--data-root,$(DATA_ROOT)) $(call opt,--split,$(SPLIT)) $(call opt,--scheduler,$(SCHEDULER)) \
 	  $(call opt,--shard-size,$(SHARD_SIZE)) $(call opt,--clip-checkpoint,$(CLIP_CKPT)) \
 	  $(call opt,--sam-checkpoint,$(SAM_CKPT)) $(call opt,--sam-model,$(SAM_MODEL)) \
-	  $(call opt,--sam-points-per-side,$(SAM_POINTS)) $(call opt,--simulate,$(SIMULATE)) $(LABELS_ARGS)
+	  $(call opt,--sam-points-per-side,$(SAM_POINTS)) $(call opt,--simulate,$(SIMULATE)) \
+	  $(call opt,--stage-option,$(if $(strip $(DENSE)),maskclip.dense=$(strip $(DENSE)))) $(LABELS_ARGS)
 
 train:  ## co-train the 2D and 3D networks on STORE (CONFIG=nuscenes|scannet|synthetic_street_cpu|..., RUN=dir)
 	$(CLI) train --cache $(STORE) --config $(CONFIG) --out $(RUN) $(call opt,--eval-cache,$(wildcard $(EVAL_STORE))) $(TRAIN_ARGS)
@@ -133,6 +136,9 @@ GPU_CHECK = bench/gpu_check.py $(if $(strip $(PREPARE)),--prepare,) $(if $(strip
 
 gpu-check:  ## CUDA correctness + speed (docs/performance-gpu.md): PREPARE=1 here, then on the GPU; DRY=1 on CPU
 	$(if $(or $(strip $(PREPARE)),$(strip $(DRY))),$(BIN)/python,$(PYTHON)) $(GPU_CHECK)
+
+bench-teachers:  ## CPU cost per image of every 2D teacher side by side (bench/results/teachers.json; docs/teachers.md)
+	$(BIN)/python bench/bench_teachers.py
 
 clean:  ## remove caches of Python and pytest
 	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache

@@ -123,6 +123,8 @@ def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker
                              dataset_options=_parse_options(dataset_options), stage_options=per_stage,
                              workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
                              shard_size=shard_size, overwrite=overwrite, device=device, progress=not no_progress)
+    except UserError:
+        raise  # CnsGroup: one line, exit 2
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
     click.echo(f"\nstore: {summary.store}")

@@ -13,6 +13,7 @@ The project's error classes derive from it and keep their historical built-in ba
     ConfigError(UserError, ValueError)         train.config          a bad training configuration key or value
     SimulationConfigError(UserError, ValueError) pipeline.simulate   a bad simulator configuration
     InspectError(UserError, ValueError)        inspection            a bad inspect input
+    TeacherError(UserError, ValueError)        pipeline.models.dense a bad 2D teacher choice or option
 """
 from __future__ import annotations
 

@@ -249,6 +249,8 @@ class RootAttrs:
     schema_version: int = SCHEMA_VERSION
     ignore_index: int = IGNORE_INDEX
     stages: dict = field(default_factory=dict)  # name -> {"version", "config", "checkpoint_sha256"}
+    # The teacher of the 2D labels is part of the maskclip stage's fingerprint: stages["maskclip"]["config"]
+    # ["teacher"] = {"name", "options", "label_free"} (see TEACHER_DOC, teacher_of)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -257,6 +259,53 @@ class RootAttrs:
     def from_json(cls, d: Mapping) -> "RootAttrs":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
+
+
+#: How a store records the teacher of its 2D labels (``clip/label``), for ``SCHEMA.md`` and the printers.
+TEACHER_DOC = """The maskclip stage's fingerprint holds ``config.teacher`` = ``{"name", "options", "label_free"}``:
+``name`` is the dense CLIP teacher (``maskclip`` -- the paper's --, ``sclip``, ``clearclip``, ``naclip``) or
+``import`` (labels from an external segmenter; ``options.model`` names it, ``options.sha256`` fingerprints the
+folder's content, ``options.features`` says whether ``clip/feat`` was imported -- when false, ``clip/feat``,
+``clip/proj`` and ``clip/proj_mean`` are absent and the trainer leaves CLIP out of the latent term);
+``options`` are the teacher's options (``naclip_sigma``, ``pamr``); ``label_free`` is true when no human
+segmentation label went into the teacher (CLIP's variants), false for an imported segmenter trained with
+human labels or one that does not say (no ``teacher.json``), and for a simulated teacher (made from the
+ground truth). A store written before the record existed has MaskCLIP's labels."""
+
+
+def teacher_of(stages: Mapping) -> dict | None:
+    """The teacher record of a store's ``cns.stages`` (see :data:`TEACHER_DOC`); None before the maskclip stage."""
+    fp = (stages or {}).get("maskclip")
+    if not fp:
+        return None
+    config = fp.get("config") or {}
+    if config.get("simulated") is True:
+        return {"name": "simulated", "options": {"simulator": config.get("simulator")}, "label_free": False}
+    return config.get("teacher") or {"name": "maskclip", "options": {}, "label_free": True}
+
+
+def teacher_line(teacher: Mapping | None) -> str | None:
+    """``teacher: naclip (sigma 5, PAMR; label-free)``, or None without a teacher."""
+    if not teacher:
+        return None
+    opts = teacher.get("options") or {}
+    name = teacher["name"]
+    if name == "import":
+        name = f"import of {opts.get('model') or 'an unnamed segmenter'}"
+    details = [f"sigma {opts['naclip_sigma']:g}"] if "naclip_sigma" in opts else []
+    details += ["PAMR"] if opts.get("pamr") else []
+    details += ["no clip/feat"] if opts.get("features") is False else []
+    free = "label-free" if teacher.get("label_free") else "NOT label-free"
+    shown = ", ".join(details)
+    return f"teacher: {name} ({shown + '; ' if shown else ''}{free})"
+
+
+def absent_arrays(stages: Mapping) -> tuple[str, ...]:
+    """Arrays of a complete stage that its recorded configuration does not write (an import without features)."""
+    teacher = teacher_of(stages) or {}
+    if teacher.get("name") == "import" and (teacher.get("options") or {}).get("features") is False:
+        return ("clip/feat", "clip/proj", "clip/proj_mean")
+    return ()
 
 
 def dims_for(attrs: RootAttrs, num_points: int, num_images: int, num_pairs: int = 0,

@@ -112,6 +112,7 @@ def summary_section(s: dict, palette) -> str:
     if raw["pixels"] or ref["pixels"]:
         r = s["refinement"]
         parts += ["<h2>Pseudo-labels</h2>",
+                  *([f"<p class='teacher'>{html.escape(s['teacher'])}</p>"] if s.get("teacher") else []),
                   _img(render.png_bytes(render.class_histogram_figure(s, palette)), "class histogram", "chart"),
                   _table(["class", "CLIP labels (pixels)", "%", "SAM-refined (pixels)", "%"],
                          [[n, raw["histogram"][n], _pct(raw["histogram"][n] / raw["pixels"]) if raw["pixels"] else "-",
@@ -125,7 +126,8 @@ def summary_section(s: dict, palette) -> str:
         parts += ["<h3>Pseudo-labels against ground truth (IoU %)</h3>",
                   f"<p>2D ground truth: {html.escape(str(g['image_gt']))}; "
                   f"{'3D: points/gt' if s['points'] is not None else 'no 3D rows (no points)'}. The rows of "
-                  f"<code>cns-cli eval</code>'s label-only baselines.</p>",
+                  f"<code>cns-cli eval</code>'s label-only baselines"
+                  + (f"; {html.escape(s['teacher'])}" if s.get("teacher") else "") + ".</p>",
                   _table(["row", "mIoU"] + names, _iou_rows(g["rows"], names, ROW_TITLES))]
         from train.evaluate import ConfusionMatrix
         import torch
@@ -281,6 +283,7 @@ def build_report(view, out_dir, num_frames: int = 4, images_per_frame: int = 1, 
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} by <code>cns-cli inspect report</code></p>",
             *([f"<p class='simulated'><strong>{html.escape(s['simulated'])}</strong></p>"] if s.get("simulated")
               else []),
+            *([f"<p class='teacher'>{html.escape(s['teacher'])}</p>"] if s.get("teacher") else []),
             summary_section(s, palette)]
     if run is not None:
         body.append(run_section(run, view.attrs.dataset, view.class_names, confusions, len(frames)))

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data_cache import schema
 from data_cache.schema import IGNORE_INDEX
-
 from data_cache.validate import simulated_note
 
 from .frames import StoreView
@@ -119,6 +119,7 @@ def summarize(view: StoreView, max_frames: int | None = None, progress: bool = F
         "points": int(view.point_off[-1]) if view.has_points else None,
         "frames_sampled": int(len(frames)), "stages": view.stage_rows(),
         "simulated": simulated_note(view.store),
+        "teacher": schema.teacher_line(schema.teacher_of(view.store.raw_attrs.get("stages", {}))),
     }
     pair_counts, pair_frames, pair_points = [], 0, 0
     masks_per_image, coverage, mask_areas, sam_images = [], [], [], 0
@@ -217,6 +218,7 @@ def format_summary(s: dict) -> str:
                                                                        "clouds, no pairs, no 3D rows)")
              + (f"  (statistics over {s['frames_sampled']} frames spread evenly)"
                 if s["frames_sampled"] < s["frames"] else ""),
+             *([f"teacher   {s['teacher'][len('teacher: '):]}"] if s.get("teacher") else []),
              "", f"{'stage':<11} {'shards':>9} {'frames':>9}  state"]
     for r in s["stages"]:
         state = "complete" if r["complete"] else ("partial" if r["done"] else "not run")
@@ -244,7 +246,8 @@ def format_summary(s: dict) -> str:
     raw, ref = s["labels"]["clip/label"], s["labels"]["clip/label_refined"]
     if raw["images"] or ref["images"]:
         width = max(len(n) for n in s["class_names"] + ["unlabelled"])
-        lines += ["", f"{'class':<{width}}  {'CLIP labels':>16}  {'SAM-refined':>16}"]
+        lines += ["", f"{'class':<{width}}  {'CLIP labels':>16}  {'SAM-refined':>16}"
+                      + (f"  ({s['teacher']})" if s.get("teacher") else "")]
         for n in s["class_names"] + ["unlabelled"]:
             cells = []
             for h in (raw, ref):
@@ -263,7 +266,8 @@ def format_summary(s: dict) -> str:
         names = s["class_names"]
         width = max(len(ROW_TITLES[k]) for k in g["rows"])
         lines += ["", f"pseudo-labels against ground truth (2D: {g['image_gt'] or '-'}"
-                      + ("; 3D: points/gt" if s["points"] is not None else "; no 3D rows: no points") + "), IoU %",
+                      + ("; 3D: points/gt" if s["points"] is not None else "; no 3D rows: no points") + "), IoU %"
+                      + (f"; {s['teacher']}" if s.get("teacher") else ""),
                   f"{'row':<{width}}  {'mIoU':>6}  " + " ".join(f"{n[:8]:>8}" for n in names)]
         for k, r in g["rows"].items():
             ious = " ".join(f"{'-' if r['iou'][n] is None else format(r['iou'][n], '.1f'):>8}" for n in names)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -56,6 +57,19 @@ def text_embed_sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
 
 
+#: loss.latent_target without CLIP, for a store whose teacher wrote no clip/feat (an import without features)
+_WITHOUT_CLIP = {"clip": "none", "sam+clip": "sam"}
+
+
+def _drop_absent_latent_features(store: Store, cfg: dict) -> None:
+    """Leave ``clip/feat`` out of the Eq. 7 target (with a printed note) when the store's teacher wrote none."""
+    target = cfg["loss"]["latent_target"]
+    if target in _WITHOUT_CLIP and "clip/feat" in schema.absent_arrays(store.raw_attrs.get("stages", {})):
+        cfg["loss"]["latent_target"] = _WITHOUT_CLIP[target]
+        print(f"note: {store.path}: its imported labels came without features (no clip/feat); "
+              f"loss.latent_target {target} -> {_WITHOUT_CLIP[target]}", file=sys.stderr)
+
+
 def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
     """Refuse stores that do not fit ``cfg``; fill ``data.class_names``/``data.text_embed_sha256`` from the
     first store when the configuration leaves them null (so the dump pins them for resume and eval).
@@ -83,6 +97,8 @@ def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
         if not has_points and cfg["model"]["net3d"]:
             raise StoreMismatch(f"{path}: the store has no points (a 2D-only dataset); train the 2D network "
                                 "alone with a configuration whose model.net3d is null, e.g. --config nuimages")
+        if for_training:
+            _drop_absent_latent_features(st, cfg)
         needed = TRAINING_ARRAYS + (latent_feature_arrays(cfg) if for_training else ())
         absent = [n for n in needed if n not in st and (has_points or schema.spec(n).modality != "points")]
         if absent:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_cache import schema
 from pipeline.refine import sam_max_vote
 
 from .data import CacheFrameDataset, batch_to, collate_offsets, worker_init
@@ -214,10 +215,11 @@ def evaluate(model, store_paths, cfg: dict, device, with_baselines: bool = True,
     from data_cache.store import Store
     from data_cache.validate import simulated_note
     simulated = sorted({n for n in (simulated_note(Store(p)) for p in store_paths) if n})
+    teachers = [schema.teacher_of(Store(p).raw_attrs.get("stages", {})) for p in store_paths]
     return {"rows": summary, "class_names": names, "post_refine": bool(post_refine),
             "dataset": _dataset_name(store_paths[0]), "stores": store_label(store_paths), "open_vocabulary": open_vocab,
             "gt2d": " + ".join(gt2d_sources), "batch_statistics": bool(batch_statistics),
-            "simulated": simulated}
+            "simulated": simulated, "teachers": sorted({schema.teacher_line(t) for t in teachers if t})}
 
 
 def _dataset_name(path) -> str:
@@ -258,17 +260,27 @@ ROW_TITLES = {
 }
 
 
+def _titles_for(teachers) -> dict:
+    """ROW_TITLES with the 2D teacher's name for "MaskCLIP" when the stores name one other teacher."""
+    names = {line.split(" ")[1] for line in teachers}
+    if len(names) != 1 or names == {"maskclip"}:
+        return dict(ROW_TITLES)
+    name = next(iter(names))
+    return {k: v.replace("MaskCLIP", name) for k, v in ROW_TITLES.items()}
+
+
 def format_tables(result: dict) -> str:
     names = result["class_names"]
-    lines = [f"NOTE: {note}" for note in result.get("simulated", [])]
+    lines = [f"NOTE: {note}" for note in result.get("simulated", [])] + list(result.get("teachers", []))
     rows = [k for k in ROW_TITLES if k in result["rows"]]
-    width = max([len(ROW_TITLES[k]) for k in rows] + [30])
+    titles = _titles_for(result.get("teachers", []))
+    width = max([len(titles[k]) for k in rows] + [30])
     short = [n[:8] for n in names]
     lines.append(f"{'method':<{width}}  {'mIoU':>6}  " + " ".join(f"{n:>8}" for n in short))
     for k in rows:
         r = result["rows"][k]
         ious = " ".join(f"{'-' if r['iou'][n] is None else format(r['iou'][n], '.1f'):>8}" for n in names)
-        lines.append(f"{ROW_TITLES[k]:<{width}}  {r['miou']:6.1f}  {ious}")
+        lines.append(f"{titles[k]:<{width}}  {r['miou']:6.1f}  {ious}")
     if result.get("stores"):
         lines.append(f"evaluated on: {result['stores']}")
     if result.get("gt2d"):

@@ -4,6 +4,8 @@
   :class:`~.maskclip.MaskCLIPPredictor`
 * :mod:`.sam` — :func:`~.sam.build_sam`, :class:`~.sam.BatchedMaskGenerator`, :class:`~.sam.SamMaskFeatureGenerator`,
   :func:`~.sam.masks_to_id_map`
+* :mod:`.dense` — the dense CLIP teachers (``maskclip``, ``sclip``, ``clearclip``, ``naclip``): CLIP's last vision
+  block per teacher, behind a registry (``maskclip.dense``); :mod:`.pamr` — PAMR post-processing
 * :mod:`.pca` — :func:`~.pca.fit_pca`, :func:`~.pca.project`: the fixed projection of SAM and dense CLIP
   features to D channels
 * :mod:`.prompts` — the 85 prompt templates and the per-dataset class names

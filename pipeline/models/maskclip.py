@@ -6,9 +6,10 @@ Three layers, as in segment-anything:
   resizes the position embeddings of a square checkpoint bicubically) from an explicit weight source: an
   open_clip ``pretrained`` tag, a checkpoint file (OpenAI TorchScript or open_clip state dict), or — for
   tests and benchmarks only — random weights. It never falls back to random weights by itself.
-* :class:`MaskCLIP` (``nn.Module``) runs the image tower with its last transformer block on the *value path*
-  (:func:`value_path`): the query-key attention is dropped, every patch token keeps its own value. The
-  output is one L2-normalised CLIP embedding per 16x16 patch.
+* :class:`MaskCLIP` (``nn.Module``) runs the image tower with its last transformer block replaced by a dense
+  teacher's (:mod:`pipeline.models.dense`; by default MaskCLIP's *value path*, :func:`value_path`: the
+  query-key attention is dropped, every patch token keeps its own value). The output is one L2-normalised
+  CLIP embedding per 16x16 patch.
 * :class:`MaskCLIPPredictor` holds the class text embeddings and turns uint8 images into per-pixel labels
   and confidences: cosine similarity of patch and text embeddings, times ``logit_scale``, upsampled
   bilinearly to pixels, softmax over classes, argmax.
@@ -208,14 +209,15 @@ def block_keys(block, x: torch.Tensor) -> torch.Tensor:
 class MaskCLIP(nn.Module):
     """CLIP's image tower returning one embedding per patch (MaskCLIP).
 
-    The first ``layers - 1`` blocks run as trained; the last runs on the value path (:func:`value_path`);
-    then ``ln_post`` and ``proj`` as for CLIP's class token. The class token is dropped.
+    The first ``layers - 1`` blocks run as trained; the last is ``last_block(block, x, grid_hw)``: a dense
+    teacher of :mod:`pipeline.models.dense` (default: MaskCLIP's value path, :func:`value_path`); then
+    ``ln_post`` and ``proj`` as for CLIP's class token. The class token is dropped.
 
     Input of :meth:`forward`: uint8 RGB images [B, H, W, 3] (or float [B, 3, H, W] already normalised) at
     the resolution the model was built at. Output: L2-normalised features [B, E, H/16, W/16].
     """
 
-    def __init__(self, clip, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, clip, mean: Sequence[float], std: Sequence[float], last_block=None):
         super().__init__()
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
@@ -226,6 +228,7 @@ class MaskCLIP(nn.Module):
         if not isinstance(visual.transformer.resblocks[-1], ResidualAttentionBlock):
             raise NotImplementedError("MaskCLIP needs standard ResidualAttentionBlocks (q/k/v in_proj)")
         self.clip = clip
+        self.last_block = last_block if last_block is not None else (lambda block, x, grid_hw: value_path(block, x))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -268,7 +271,7 @@ class MaskCLIP(nn.Module):
         pixels = self.preprocess(images) if images.dtype == torch.uint8 else images
         x = self.tokens(pixels)
         last = self.visual.transformer.resblocks[-1]
-        y = value_path(last, x)[:, 1:]
+        y = self.last_block(last, x, self.grid_size)[:, 1:]
         y = self.visual.ln_post(y) @ self.visual.proj
         b, (h, w) = y.shape[0], self.grid_size
         feat = F.normalize(y, dim=-1).transpose(1, 2).reshape(b, -1, h, w)
@@ -355,12 +358,17 @@ def architecture(name: str = "ViT-B-16") -> dict:
 
 def build_maskclip(model: str = "ViT-B-16", pretrained: str | None = None, checkpoint: str | None = None,
                    image_size: Sequence[int] | None = None, tiny: bool = False, random_init: bool = False,
-                   device: str | torch.device = "cpu") -> tuple[MaskCLIP, object, dict]:
-    """:class:`MaskCLIP` and its tokenizer; see :func:`create_clip` for the arguments."""
+                   device: str | torch.device = "cpu", dense: str = "maskclip",
+                   dense_options: dict | None = None) -> tuple[MaskCLIP, object, dict]:
+    """:class:`MaskCLIP` and its tokenizer; see :func:`create_clip` for the arguments. ``dense`` names the
+    dense teacher of :mod:`pipeline.models.dense` whose last block the model runs, with ``dense_options``."""
     import open_clip
+
+    from .dense import get_teacher
+    teacher = get_teacher(dense, **(dense_options or {}))
     clip, info = create_clip(model, pretrained, checkpoint, image_size, tiny, random_init, device=device)
     tokenizer = open_clip.get_tokenizer(info["model"])
-    return MaskCLIP(clip, info["mean"], info["std"]).to(device).eval(), tokenizer, info
+    return MaskCLIP(clip, info["mean"], info["std"], teacher).to(device).eval(), tokenizer, info
 
 
 def build_text_embeddings(class_names: Sequence[str], model: str = "ViT-B-16", pretrained: str | None = None,
@@ -396,15 +404,19 @@ class MaskCLIPPredictor:
             upsampled.
         bf16: run the image tower under bfloat16 autocast (for CUDA; also works on CPUs with bf16 support);
             the features are cast back and renormalised in float32 before scoring.
+        pamr: refine the upsampled scores with PAMR (:mod:`pipeline.models.pamr`, NACLIP's defaults: 10
+            iterations, dilations 8 and 16) guided by the normalised image, before the softmax.
 
     :meth:`predict` returns ``labels`` uint8 [B, H, W] (argmax class) and ``confidence`` uint8 [B, H, W]
     (softmax probability of that class x 255, rounded).
     """
 
     def __init__(self, model: MaskCLIP, text_embed: torch.Tensor | None, logit_scale: float = DEFAULT_LOGIT_SCALE,
-                 prompt_denoising: float = 0.0, key_smoothing: float = 0.0, bf16: bool = False):
+                 prompt_denoising: float = 0.0, key_smoothing: float = 0.0, bf16: bool = False,
+                 pamr: bool = False):
         self.model = model
         self.bf16 = bool(bf16)
+        self.pamr = bool(pamr)
         self.device = model.mean.device
         self.text = None
         if text_embed is not None:
@@ -474,13 +486,22 @@ class MaskCLIPPredictor:
         float32 [B, E, h, w] that were scored (the model's L2-normalised patch embeddings)."""
         imgs = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
         s, is_prob, feat = self._scores_and_features(imgs)
-        labels, conf = self.labels_from_scores(s, is_prob, tuple(imgs.shape[1:3]))
+        guide = None  # PAMR's guide: the normalised image the model saw
+        if self.pamr:
+            guide = self.model.preprocess(imgs) if imgs.dtype == torch.uint8 else imgs.to(self.device).float()
+        size = tuple(imgs.shape[1:3]) if guide is None else tuple(guide.shape[-2:])
+        labels, conf = self.labels_from_scores(s, is_prob, size, guide)
         return (labels, conf, feat.float().cpu().numpy()) if return_features else (labels, conf)
 
     @staticmethod
-    def labels_from_scores(s: torch.Tensor, is_prob: bool, size_hw) -> tuple[np.ndarray, np.ndarray]:
-        """Patch scores [B, L, h, w] upsampled bilinearly to ``size_hw`` -> labels and confidences (uint8)."""
+    def labels_from_scores(s: torch.Tensor, is_prob: bool, size_hw, guide: torch.Tensor | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """Patch scores [B, L, h, w] upsampled bilinearly to ``size_hw`` -> labels and confidences (uint8);
+        with a ``guide`` image [B, 3, H, W], PAMR refines the upsampled scores first."""
         s = F.interpolate(s, size=tuple(size_hw), mode="bilinear", align_corners=False)
+        if guide is not None:
+            from .pamr import pamr
+            s = pamr(guide.to(s.device), s)
         if is_prob:
             p = s / s.sum(dim=1, keepdim=True).clamp_min(1e-12)
         else:

@@ -101,6 +101,11 @@ class Stage:
         self.config = {**self.defaults, **config}
         self.store_attrs = None  # the store's RootAttrs once bound
 
+    @classmethod
+    def for_config(cls, config: dict):
+        """The class to build for ``config`` (a stage with variants picks one by an option; default: itself)."""
+        return cls
+
     def bind(self, attrs) -> None:
         """Bind the stage to a store's root attributes (the runner does, before ``fingerprint``; ``prepare``
         does again); a stage whose output depends on them (e.g. the class names) records that in
@@ -306,4 +311,4 @@ def build_stage(name: str, **config) -> Stage:
         from ..simulate.stages import SIMULATED_STAGES
         return SIMULATED_STAGES.get(name)(**config)
     from . import load_builtin  # noqa: F401  (registers the built-in stages)
-    return STAGES.get(name)(**config)
+    return STAGES.get(name).for_config(config)(**config)

@@ -30,6 +30,14 @@ Config keys (defaults in :attr:`MaskCLIPStage.defaults`):
                        part of the fingerprint; ``tests/test_maskclip.py`` compares it with float32)
 ``tiny``               tiny random-weight model — tests only (CLI ``--test-tiny-models``)
 ``random_init``        the real architecture with random weights — benchmarks only
+``dense``              the dense teacher: ``maskclip`` (default, the paper), ``sclip``, ``clearclip``, ``naclip``
+                       (:mod:`pipeline.models.dense`: only CLIP's last vision block changes), or ``import``
+                       (labels from an external segmenter, :mod:`pipeline.stages.import_labels`)
+``naclip_sigma``       sigma of NACLIP's Gaussian window over patch positions (5; only with ``dense=naclip``)
+``pamr``               PAMR post-processing of the upsampled scores (NACLIP's defaults; off)
+
+The teacher enters the fingerprint as ``config.teacher`` = ``{"name", "options", "label_free"}`` (read by
+:func:`data_cache.schema.teacher_of`; ``cns-cli inspect`` and ``cns-cli eval`` print it).
 """
 from __future__ import annotations
 
@@ -39,8 +47,12 @@ import numpy as np
 
 from data_cache.schema import IMAGE_SHARD
 
+from ..registry import Registry
 from .base import (PAPER_FEAT_DIM, STAGES, ShardContext, Stage, cached_sha256, ensure_projection, image_groups,
                    run_group)
+
+#: stage classes that replace :class:`MaskCLIPStage` for a ``dense`` value that is no CLIP variant (``import``)
+TEACHER_STAGES = Registry("maskclip teacher stage")
 
 
 class _ModelsBySize:
@@ -64,11 +76,40 @@ class MaskCLIPStage(Stage):
         "model": "ViT-B-16", "pretrained": None, "checkpoint": None, "descriptive_names": False,
         "key_smoothing": 0.0, "prompt_denoising": 0.0, "logit_scale": 100.0, "feat_dim": None,
         "pca_sample_images": 32, "proj_store": None, "batch_size": 8, "bf16": False, "tiny": False,
-        "random_init": False,
+        "random_init": False, "dense": "maskclip", "naclip_sigma": 5.0, "pamr": False,
     }
+    #: the keys that make up ``config.teacher`` in the fingerprint instead of standing alone
+    teacher_keys = ("dense", "naclip_sigma", "pamr")
     uses_gpu = True
     runtime_keys = ("batch_size",)
     arrays = ("clip/text_embed", "clip/label", "clip/confidence", "clip/feat", "clip/proj", "clip/proj_mean")
+
+    @classmethod
+    def for_config(cls, config: dict):
+        """The stage class for ``config``: a registered teacher stage (``dense=import``), else this one."""
+        dense = config.get("dense", "maskclip")
+        return TEACHER_STAGES.get(dense) if dense in TEACHER_STAGES else cls
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.dense_teacher()  # an unknown teacher or option fails here, before anything runs
+
+    def dense_teacher(self):
+        """The :class:`pipeline.models.dense.DenseTeacher` of ``config.dense`` with its options."""
+        from ..models.dense import TeacherError, get_teacher, teacher_names
+        name = self.config["dense"]
+        try:
+            cls = type(get_teacher(name))
+        except KeyError:
+            raise TeacherError(f"maskclip.dense '{name}' is no dense teacher (known: "
+                               f"{', '.join(teacher_names() + TEACHER_STAGES.names())})") from None
+        return cls(**{k: self.config[k] for k in cls.options})
+
+    def teacher_record(self) -> dict:
+        """``{"name", "options", "label_free"}``: the teacher as the store records it."""
+        teacher = self.dense_teacher()
+        return {"name": teacher.name, "options": {**teacher.config, "pamr": bool(self.config["pamr"])},
+                "label_free": teacher.label_free}
 
     # -- identity --------------------------------------------------------------------------------------
     def weights_source(self) -> dict:
@@ -82,7 +123,9 @@ class MaskCLIPStage(Stage):
 
     def fingerprint_config(self) -> dict:
         # the checkpoint's content enters through checkpoint_sha256, not its path
-        c = {k: v for k, v in self.config.items() if k not in self.runtime_keys and k != "checkpoint"}
+        skip = set(self.runtime_keys) | set(self.teacher_keys) | {"checkpoint"}
+        c = {k: v for k, v in self.config.items() if k not in skip}
+        c["teacher"] = self.teacher_record()
         c["feat_dim"] = self.feat_dim()
         if self.store_attrs is not None:  # the words put in the prompts, per class (bound to a store)
             c["prompt_names"] = [list(words) for words in self.prompt_words(self.store_attrs)]
@@ -109,10 +152,12 @@ class MaskCLIPStage(Stage):
     def _build(self, image_size, device: str):
         from ..models.maskclip import MaskCLIPPredictor, build_maskclip
         c = self.config
+        teacher = self.dense_teacher()
         model, tokenizer, info = build_maskclip(c["model"], c["pretrained"], c["checkpoint"], image_size,
-                                                c["tiny"], c["random_init"], device=device)
+                                                c["tiny"], c["random_init"], device=device, dense=teacher.name,
+                                                dense_options=teacher.config)
         pred = MaskCLIPPredictor(model, None, logit_scale=c["logit_scale"], prompt_denoising=c["prompt_denoising"],
-                                 key_smoothing=c["key_smoothing"], bf16=c["bf16"])
+                                 key_smoothing=c["key_smoothing"], bf16=c["bf16"], pamr=c["pamr"])
         pred.tokenizer, pred.info = tokenizer, info
         return pred
 
@@ -122,37 +167,47 @@ class MaskCLIPStage(Stage):
 
     # -- driver ----------------------------------------------------------------------------------------
     def prepare(self, store, adapter) -> None:
-        import json
-
         import torch
+        attrs = store.attrs
+        self.prepare_arrays(store, self.arrays)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
 
-        from ..models.maskclip import embed_class_words
+        def predictor():  # built on first use only, then cached for this process's shards
+            return self.get_model(device).get(attrs.image_size)
+
+        self.write_text_embeddings(store, predictor)
+
+        def encode(images):
+            return predictor().features(torch.from_numpy(images))[0].cpu().numpy()
+
+        ensure_projection(self, store, "clip/proj", "clip/proj_mean", encode)
+
+    def prepare_arrays(self, store, arrays) -> None:
+        """Bind to the store, record the dimensions L, E, Dc, hc, wc and create ``arrays``."""
         attrs = store.attrs
         self.bind(attrs)
         arch = self.architecture()
         h, w = attrs.image_size
         store.set_dims(L=len(attrs.class_names), E=arch["embed_dim"], Dc=self.feat_dim(),
                        hc=h // arch["patch_size"], wc=w // arch["patch_size"])
-        store.ensure_arrays(self.arrays)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        store.ensure_arrays(arrays)
 
-        def predictor():  # built on first use only, then cached for this process's shards
-            return self.get_model(device).get(attrs.image_size)
+    def write_text_embeddings(self, store, encoder) -> None:
+        """``clip/text_embed`` from CLIP's text tower (``encoder()`` -> an object with ``model`` and ``tokenizer``,
+        called only when this configuration's embeddings are not stored yet)."""
+        import json
 
+        from ..models.maskclip import embed_class_words
         fit_key = json.dumps(self.fingerprint(), sort_keys=True, default=str)
         arr = store.array("clip/text_embed")
-        if arr.attrs.get("fit_key") != fit_key:  # else: resume, the text embeddings of this configuration are stored
-            pred = predictor()
-            words = self.prompt_words(attrs)
-            text = embed_class_words(pred.model, pred.tokenizer, words)
-            arr[:] = text.numpy().astype(np.float32)
-            arr.attrs.update({"fit_key": fit_key, "templates": 85, "prompt_names": [list(w) for w in words],
-                              "descriptive_names": self.config["descriptive_names"]})
-
-        def encode(images):
-            return predictor().features(torch.from_numpy(images))[0].cpu().numpy()
-
-        ensure_projection(self, store, "clip/proj", "clip/proj_mean", encode)
+        if arr.attrs.get("fit_key") == fit_key:  # resume: the text embeddings of this configuration are stored
+            return
+        enc = encoder()
+        words = self.prompt_words(store.attrs)
+        text = embed_class_words(enc.model, enc.tokenizer, words)
+        arr[:] = text.numpy().astype(np.float32)
+        arr.attrs.update({"fit_key": fit_key, "templates": 85, "prompt_names": [list(w) for w in words],
+                          "descriptive_names": self.config["descriptive_names"]})
 
     # -- worker ----------------------------------------------------------------------------------------
     def process_shard(self, ctx: ShardContext) -> dict:
