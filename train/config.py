@@ -28,6 +28,9 @@ LABEL_SOURCES = ("clip2d", "clip3d", "pred2d", "pred3d")
 #: Units of the Eq. 6 draw: ``pair`` (the paper's R*_i: one draw per pixel-point pair, shared by the 2D and
 #: the 3D term) or ``frame`` (one draw per frame and network).
 SWITCH_UNITS = ("pair", "frame")
+#: ``labels.point_targets``: the 3D cross-entropy's terms (train/labels.py): one per pixel-point pair (the
+#: paper's Eq. 5-6) or one per point from its first pair.
+POINT_TARGETS = ("pairs", "first_pair")
 #: ``loss.class_balance``: how the classes of one batch's targets weigh in the cross-entropy (train/losses.py).
 CLASS_BALANCE = ("none", "sqrt_inverse")
 
@@ -79,6 +82,8 @@ DEFAULTS: dict = {
         "stage2_sources": list(LABEL_SOURCES),
         "cross_training": True,     # false: each net learns only from its own modality's sources
         "switch": "pair",           # Eq. 6 draw unit: pair (one draw per pixel-point pair, the paper) | frame
+        "point_targets": "pairs",   # 3D CE terms: pairs (every pixel-point pair, the paper's Eq. 5-6) |
+                                    # first_pair (a point's first pair only; the benchmark's committed runs)
         "oracle": False,            # sanity row, not the method: every target is the store's ground truth
     },
     "loss": {
@@ -227,6 +232,9 @@ def validate(cfg: dict) -> None:
         if three_d:
             raise ConfigError(f"model.net3d is null (2D only): labels.stage2_sources cannot hold {three_d}; "
                               "use [clip2d, pred2d] or a subset")
+    if cfg["labels"]["point_targets"] not in POINT_TARGETS:
+        raise ConfigError(f"labels.point_targets must be one of {POINT_TARGETS}, got "
+                          f"'{cfg['labels']['point_targets']}'")
     if cfg["labels"]["switch"] not in SWITCH_UNITS:
         raise ConfigError(f"labels.switch must be one of {SWITCH_UNITS}, got '{cfg['labels']['switch']}'")
     jitter = cfg["data"]["augment"].get("color_jitter")

@@ -26,7 +26,7 @@ from data_cache.store import CacheError, Store
 from .config import ConfigError, dump_config
 from .data import (TRAINING_ARRAYS, CacheFrameDataset, EpochSampler, batch_to, collate_offsets, latent_feature_arrays,
                    worker_init)
-from .labels import LabelSources, allowed_sources, switch_targets
+from .labels import LabelSources, allowed_sources, point_target_mode, switch_targets
 from .losses import cotraining_loss, latent_losses
 from .models import build_model
 
@@ -413,11 +413,14 @@ class Trainer:
             pred3d = out["logits3d"].argmax(1) if stage == 2 and "logits3d" in out else None
         sources = LabelSources(batch, pred2d, pred3d, L, refine=bool(cfg["labels"]["refine"]))
         allowed2d, allowed3d = allowed_sources(cfg, stage)
+        per_pair = point_target_mode(cfg) == "pairs"
         target2d, target3d, choices = switch_targets(sources, batch, allowed2d, allowed3d, generator,
-                                                     unit=cfg["labels"]["switch"])
+                                                     unit=cfg["labels"]["switch"],
+                                                     point_targets=point_target_mode(cfg))
         lw = cfg["loss"]
         losses = cotraining_loss(out.get("logits2d"), target2d, out.get("logits3d"), target3d,
-                                 lw["weight_2d"], lw["weight_3d"], lw["class_balance"])
+                                 lw["weight_2d"], lw["weight_3d"], lw["class_balance"],
+                                 pair_point=batch["pair_point"] if per_pair else None)
         losses.update(latent_losses(out, batch, lw["latent_target"]))
         losses["loss"] = losses["loss"] + lw["weight_latent"] * (losses["latent2d"] + losses.get("latent3d", 0))
         self.optimizer.zero_grad(set_to_none=True)
