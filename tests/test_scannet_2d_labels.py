@@ -145,9 +145,9 @@ def test_label_ids_outside_the_map_and_missing_map(labelled_root, tmp_path):
     shutil.copytree(labelled_root, root)
     (root / "meta_data" / "scannetv2-labels.combined.tsv").unlink()
     with pytest.raises(DatasetError, match="scannetv2-labels.combined.tsv.*label_filt_ids=nyu40"):
-        build_adapter("scannet", root, split="all").capabilities
+        build_adapter("scannet", root, split="all", image_source="posed_images").capabilities
     # the same images read as NYU40 hold ids > 40 (ScanNet ids): refused, naming file and frame
-    adapter = build_adapter("scannet", root, split="all", label_filt_ids="nyu40")
+    adapter = build_adapter("scannet", root, split="all", label_filt_ids="nyu40", image_source="posed_images")
     with pytest.raises(DatasetError, match=r"frame 00000 holds id \d+, outside NYU40.*label-filt/0.png"):
         adapter.load(0)
 
@@ -158,7 +158,7 @@ def test_some_scenes_without_labels_is_refused(labelled_root, tmp_path):
     shutil.copy(root / "points" / f"{SCENE}.bin", root / "points" / "scene0001_00.bin")
     shutil.copytree(root / "posed_images" / SCENE, root / "posed_images" / "scene0001_00")
     with pytest.raises(DatasetError, match="1 of 2 scenes have 2D labels.*scene0001_00"):
-        build_adapter("scannet", root, split="all").capabilities
+        build_adapter("scannet", root, split="all", image_source="posed_images").capabilities
 
 
 @pytest.mark.parametrize("source", ["posed_images", "frames_25k"])
