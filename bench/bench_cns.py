@@ -64,7 +64,7 @@ PAPER_TABLE2 = {
 
 #: Keys that act in stage 2 only (or at evaluation): runs equal in everything else share stage 1.
 STAGE2_KEYS = (("labels", "stage2_sources"), ("labels", "cross_training"), ("labels", "switch"),
-               ("eval", "post_refine"))
+               ("labels", "switch_gate"), ("labels", "gate_confidence"), ("eval", "post_refine"))
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,10 @@ ROWS = (
     Row("Ours, switch per frame", ablation="switch_frame"),
     # the rooms study (issue 26): Ours with a point's first pair as its 3D target, against Ours with every pair
     Row("Ours, first pair", ablation="first_pair", kinds=("indoor",), full=False),
+    # stage-2 gates (labels.switch_gate, issue 26 point 6): a network's prediction drawn only where confident /
+    # where it agrees with the SAM-refined CLIP label; study rows, run when --rows names them
+    Row("Ours, gate confidence", ablation="gate_confidence", full=False),
+    Row("Ours, gate agree SAM", ablation="gate_agree_sam", full=False),
 )
 #: The row that trains each ablation preset (Post-Refine reads Ours' run, it trains none of its own).
 ROW_OF_PRESET = {r.ablation: r for r in ROWS if r.ablation and not r.post_refine}
@@ -159,8 +163,9 @@ def run_labels(spec: DatasetSpec, split: str, scenes: int, cache: Path, simulate
 
 
 #: Keys added after runs were cached, with the value those runs computed: left out of the digests at that value,
-#: so a cached run made before the key existed keeps its identity (labels.point_targets: issue 26).
-LATER_KEYS = ((("labels", "point_targets"), "first_pair"),)
+#: so a cached run made before the key existed keeps its identity (issue 26's labels keys).
+LATER_KEYS = ((("labels", "point_targets"), "first_pair"), (("labels", "switch_gate"), "none"),
+              (("labels", "gate_confidence"), 0.9))
 
 
 def _digest(cfg: dict, length: int) -> str:

@@ -144,3 +144,48 @@ def test_config_defaults_and_pins():
         load_config(None, ["labels.point_targets=every_pair"])
     assert point_target_mode(load_config(None, ["ablation=oracle"])) == "first_pair"
     assert point_target_mode(load_config(None)) == "pairs"
+
+
+def _gate_batch():
+    """One image 1x4, one SAM mask over pixels 0-1 and another over 2-3; four points, one pair each."""
+    clip = torch.tensor([[[1, 1, 2, 2]]], dtype=torch.uint8)
+    return {"coord": torch.zeros(4, 3), "point_offset": torch.tensor([0, 4]), "image_offset": torch.tensor([0, 1]),
+            "mask_id": torch.tensor([[[0, 0, 1, 1]]]), "clip_label": clip, "clip_refined": clip,
+            "pair_point": torch.arange(4), "pair_image": torch.zeros(4, dtype=torch.long),
+            "pair_uv": torch.tensor([[0, 0], [1, 0], [2, 0], [3, 0]])}
+
+
+def test_switch_gate_confidence_drops_unsure_predictions_before_the_vote():
+    b = _gate_batch()
+    pred2d, pred3d = torch.tensor([[[0, 0, 2, 3]]]), torch.tensor([0, 1, 3, 3])
+    conf2d, conf3d = torch.tensor([[[0.95, 0.5, 0.5, 0.5]]]), torch.tensor([0.3, 0.99, 0.2, 0.1])
+    src = LabelSources(b, pred2d, pred3d, 4, refine=True, gate="confidence", confidence=(conf2d, conf3d),
+                       threshold=0.9)
+    pix, _ = src.get("pred2d")
+    assert pix[0].tolist() == [[0, 0, IGNORE, IGNORE]]  # mask 0 keeps its one confident vote; mask 1 has none
+    _, pts = src.get("pred3d")
+    assert pts.tolist() == [1, 1, IGNORE, IGNORE] and src.pairs("pred3d").tolist() == [1, 1, IGNORE, IGNORE]
+    # where every prediction is gated away, the Eq. 6 draw falls to the CLIP sources
+    _, t3, _ = switch_targets(src, b, SOURCES, SOURCES, torch.Generator().manual_seed(0), point_targets="pairs")
+    assert t3[2:].tolist() == [2, 2]
+    ungated = LabelSources(b, pred2d, pred3d, 4, refine=True)
+    assert ungated.get("pred2d")[0][0].tolist() == [[0, 0, 2, 2]]  # the paper's reading: every prediction
+
+
+def test_switch_gate_agree_sam_keeps_predictions_that_match_the_refined_clip_label():
+    b = _gate_batch()
+    src = LabelSources(b, torch.tensor([[[1, 1, 3, 3]]]), torch.tensor([1, 1, 2, 0]), 4, refine=False,
+                       gate="agree_sam")
+    pix, pts = src.get("pred2d")
+    assert pix[0].tolist() == [[1, 1, IGNORE, IGNORE]] and pts.tolist() == [1, 1, IGNORE, IGNORE]
+    _, pts = src.get("pred3d")
+    assert pts.tolist() == [1, 1, 2, IGNORE] and src.pairs("pred3d").tolist() == [1, 1, 2, IGNORE]
+
+
+def test_switch_gate_config():
+    assert load_config(None)["labels"]["switch_gate"] == "none"
+    assert load_config(None, ["ablation=gate_confidence"])["labels"]["switch_gate"] == "confidence"
+    with pytest.raises(ConfigError, match="labels.switch_gate"):
+        load_config(None, ["labels.switch_gate=always"])
+    with pytest.raises(ConfigError, match="labels.gate_confidence"):
+        load_config(None, ["labels.gate_confidence=1.5"])

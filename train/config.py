@@ -31,6 +31,10 @@ SWITCH_UNITS = ("pair", "frame")
 #: ``labels.point_targets``: the 3D cross-entropy's terms (train/labels.py): one per pixel-point pair (the
 #: paper's Eq. 5-6) or one per point from its first pair.
 POINT_TARGETS = ("pairs", "first_pair")
+#: ``labels.switch_gate``: where a network's own prediction may be drawn in stage 2 (train/labels.py):
+#: everywhere (the paper), where its softmax confidence reaches ``labels.gate_confidence``, or where it agrees
+#: with the SAM-refined CLIP label of the element.
+SWITCH_GATES = ("none", "confidence", "agree_sam")
 #: ``loss.class_balance``: how the classes of one batch's targets weigh in the cross-entropy (train/losses.py).
 CLASS_BALANCE = ("none", "sqrt_inverse")
 
@@ -84,6 +88,8 @@ DEFAULTS: dict = {
         "switch": "pair",           # Eq. 6 draw unit: pair (one draw per pixel-point pair, the paper) | frame
         "point_targets": "pairs",   # 3D CE terms: pairs (every pixel-point pair, the paper's Eq. 5-6) |
                                     # first_pair (a point's first pair only; the benchmark's committed runs)
+        "switch_gate": "none",      # pred2d/pred3d drawn: everywhere (none, the paper) | confidence | agree_sam
+        "gate_confidence": 0.9,     # switch_gate=confidence: the softmax probability a prediction must reach
         "oracle": False,            # sanity row, not the method: every target is the store's ground truth
     },
     "loss": {
@@ -130,6 +136,10 @@ ABLATIONS: dict[str, dict] = {
     "switch_frame": {"labels.switch": "frame"},  # not a paper row: one draw per frame and network
     # not a paper row: a point's first pair as its 3D target instead of every pair (the reading before issue 26)
     "first_pair": {"labels.point_targets": "first_pair"},
+    # not paper rows: stage 2 draws a network's prediction only where it is confident / agrees with the
+    # SAM-refined CLIP label (labels.switch_gate; not measured yet)
+    "gate_confidence": {"labels.switch_gate": "confidence"},
+    "gate_agree_sam": {"labels.switch_gate": "agree_sam"},
     # not a paper row: the same networks and schedule trained on the ground truth (the upper bound a
     # benchmark must reach before its noisy rows mean anything)
     "oracle": {"labels.oracle": True},
@@ -237,6 +247,10 @@ def validate(cfg: dict) -> None:
     if cfg["labels"]["point_targets"] not in POINT_TARGETS:
         raise ConfigError(f"labels.point_targets must be one of {POINT_TARGETS}, got "
                           f"'{cfg['labels']['point_targets']}'")
+    if cfg["labels"]["switch_gate"] not in SWITCH_GATES:
+        raise ConfigError(f"labels.switch_gate must be one of {SWITCH_GATES}, got '{cfg['labels']['switch_gate']}'")
+    if not 0 <= float(cfg["labels"]["gate_confidence"]) <= 1:
+        raise ConfigError(f"labels.gate_confidence must lie in [0, 1], got {cfg['labels']['gate_confidence']}")
     if cfg["labels"]["switch"] not in SWITCH_UNITS:
         raise ConfigError(f"labels.switch must be one of {SWITCH_UNITS}, got '{cfg['labels']['switch']}'")
     jitter = cfg["data"]["augment"].get("color_jitter")

@@ -408,10 +408,15 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             out = self.ddp_model(batch["rgb"], batch["voxel_feat"], batch["voxel_index"], batch["inverse"],
                                  len(batch["point_offset"]) - 1)
-        with torch.no_grad():
+        lc = cfg["labels"]
+        with torch.no_grad():  # each net's own prediction: the argmax of this very forward pass
             pred2d = out["logits2d"].argmax(1) if stage == 2 and "logits2d" in out else None
             pred3d = out["logits3d"].argmax(1) if stage == 2 and "logits3d" in out else None
-        sources = LabelSources(batch, pred2d, pred3d, L, refine=bool(cfg["labels"]["refine"]))
+            gated = stage == 2 and lc["switch_gate"] == "confidence"  # its softmax probability, when gated by it
+            conf2d = out["logits2d"].float().softmax(1).amax(1) if gated and "logits2d" in out else None
+            conf3d = out["logits3d"].float().softmax(1).amax(1) if gated and "logits3d" in out else None
+        sources = LabelSources(batch, pred2d, pred3d, L, refine=bool(lc["refine"]), gate=lc["switch_gate"],
+                               confidence=(conf2d, conf3d), threshold=lc["gate_confidence"])
         allowed2d, allowed3d = allowed_sources(cfg, stage)
         per_pair = point_target_mode(cfg) == "pairs"
         target2d, target3d, choices = switch_targets(sources, batch, allowed2d, allowed3d, generator,

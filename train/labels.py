@@ -29,6 +29,16 @@ pixel-point pairs, and a net's own argmax as its target would be entropy minimis
   (lowest pair index) only; one term per point. The benchmark's and the demo's configurations pin it, since
   their committed numbers were measured with it.
 
+``labels.switch_gate`` (not the paper's; default ``none``) limits where the networks' own predictions are
+drawn in stage 2, so that a network's blind spots are not passed on as targets (docs/benchmark.md, rooms):
+
+* ``confidence``: a prediction with a softmax probability below ``labels.gate_confidence`` neither votes in
+  Eq. 4 nor labels its element (255 before the voting; a SAM mask with confident votes still spreads them);
+* ``agree_sam``: pred2d / pred3d label an element only where they agree with the clip2d label there (the
+  SAM-refined CLIP label; the raw one with ``labels.refine: false``).
+
+Where a gated prediction gives 255 the Eq. 6 draw falls to the sources that label the element.
+
 The ground-truth source of ``labels.oracle`` always supervises every point once with its own label
 (:func:`point_target_mode`): it has one label per point, paired or not.
 
@@ -114,12 +124,22 @@ def vote_through_pairs(point_labels: torch.Tensor, mask_id: torch.Tensor, pair_p
 
 
 class LabelSources:
-    """Computes the (pixel, point, pair) labels of each source on demand, once per batch."""
+    """Computes the (pixel, point, pair) labels of each source on demand, once per batch.
+
+    ``gate`` is ``labels.switch_gate`` (module docstring); ``confidence``: the softmax probability of each
+    prediction, ``(conf2d [I, H, W], conf3d [P])``, needed for ``gate="confidence"`` with ``threshold``."""
 
     def __init__(self, batch: dict, pred2d: torch.Tensor | None, pred3d: torch.Tensor | None, num_classes: int,
-                 refine: bool):
+                 refine: bool, gate: str = "none", confidence: tuple | None = None, threshold: float = 0.9):
         self.b, self.pred2d, self.pred3d, self.L, self.refine = batch, pred2d, pred3d, num_classes, refine
         self.num_points = len(batch["coord"])
+        self.gate, self.threshold = gate, float(threshold)
+        if gate == "confidence" and (pred2d is not None or pred3d is not None):
+            if confidence is None:
+                raise ValueError("labels.switch_gate=confidence needs the predictions' confidences")
+            self.pred2d, self.pred3d = (None if p is None else torch.where(c >= self.threshold, p.long(),
+                                                                            torch.full_like(p.long(), IGNORE))
+                                        for p, c in zip((pred2d, pred3d), confidence))
         self._cache: dict[str, tuple] = {}
 
     def _pairs(self):
@@ -158,7 +178,11 @@ class LabelSources:
 
     def _get3(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if name not in self._cache:
-            self._cache[name] = self._compute(name)
+            labels = self._compute(name)
+            if self.gate == "agree_sam" and name in ("pred2d", "pred3d"):
+                labels = tuple(torch.where(x == ref, x, torch.full_like(x, IGNORE))
+                               for x, ref in zip(labels, self._get3("clip2d")))
+            self._cache[name] = labels
         return self._cache[name]
 
     def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
