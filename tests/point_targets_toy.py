@@ -39,16 +39,18 @@ def toy_predictions(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def toy_targets(batch: dict, **switch_kwargs) -> dict[str, np.ndarray]:
-    """Stage-1 (clip2d only) and stage-2 (all four sources) targets, refined and not, with seeded draws."""
+    """Stage-1 (clip2d only) and stage-2 (all four sources) targets, refined and not, with seeded draws; stage 2
+    also with one draw per frame (``labels.switch: frame``)."""
     pred2d, pred3d = toy_predictions(batch)
     out = {}
     for refine in (True, False):
         sources = LabelSources(batch, pred2d, pred3d, len(TOY_CLASSES), refine=refine)
-        for stage, allowed in ((1, ["clip2d"]), (2, SOURCES)):
+        for key, stage, allowed, unit in (("stage1", 1, ["clip2d"], "pair"), ("stage2", 2, SOURCES, "pair"),
+                                          ("stage2_frame", 2, SOURCES, "frame")):
             t2, t3, _ = switch_targets(sources, batch, allowed, allowed, torch.Generator().manual_seed(stage),
-                                       **switch_kwargs)
-            out[f"refine{int(refine)}_stage{stage}_2d"] = t2.numpy().astype(np.uint8)
-            out[f"refine{int(refine)}_stage{stage}_3d"] = t3.numpy().astype(np.uint8)
+                                       unit=unit, **switch_kwargs)
+            out[f"refine{int(refine)}_{key}_2d"] = t2.numpy().astype(np.uint8)
+            out[f"refine{int(refine)}_{key}_3d"] = t3.numpy().astype(np.uint8)
     return out
 
 
