@@ -162,17 +162,16 @@ def run_labels(spec: DatasetSpec, split: str, scenes: int, cache: Path, simulate
     return store
 
 
-#: Keys added after runs were cached, with the value those runs computed: left out of the digests at that value,
-#: so a cached run made before the key existed keeps its identity (issue 26's labels keys).
-LATER_KEYS = ((("labels", "point_targets"), "first_pair"), (("labels", "switch_gate"), "none"),
-              (("labels", "gate_confidence"), 0.9))
-
-
 def _digest(cfg: dict, length: int) -> str:
+    """A digest of a resolved configuration. A key added after runs were cached is left out at the value those
+    runs computed with (``train.config.ADDED_KEYS``), so a cached run made before the key existed keeps its
+    identity."""
+    from train.config import ADDED_KEYS
     cfg = copy.deepcopy(cfg)
-    for (section, key), before in LATER_KEYS:
-        if cfg.get(section, {}).get(key) == before:
-            cfg[section].pop(key)
+    for dotted, before in ADDED_KEYS.items():
+        section, key = dotted.split(".")
+        if cfg.get(section, {}).get(key, before) == before:
+            cfg.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 

@@ -1,5 +1,7 @@
 """``labels.point_targets``: every pixel-point pair a term of the 3D CE (``pairs``) or a point's first pair
 only (``first_pair``, which must reproduce the targets of the code before the option existed)."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,18 @@ def test_switch_gate_config():
         load_config(None, ["labels.switch_gate=always"])
     with pytest.raises(ConfigError, match="labels.gate_confidence"):
         load_config(None, ["labels.gate_confidence=1.5"])
+
+
+def test_a_run_dumped_before_the_new_keys_reads_them_as_it_computed():
+    from train.config import backfill_added_keys
+    from train.engine import diff_configs
+    bench = load_config("bench_indoor_cpu")
+    old = copy.deepcopy(bench)
+    for key in ("point_targets", "switch_gate", "gate_confidence"):
+        old["labels"].pop(key)  # a config.yaml written before issue 26
+    assert diff_configs(backfill_added_keys(copy.deepcopy(old)), bench) == []  # its resume goes on
+    paper = load_config("scannet")
+    old_paper = copy.deepcopy(paper)
+    old_paper["labels"].pop("point_targets")
+    # a ScanNet run made with first-pair targets is not resumed with pairs: the difference is named
+    assert diff_configs(backfill_added_keys(old_paper), paper) == ["labels.point_targets: 'first_pair' -> 'pairs'"]

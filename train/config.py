@@ -146,6 +146,22 @@ ABLATIONS: dict[str, dict] = {
 }
 
 
+#: Keys added after runs were dumped, with the value that reproduces what such a run computed: a ``config.yaml``
+#: without one of them reads it as that value (:func:`backfill_added_keys`), so a resume of an older run is
+#: checked against what it did -- and refused when the configuration now resolves the key otherwise.
+ADDED_KEYS = {"labels.point_targets": "first_pair", "labels.switch_gate": "none", "labels.gate_confidence": 0.9}
+
+
+def backfill_added_keys(dumped: dict) -> dict:
+    """``dumped`` (a run's resolved configuration as written) with every :data:`ADDED_KEYS` key it lacks set to
+    its value from before the key existed. Modifies and returns ``dumped``."""
+    for dotted, before in ADDED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(dumped.get(section), dict):
+            dumped[section].setdefault(key, copy.deepcopy(before))
+    return dumped
+
+
 class ConfigError(UserError, ValueError):
     pass
 

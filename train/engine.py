@@ -23,7 +23,7 @@ from torch.utils.data.distributed import DistributedSampler
 from data_cache import schema
 from data_cache.store import CacheError, Store
 
-from .config import ConfigError, dump_config
+from .config import ConfigError, backfill_added_keys, dump_config
 from .data import (TRAINING_ARRAYS, CacheFrameDataset, EpochSampler, batch_to, collate_offsets, latent_feature_arrays,
                    worker_init)
 from .labels import LabelSources, allowed_sources, point_target_mode, switch_targets
@@ -312,7 +312,7 @@ class Trainer:
         dumped = self.out / "config.yaml"
         if resume and dumped.exists():
             import yaml
-            before = yaml.safe_load(dumped.read_text())
+            before = backfill_added_keys(yaml.safe_load(dumped.read_text()))  # a run dumped before a key existed
             diffs = diff_configs(before, self.cfg)
             if diffs:
                 raise ConfigError(f"--resume with a configuration that differs from {dumped}: "
