@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -63,7 +64,7 @@ PAPER_TABLE2 = {
 
 #: Keys that act in stage 2 only (or at evaluation): runs equal in everything else share stage 1.
 STAGE2_KEYS = (("labels", "stage2_sources"), ("labels", "cross_training"), ("labels", "switch"),
-               ("eval", "post_refine"))
+               ("labels", "switch_gate"), ("labels", "gate_confidence"), ("eval", "post_refine"))
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Row:
     post_refine: bool = False
     quick: bool = False
     kinds: tuple = ("street", "indoor")
+    full: bool = True  # one of --full's rows (False: a study's row, run only when --rows names it)
 
 
 ROWS = (
@@ -100,6 +102,12 @@ ROWS = (
     Row("Image numbers 32", ablation="images_32", kinds=("indoor",)),
     Row("Ours", ablation="none", quick=True),
     Row("Ours, switch per frame", ablation="switch_frame"),
+    # the rooms study (issue 26): Ours with a point's first pair as its 3D target, against Ours with every pair
+    Row("Ours, first pair", ablation="first_pair", kinds=("indoor",), full=False),
+    # stage-2 gates (labels.switch_gate, issue 26 point 6): a network's prediction drawn only where confident /
+    # where it agrees with the SAM-refined CLIP label; study rows, run when --rows names them
+    Row("Ours, gate confidence", ablation="gate_confidence", full=False),
+    Row("Ours, gate agree SAM", ablation="gate_agree_sam", full=False),
 )
 #: The row that trains each ablation preset (Post-Refine reads Ours' run, it trains none of its own).
 ROW_OF_PRESET = {r.ablation: r for r in ROWS if r.ablation and not r.post_refine}
@@ -114,6 +122,7 @@ class DatasetSpec:
     val_scenes: int
     options: dict = field(default_factory=dict)
     full_options: dict = field(default_factory=dict)  # --full: store options on top (own stores and runs)
+    stores_of: str | None = None  # another dataset's key whose stores this one trains on (its own runs)
 
 
 # class_colours=1: every object wears its class's colour. The from-scratch CPU 2D network learns its training
@@ -128,6 +137,10 @@ DATASETS = {
     "indoor": DatasetSpec("indoor", "bench_indoor_cpu", 16, 4,
                           {"frames_per_room": 16, "point_spacing": 0.05, "class_colours": 1}, {"frames_per_room": 32}),
 }
+# the rooms study (issue 26, `make bench-rooms16`): the indoor stores at the paper's ScanNet image number (16 a
+# step: every image of a 16-frame room) with every pixel-point pair a 3D term (bench_rooms16_cpu.yaml); its runs
+# in <work>/rooms16/, the stores read from <work>/indoor/cache
+DATASETS["rooms16"] = dataclasses.replace(DATASETS["indoor"], config="bench_rooms16_cpu", stores_of="indoor")
 
 
 def dataset_root(work: Path, kind: str, full: bool = False) -> Path:
@@ -150,6 +163,15 @@ def run_labels(spec: DatasetSpec, split: str, scenes: int, cache: Path, simulate
 
 
 def _digest(cfg: dict, length: int) -> str:
+    """A digest of a resolved configuration. A key added after runs were cached is left out at the value those
+    runs computed with (``train.config.ADDED_KEYS``), so a cached run made before the key existed keeps its
+    identity."""
+    from train.config import ADDED_KEYS
+    cfg = copy.deepcopy(cfg)
+    for dotted, before in ADDED_KEYS.items():
+        section, key = dotted.split(".")
+        if cfg.get(section, {}).get(key, before) == before:
+            cfg.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
@@ -302,6 +324,21 @@ def fmt(m: float | None, s: float | None) -> str:
     return f"{m:.1f}" if s is None else f"{m:.1f} ± {s:.1f}"
 
 
+def per_seed_lines(block: dict, seeds: list) -> list[str]:
+    """With several seeds: each trained row's 2D / 3D val mIoU per seed (the spread behind the mean ± std)."""
+    baselines = {r.name for r in ROWS if r.baseline}
+    trained = [n for n in block["rows"] if n not in baselines]
+    if len(seeds) < 2 or not trained:
+        return []
+    lines = ["", "Per seed, 2D / 3D val mIoU:", "", "| row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|" + "---|" * len(seeds)]
+    for name in trained:
+        values = block["per_seed"][name]
+        cells = [f"{v['2d']:.1f} / {v['3d']:.1f}" for v in values] + ["–"] * (len(seeds) - len(values))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_tables(result: dict, out_json: Path, out_md: Path) -> str:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=1))
@@ -334,6 +371,7 @@ def write_tables(result: dict, out_json: Path, out_md: Path) -> str:
             label_rows = " and ".join(r.name for r in ROWS if r.baseline)
             lines += ["", f"Mean ± standard deviation over the seeds; {label_rows} score the labels of the "
                       "stores, which every seed shares (one value)."]
+        lines += per_seed_lines(block, result["seeds"])
         for name, twin in block.get("same_run", {}).items():
             lines += ["", f"{name} is the same run as {twin}: its preset resolves to the same configuration here."]
         if block["not_run"]:
@@ -388,7 +426,7 @@ def dataset_stores(kind: str, a: argparse.Namespace) -> tuple[DatasetSpec, Path,
     root = dataset_root(a.work, kind, a.full)
     if a.full:
         spec.options = {**spec.options, **spec.full_options}
-    cache = root / "cache"
+    cache = dataset_root(a.work, spec.stores_of, a.full) / "cache" if spec.stores_of else root / "cache"
     train_store = run_labels(spec, "train", spec.train_scenes, cache, a.simulate)
     val_store = run_labels(spec, "val", spec.val_scenes, cache, a.simulate)
     return spec, root, train_store, val_store
@@ -402,7 +440,7 @@ def train_seed(kind: str, stores: tuple, a: argparse.Namespace, rows: list, seed
     _use_threads(threads)
     spec, root, train_store, val_store = stores
     for row in rows:
-        if kind in row.kinds and not row.baseline:
+        if spec.kind in row.kinds and not row.baseline:
             cfg, run_name = row_run(spec, row, seed, a.overrides)
             try:
                 train_row(cfg, train_store, val_store, root / f"seed{seed}" / run_name, a.device, progress=False)
@@ -443,7 +481,7 @@ def train_in_parallel(kinds: list, a: argparse.Namespace, rows: list, seeds: lis
         try:
             pool.starmap(train_seed, [(k, stores[k], a, oracle, s, threads) for k, s in pairs], chunksize=1)
             todo = [(k, s) for k, s in pairs if a.ignore_gate or oracle_passes(k, a, seeds)]
-            todo.sort(key=lambda p: -sum(p[0] in r.kinds and not r.baseline for r in rest))
+            todo.sort(key=lambda p: -sum(DATASETS[p[0]].kind in r.kinds and not r.baseline for r in rest))
             pool.starmap(train_seed, [(k, stores[k], a, rest, s, threads) for k, s in todo], chunksize=1)
         except RowRefused as e:
             raise SystemExit(str(e)) from None
@@ -458,7 +496,7 @@ def run_dataset(kind: str, a: argparse.Namespace, rows: list, seeds: list) -> di
     block = {"config": spec.config, "train_scenes": spec.train_scenes, "val_scenes": spec.val_scenes,
              "options": spec.options, "rows": {}, "per_seed": {}, "classes": {},
              "not_run": [], "same_run": {}}
-    kind_rows = [r for r in rows if kind in r.kinds]
+    kind_rows = [r for r in rows if spec.kind in r.kinds]
     timed = set()  # runs whose time is counted (Ours and Post-Refine read one run)
     for row in kind_rows:
         values = []
@@ -535,7 +573,7 @@ def main(argv=None) -> int:
     mode = "full" if a.full else "quick"
     seeds = list(range(a.seeds if a.seeds is not None else (3 if a.full else 1)))
     wanted = parse_rows(a.rows) if a.rows else None
-    rows = [r for r in ROWS if (wanted is None and (a.full or r.quick)) or (wanted and r in wanted)]
+    rows = [r for r in ROWS if (wanted is None and ((a.full and r.full) or r.quick)) or (wanted and r in wanted)]
     if rows[0].ablation != "oracle":
         rows.insert(0, ROWS[0])  # the gate row always comes first
     stem = a.tag or ("cns_ablation" if a.full else "cns_ablation_quick")

@@ -144,7 +144,7 @@ def summary_section(s: dict, palette) -> str:
 
 
 def run_section(run, dataset: str, class_names: list, pred_confusions: dict | None, gallery_size: int) -> str:
-    from train.evaluate import PAPER_REFERENCE, ROW_TITLES
+    from train.evaluate import PAPER_REFERENCE, REFERENCE_NOTE, ROW_TITLES
     parts = [f"<h2>Training run {html.escape(str(run.path))}</h2>"]
     ev = run.eval_result()
     if ev is not None:
@@ -154,7 +154,8 @@ def run_section(run, dataset: str, class_names: list, pred_confusions: dict | No
         ref = PAPER_REFERENCE.get(ev.get("dataset") or dataset, [])
         if ref:
             parts += ["<p>Reported in the paper (label-free mIoU, full datasets; for reference only):</p>",
-                      _table(["method", "mIoU"], [[t, f"{v:.1f}"] for t, v in ref])]
+                      _table(["method", "mIoU"], [[t, f"{v:.1f}"] for t, v in ref]),
+                      f"<p>{html.escape(REFERENCE_NOTE[0].upper() + REFERENCE_NOTE[1:])}.</p>"]
     else:
         parts.append('<p class="note">no eval/metrics.json yet (run <code>cns-cli eval --run ...</code>)</p>')
     records = run.metrics()

@@ -1,6 +1,7 @@
 """bench/bench_cns.py in a tiny mode: the oracle gate, shared stage-1 forks, resumption and the tables."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -211,3 +212,31 @@ def test_label_rows_are_scored_once_over_seeds(tmp_path):
     assert "| Baseline |" in md and "seeds)" not in md  # label rows: one value for every seed, no count
     assert not (tmp_path / "work1" / "street" / "seed1" / "baselines.json").exists()
     assert "which every seed shares (one value)" in (out / "cns_ablation_quick.md").read_text()
+
+
+def test_runs_cached_before_point_targets_keep_their_identity():
+    """labels.point_targets came after the benchmark's runs were cached: at the value they computed
+    (first_pair, pinned in bench_*_cpu.yaml) it is left out of the digests; the paper's pairs is a new run."""
+    spec = bench_cns.DATASETS["indoor"]
+    cfg = bench_cns.row_config(spec, "none", 0, [])
+    assert cfg["labels"]["point_targets"] == "first_pair"
+    before = copy.deepcopy(cfg)
+    before["labels"].pop("point_targets")  # a resolved configuration of a run made before the key existed
+    assert bench_cns.config_sha(cfg) == bench_cns.config_sha(before)
+    assert bench_cns.stage1_key(cfg) == bench_cns.stage1_key(before)
+    pairs = bench_cns.row_config(spec, "none", 0, ["labels.point_targets=pairs"])
+    assert bench_cns.stage1_key(pairs) != bench_cns.stage1_key(cfg)  # it changes stage 1's 3D targets too
+
+
+def test_rooms16_study_rows_and_stores():
+    """`make bench-rooms16`: the benchmark's rooms at 16 images a step with every pair a 3D term, on the indoor
+    stores; 'Ours, first pair' is its own run there, and the same run as Ours in the benchmark's rooms."""
+    spec, indoor = bench_cns.DATASETS["rooms16"], bench_cns.DATASETS["indoor"]
+    assert (spec.kind, spec.stores_of, spec.options, spec.train_scenes) == ("indoor", "indoor", indoor.options, 16)
+    first = bench_cns.ROW_OF_PRESET["first_pair"]
+    ours, first_cfg = (bench_cns.row_config(spec, a, 0, []) for a in ("none", "first_pair"))
+    assert ours["data"]["images_per_frame"] == 16 and ours["labels"]["point_targets"] == "pairs"
+    assert first_cfg["labels"]["point_targets"] == "first_pair"
+    assert bench_cns.row_run(spec, first, 0, [])[1] == "first_pair"
+    assert bench_cns.row_run(indoor, first, 0, [])[1] == "none"  # pinned first_pair: Ours itself
+    assert first not in [r for r in bench_cns.ROWS if r.full and "indoor" in r.kinds]  # not a --full row

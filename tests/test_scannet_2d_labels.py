@@ -145,9 +145,9 @@ def test_label_ids_outside_the_map_and_missing_map(labelled_root, tmp_path):
     shutil.copytree(labelled_root, root)
     (root / "meta_data" / "scannetv2-labels.combined.tsv").unlink()
     with pytest.raises(DatasetError, match="scannetv2-labels.combined.tsv.*label_filt_ids=nyu40"):
-        build_adapter("scannet", root, split="all").capabilities
+        build_adapter("scannet", root, split="all", image_source="posed_images").capabilities
     # the same images read as NYU40 hold ids > 40 (ScanNet ids): refused, naming file and frame
-    adapter = build_adapter("scannet", root, split="all", label_filt_ids="nyu40")
+    adapter = build_adapter("scannet", root, split="all", label_filt_ids="nyu40", image_source="posed_images")
     with pytest.raises(DatasetError, match=r"frame 00000 holds id \d+, outside NYU40.*label-filt/0.png"):
         adapter.load(0)
 
@@ -158,7 +158,7 @@ def test_some_scenes_without_labels_is_refused(labelled_root, tmp_path):
     shutil.copy(root / "points" / f"{SCENE}.bin", root / "points" / "scene0001_00.bin")
     shutil.copytree(root / "posed_images" / SCENE, root / "posed_images" / "scene0001_00")
     with pytest.raises(DatasetError, match="1 of 2 scenes have 2D labels.*scene0001_00"):
-        build_adapter("scannet", root, split="all").capabilities
+        build_adapter("scannet", root, split="all", image_source="posed_images").capabilities
 
 
 @pytest.mark.parametrize("source", ["posed_images", "frames_25k"])
@@ -179,3 +179,24 @@ def test_label_png_of_the_wrong_size(scannet_root, label_maps, tmp_path, source)
     assert store.is_done("correspond", 0) and not store.is_done("correspond", 1)  # the good scene finished
     failures = store.failures("correspond")
     assert [f["token"] for v in failures.values() for f in v] == [bad]
+
+
+def test_default_image_source_is_the_25k_frames_where_present(labelled_root, capsys):
+    """The paper trains the 2D network on ScanNet's 25k key frames: the default where scannet_frames_25k/ exists."""
+    ds = build_adapter("scannet", root=labelled_root, split="all")
+    assert ds.image_source == "frames_25k" and ds.config()["image_source"] == "frames_25k"
+    assert ds._image_ids(SCENE) == [f"{int(n):06d}" for n in SCANNET_VISIBLE]  # the 25k layout's frames
+    assert "note" not in capsys.readouterr().err
+    explicit = build_adapter("scannet", root=labelled_root, split="all", image_source="posed_images")
+    assert explicit.image_source == "posed_images"  # an explicit choice still wins
+
+
+def test_default_image_source_falls_back_to_posed_images_with_a_note(scannet_root, capsys):
+    assert not (scannet_root / "scannet_frames_25k").exists()  # the real fixture has no 25k frames
+    ds = build_adapter("scannet", root=scannet_root, split="all")
+    assert ds.image_source == "posed_images" and ds.config()["image_source"] == "posed_images"
+    assert ds._image_ids(SCENE) == list(SCANNET_VISIBLE)
+    err = capsys.readouterr().err
+    assert "no scannet_frames_25k/" in err and "posed images" in err
+    with pytest.raises(DatasetError, match="image_source=frames_25k needs"):
+        build_adapter("scannet", root=scannet_root, split="all", image_source="frames_25k")

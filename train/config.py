@@ -29,6 +29,13 @@ LABEL_SOURCES = ("clip2d", "clip3d", "pred2d", "pred3d")
 #: Units of the Eq. 6 draw: ``pair`` (the paper's R*_i: one draw per pixel-point pair, shared by the 2D and
 #: the 3D term) or ``frame`` (one draw per frame and network).
 SWITCH_UNITS = ("pair", "frame")
+#: ``labels.point_targets``: the 3D cross-entropy's terms (train/labels.py): one per pixel-point pair (the
+#: paper's Eq. 5-6) or one per point from its first pair.
+POINT_TARGETS = ("pairs", "first_pair")
+#: ``labels.switch_gate``: where a network's own prediction may be drawn in stage 2 (train/labels.py):
+#: everywhere (the paper), where its softmax confidence reaches ``labels.gate_confidence``, or where it agrees
+#: with the SAM-refined CLIP label of the element.
+SWITCH_GATES = ("none", "confidence", "agree_sam")
 #: ``loss.class_balance``: how the classes of one batch's targets weigh in the cross-entropy (train/losses.py).
 CLASS_BALANCE = ("none", "sqrt_inverse")
 #: what a folder dataset's ``like`` may name: the configurations ``_base_: "{like}.yaml"`` resolves to
@@ -83,6 +90,10 @@ DEFAULTS: dict = {
         "stage2_sources": list(LABEL_SOURCES),
         "cross_training": True,     # false: each net learns only from its own modality's sources
         "switch": "pair",           # Eq. 6 draw unit: pair (one draw per pixel-point pair, the paper) | frame
+        "point_targets": "pairs",   # 3D CE terms: pairs (every pixel-point pair, the paper's Eq. 5-6) |
+                                    # first_pair (a point's first pair only; the benchmark's committed runs)
+        "switch_gate": "none",      # pred2d/pred3d drawn: everywhere (none, the paper) | confidence | agree_sam
+        "gate_confidence": 0.9,     # switch_gate=confidence: the softmax probability a prediction must reach
         "oracle": False,            # sanity row, not the method: every target is the store's ground truth
     },
     "loss": {
@@ -127,10 +138,32 @@ ABLATIONS: dict[str, dict] = {
     "images_16": {"data.images_per_frame": 16},
     "images_32": {"data.images_per_frame": 32},
     "switch_frame": {"labels.switch": "frame"},  # not a paper row: one draw per frame and network
+    # not a paper row: a point's first pair as its 3D target instead of every pair (the reading before issue 26)
+    "first_pair": {"labels.point_targets": "first_pair"},
+    # not paper rows: stage 2 draws a network's prediction only where it is confident / agrees with the
+    # SAM-refined CLIP label (labels.switch_gate; not measured yet)
+    "gate_confidence": {"labels.switch_gate": "confidence"},
+    "gate_agree_sam": {"labels.switch_gate": "agree_sam"},
     # not a paper row: the same networks and schedule trained on the ground truth (the upper bound a
     # benchmark must reach before its noisy rows mean anything)
     "oracle": {"labels.oracle": True},
 }
+
+
+#: Keys added after runs were dumped, with the value that reproduces what such a run computed: a ``config.yaml``
+#: without one of them reads it as that value (:func:`backfill_added_keys`), so a resume of an older run is
+#: checked against what it did -- and refused when the configuration now resolves the key otherwise.
+ADDED_KEYS = {"labels.point_targets": "first_pair", "labels.switch_gate": "none", "labels.gate_confidence": 0.9}
+
+
+def backfill_added_keys(dumped: dict) -> dict:
+    """``dumped`` (a run's resolved configuration as written) with every :data:`ADDED_KEYS` key it lacks set to
+    its value from before the key existed. Modifies and returns ``dumped``."""
+    for dotted, before in ADDED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(dumped.get(section), dict):
+            dumped[section].setdefault(key, copy.deepcopy(before))
+    return dumped
 
 
 class ConfigError(UserError, ValueError):
@@ -245,6 +278,13 @@ def validate(cfg: dict) -> None:
         if three_d:
             raise ConfigError(f"model.net3d is null (2D only): labels.stage2_sources cannot hold {three_d}; "
                               "use [clip2d, pred2d] or a subset")
+    if cfg["labels"]["point_targets"] not in POINT_TARGETS:
+        raise ConfigError(f"labels.point_targets must be one of {POINT_TARGETS}, got "
+                          f"'{cfg['labels']['point_targets']}'")
+    if cfg["labels"]["switch_gate"] not in SWITCH_GATES:
+        raise ConfigError(f"labels.switch_gate must be one of {SWITCH_GATES}, got '{cfg['labels']['switch_gate']}'")
+    if not 0 <= float(cfg["labels"]["gate_confidence"]) <= 1:
+        raise ConfigError(f"labels.gate_confidence must lie in [0, 1], got {cfg['labels']['gate_confidence']}")
     from .sparse import sparse_backend
     sparse_backend(cfg["model"]["sparse_backend"])  # a known backend (whether it loads is checked at build time)
     if cfg["labels"]["switch"] not in SWITCH_UNITS:

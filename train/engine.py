@@ -24,10 +24,10 @@ from torch.utils.data.distributed import DistributedSampler
 from data_cache import schema
 from data_cache.store import CacheError, Store
 
-from .config import ConfigError, dump_config
+from .config import ConfigError, backfill_added_keys, dump_config
 from .data import (TRAINING_ARRAYS, CacheFrameDataset, EpochSampler, batch_to, collate_offsets, latent_feature_arrays,
                    worker_init)
-from .labels import LabelSources, allowed_sources, switch_targets
+from .labels import LabelSources, allowed_sources, point_target_mode, switch_targets
 from .losses import cotraining_loss, latent_losses
 from .models import build_model
 
@@ -331,7 +331,7 @@ class Trainer:
         dumped = self.out / "config.yaml"
         if resume and dumped.exists():
             import yaml
-            before = yaml.safe_load(dumped.read_text())
+            before = backfill_added_keys(yaml.safe_load(dumped.read_text()))  # a run dumped before a key existed
             diffs = diff_configs(before, self.cfg)
             if diffs:
                 raise ConfigError(f"--resume with a configuration that differs from {dumped}: "
@@ -431,16 +431,24 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             out = self.ddp_model(batch["rgb"], batch["voxel_feat"], batch["voxel_index"], batch["inverse"],
                                  len(batch["point_offset"]) - 1)
-        with torch.no_grad():
+        lc = cfg["labels"]
+        with torch.no_grad():  # each net's own prediction: the argmax of this very forward pass
             pred2d = out["logits2d"].argmax(1) if stage == 2 and "logits2d" in out else None
             pred3d = out["logits3d"].argmax(1) if stage == 2 and "logits3d" in out else None
-        sources = LabelSources(batch, pred2d, pred3d, L, refine=bool(cfg["labels"]["refine"]))
+            gated = stage == 2 and lc["switch_gate"] == "confidence"  # its softmax probability, when gated by it
+            conf2d = out["logits2d"].float().softmax(1).amax(1) if gated and "logits2d" in out else None
+            conf3d = out["logits3d"].float().softmax(1).amax(1) if gated and "logits3d" in out else None
+        sources = LabelSources(batch, pred2d, pred3d, L, refine=bool(lc["refine"]), gate=lc["switch_gate"],
+                               confidence=(conf2d, conf3d), threshold=lc["gate_confidence"])
         allowed2d, allowed3d = allowed_sources(cfg, stage)
+        per_pair = point_target_mode(cfg) == "pairs"
         target2d, target3d, choices = switch_targets(sources, batch, allowed2d, allowed3d, generator,
-                                                     unit=cfg["labels"]["switch"])
+                                                     unit=cfg["labels"]["switch"],
+                                                     point_targets=point_target_mode(cfg))
         lw = cfg["loss"]
         losses = cotraining_loss(out.get("logits2d"), target2d, out.get("logits3d"), target3d,
-                                 lw["weight_2d"], lw["weight_3d"], lw["class_balance"])
+                                 lw["weight_2d"], lw["weight_3d"], lw["class_balance"],
+                                 pair_point=batch["pair_point"] if per_pair else None)
         losses.update(latent_losses(out, batch, lw["latent_target"]))
         losses["loss"] = losses["loss"] + lw["weight_latent"] * (losses["latent2d"] + losses.get("latent3d", 0))
         self.optimizer.zero_grad(set_to_none=True)

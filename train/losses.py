@@ -45,16 +45,42 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_balan
     return loss / (target != IGNORE).sum().clamp(min=1)
 
 
+def pair_cross_entropy(logits: torch.Tensor, pair_target: torch.Tensor, pair_point: torch.Tensor,
+                       class_balance: str = "none") -> torch.Tensor:
+    """Mean CE over the labelled pixel-point pairs: (1/K') sum_k w_{y_k} CE(logits[pair_point[k]], y_k), the 3D
+    term of Eq. 5-6 with every pair a term (``labels.point_targets: pairs``).
+
+    ``logits`` [P, L] (per point), ``pair_target`` [K] (255 = no label), ``pair_point`` [K]. Computed as the
+    equivalent soft target per point, -sum_c n_{p,c} w_c log softmax(z_p)_c with n_{p,c} the number of the
+    point's labelled pairs of class c: the same value and gradient as the per-pair sum without a [K, L] gather
+    (rooms: ~10 pairs per point). Class weights as in :func:`masked_cross_entropy`, from the pairs' labels.
+    0 (with a graph) when no pair is labelled."""
+    labelled = pair_target != IGNORE
+    counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    counts.index_put_((pair_point[labelled], pair_target[labelled]),
+                      torch.ones(int(labelled.sum()), device=logits.device), accumulate=True)
+    weight = batch_class_weights(pair_target, logits.shape[1], class_balance)
+    if weight is not None:
+        counts = counts * weight
+    loss = -(counts * F.log_softmax(logits.float(), dim=1)).sum()
+    return loss / labelled.sum().clamp(min=1)
+
+
 def cotraining_loss(logits2d: torch.Tensor | None, target2d: torch.Tensor, logits3d: torch.Tensor | None,
                     target3d: torch.Tensor, weight_2d: float = 1.0, weight_3d: float = 1.0,
-                    class_balance: str = "none") -> dict:
+                    class_balance: str = "none", pair_point: torch.Tensor | None = None) -> dict:
     """**Eq. 6**: L = w2 * CE(f_2D(x), y_2D) + w3 * CE(f_3D(p), y_3D), pixels [I, L, H, W], points [P, L].
+
+    ``target3d`` is one label per point [P], or with ``pair_point`` [K] given one label per pixel-point pair
+    [K] (``labels.point_targets: pairs``, :func:`pair_cross_entropy`). Each CE is a mean over its labelled
+    elements (pixels; points or pairs).
 
     A batch without images has a zero 2D term (with a graph); a 2D-only model (no ``logits3d``) has no 3D
     term at all. ``class_balance``: see :func:`batch_class_weights` (``none``: the paper's CE)."""
     out = {}
     if logits3d is not None:
-        out["ce3d"] = masked_cross_entropy(logits3d, target3d, class_balance)
+        out["ce3d"] = (masked_cross_entropy(logits3d, target3d, class_balance) if pair_point is None
+                       else pair_cross_entropy(logits3d, target3d, pair_point, class_balance))
     any_logits = logits3d if logits3d is not None else logits2d
     out["ce2d"] = (masked_cross_entropy(logits2d, target2d, class_balance) if logits2d is not None
                    else any_logits.sum() * 0)

@@ -15,15 +15,19 @@ Every posed frame of a scene becomes an image of the cache at 240x320; a point i
 only where the depth map confirms it (``occlusion_tolerance``, metres). Without ``intrinsic_depth.txt`` the
 depth K is the colour K scaled to the depth resolution.
 
-The images of a scene come from one of two sources (``--dataset-option image_source=...``):
+The images of a scene come from one of two sources (``--dataset-option image_source=...``). By default
+(``auto``) they are ScanNet's 25k key frames where ``scannet_frames_25k/`` (or ``tasks/scannet_frames_25k/``)
+exists under the data root -- the paper trains the 2D network on them ("we utilize 25,000 key frame images
+to train the 2D network", section 4) -- and the posed images otherwise, with a note on stderr; the store's
+``dataset_config.image_source`` records the source used.
 
-* ``posed_images`` (default): the mmdetection3d export above. Its 2D labels, when the raw scans are there,
+* ``posed_images``: the mmdetection3d export above. Its 2D labels, when the raw scans are there,
   are ScanNet's filtered label images ``scans/<scene>/label-filt/<frame>.png`` (``<frame>`` = the posed
   frame's number without zero padding; the unzipped ``<scene>_2d-label-filt.zip``). ScanNet releases them as
   16-bit PNGs of ScanNet label ids, mapped to NYU40 with ``scannetv2-labels.combined.tsv`` (columns ``id``
   and ``nyu40id``; looked for in ``meta_data/`` and the root); label images already converted to NYU40
   (ScanNet's ``convert_scannet_label_image.py``) need ``--dataset-option label_filt_ids=nyu40``.
-* ``frames_25k``: ScanNet's 25k-frame subset (the frames the paper trains on), ``scannet_frames_25k/<scene>/``
+* ``frames_25k`` (the default where present): ScanNet's 25k-frame subset, ``scannet_frames_25k/<scene>/``
   (or ``tasks/scannet_frames_25k/<scene>/``) with ``color/NNNNNN.jpg``, ``depth/NNNNNN.png``,
   ``pose/NNNNNN.txt``, ``label/NNNNNN.png`` (NYU40 ids), ``intrinsics_color.txt`` (and optionally
   ``intrinsics_depth.txt``). The points still come from ``points/``.
@@ -37,6 +41,7 @@ them; without them 2D evaluation falls back to projected 3D labels (``image_gt_s
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -51,6 +56,8 @@ from .classes import SCANNET20, nyu40_to_scannet20_lut
 POINT_COLUMNS = 6
 DEPTH_SCALE = 1000.0  # ScanNet depth PNGs hold millimetres
 IMAGE_SOURCES = ("posed_images", "frames_25k")
+#: ``image_source=auto`` (the default): frames_25k where its folder exists under the data root, else posed_images.
+AUTO_IMAGE_SOURCE = "auto"
 LABEL_FILT_IDS = ("scannet", "nyu40")
 LABEL_MAP_NAME = "scannetv2-labels.combined.tsv"
 NYU40_MAX = 40
@@ -79,13 +86,16 @@ class ScanNetDataset(DatasetAdapter):
     image_gt_name = "scannet_2d_labels"
 
     def __init__(self, root=None, split: str = "train", occlusion_tolerance: float = 0.1,
-                 image_source: str = "posed_images", label_filt_ids: str = "scannet", **options):
+                 image_source: str = AUTO_IMAGE_SOURCE, label_filt_ids: str = "scannet", **options):
         if root is None:
             raise DatasetError("ScanNet needs a data root (--data-root / DATA_ROOT=/path/to/scannet)")
         super().__init__(root, split, **options)
         self.occlusion_tolerance = float(occlusion_tolerance)
-        if image_source not in IMAGE_SOURCES:
-            raise DatasetError(f"unknown ScanNet image_source '{image_source}' (known: {', '.join(IMAGE_SOURCES)})")
+        if image_source not in IMAGE_SOURCES + (AUTO_IMAGE_SOURCE,):
+            raise DatasetError(f"unknown ScanNet image_source '{image_source}' (known: {AUTO_IMAGE_SOURCE}, "
+                               f"{', '.join(IMAGE_SOURCES)})")
+        if image_source == AUTO_IMAGE_SOURCE:
+            image_source = self._default_image_source()
         if label_filt_ids not in LABEL_FILT_IDS:
             raise DatasetError(f"unknown ScanNet label_filt_ids '{label_filt_ids}' (known: "
                                f"{', '.join(LABEL_FILT_IDS)})")
@@ -100,6 +110,16 @@ class ScanNetDataset(DatasetAdapter):
         if image_source == "frames_25k" and self._frames_25k_root is None:
             raise DatasetError("image_source=frames_25k needs ScanNet's 25k frames in scannet_frames_25k/ or "
                                "tasks/scannet_frames_25k/ under the data root", file=self.root)
+
+    def _default_image_source(self) -> str:
+        """``frames_25k`` where ScanNet's 25k key frames are under the data root (the paper's 2D training
+        images), else ``posed_images`` with a note on stderr."""
+        if self._frames_25k_root is not None:
+            return "frames_25k"
+        print(f"note: ScanNet: no scannet_frames_25k/ under {self.root}; the 2D training images are the posed "
+              "images of the mmdetection3d export (the paper trains the 2D network on the 25k key frames)",
+              file=sys.stderr)
+        return "posed_images"
 
     @property
     def capabilities(self) -> list[str]:
