@@ -83,7 +83,7 @@ def main(verbose: bool) -> None:
               help="TEST/BENCH ONLY: tiny random-initialised CLIP and SAM instead of real weights.")
 @click.option("--simulate", "simulate", default=None, metavar="CONFIG",
               help="BENCHMARK ONLY: simulated CLIP and SAM made from the ground truth with the knobs of CONFIG "
-                   "(a YAML file, or a name in configs/simulate, e.g. default); the store is marked simulated.")
+                   "(a YAML file, or a shipped name, e.g. default); the store is marked simulated.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker, scheduler, shard_size, overwrite,
            device, dataset_options, clip_checkpoint, clip_pretrained, clip_model, sam_checkpoint, sam_model,

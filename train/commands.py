@@ -21,7 +21,7 @@ def _fail(e: Exception) -> None:
 @click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="a cache store (repeat for several)")
 @click.option("--config", "config_file", default=None,
-              help=f"YAML file or name in configs/train ({', '.join(available_configs())})")
+              help=f"YAML file or name in train/configs ({', '.join(available_configs())})")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--init-from", "init_from", default=None, type=click.Path(exists=True, dir_okay=False),
