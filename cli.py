@@ -40,7 +40,17 @@ def _parse_options(pairs) -> dict:
     return out
 
 
+def _print_versions(ctx, _param, value) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from pipeline.environment import version_lines
+    click.echo("\n".join(version_lines()))
+    ctx.exit()
+
+
 @click.group(cls=CnsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_versions,
+              help="Versions of the project, torch (CUDA build), spconv, open_clip, SAM, zarr, dask; GPU seen.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
     """Label-free scene understanding with vision foundation models (CNS).

@@ -94,9 +94,9 @@ def open_vocabulary_embeddings(class_names, clip_cfg: dict, device) -> torch.Ten
     from pipeline.models.maskclip import build_text_embeddings
     want_sha = clip_cfg.get("checkpoint_sha256")
     if want_sha:
-        from pipeline.models.maskclip import resolve_weights
+        from pipeline.models.weights import resolve_weights
         from pipeline.stages.base import cached_sha256
-        src = resolve_weights(clip_cfg.get("model"), clip_cfg.get("pretrained"), clip_cfg.get("checkpoint"))
+        src = resolve_weights("clip", clip_cfg.get("model"), clip_cfg.get("checkpoint"), clip_cfg.get("pretrained"))
         if src["source"] == "checkpoint" and cached_sha256(src["path"]) != want_sha:
             raise ValueError(f"CLIP checkpoint {src['path']} is not the one the store's labels were made with "
                              f"(sha256 {want_sha[:12]}...); pass that one with --clip-checkpoint")
