@@ -69,7 +69,7 @@ def main(verbose: bool) -> None:
 @click.option("--dataset", required=True, help="nuscenes | nuimages | scannet | synthetic")
 @click.option("--data-root", type=click.Path(), default=None, help="Dataset root (not needed for synthetic).")
 @click.option("--split", default=None, help="Split (nuScenes: train/val/test/mini_train/...; 'all').")
-@click.option("--cache", "cache", default="data_cache/stores", show_default=True, help="Directory of the stores.")
+@click.option("--cache", "cache", default="data_cache/stores", show_default=True, help="Directory of stores: writes CACHE/<dataset>-<split>.zarr.")
 @click.option("--stages", default="correspond,maskclip,sam,refine", show_default=True,
               help="Comma list of correspond,maskclip,sam,refine.")
 @click.option("--workers", type=int, default=1, show_default=True,

@@ -264,10 +264,10 @@ def format_tables(result: dict) -> str:
         lines.append(f"evaluated on: {result['stores']}")
     if result.get("gt2d"):
         lines.append(f"2D ground truth: {result['gt2d']}")
-    every = list(dict.fromkeys(x for v in PAPER_REFERENCE.values() for x in v))  # nuImages is listed twice
-    ref = PAPER_REFERENCE.get(result.get("dataset", ""), every)
-    lines.append("")
-    lines.append("reported in the paper (label-free mIoU, full datasets; for reference only):")
+    ref = PAPER_REFERENCE.get(result.get("dataset", ""), [])  # only the store's dataset; synthetic has none
+    if ref:
+        lines.append("")
+        lines.append("reported in the paper (label-free mIoU, full datasets; for reference only):")
     for title, v in ref:
         lines.append(f"  {title:<{width - 2}}  {v:6.1f}")
     return "\n".join(lines)
