@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -383,3 +384,18 @@ def test_ddp_two_processes_gloo(toy, tmp_path):
     # were compared at the end of training (a divergence raises)
     assert [r["step"] for r in recs if r["type"] == "train"] == [1, 2]
     assert (out / "checkpoints" / "last.pth").exists()
+
+
+def test_readme_python_example_runs(straight_run, toy):
+    """The README's Python example (open a store, read labels, predict a frame with a run) on the toy store."""
+    run, _ = straight_run
+    block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    code = block.replace("runs/demo/cache/synthetic-val.zarr", str(toy)).replace("runs/demo/run", str(run))
+    assert str(toy) in code and str(run) in code
+    names: dict = {}
+    exec(compile(code, "README.md", "exec"), names)  # noqa: S102 (the README's own code)
+    store, pred = names["store"], names["pred"]
+    starts, points = store.offsets("images"), store.offsets("points")
+    assert names["labels"].shape == (starts[1] - starts[0], *store.attrs.image_size)
+    assert pred["pred2d"].shape == names["labels"].shape
+    assert pred["pred3d"].shape == (points[1] - points[0],)

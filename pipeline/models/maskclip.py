@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -31,10 +30,11 @@ from torch import nn
 
 from . import prompts, weights
 from .weights import WeightsError
+from ..registry import shipped_config_dir
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
+CONFIG_DIR = shipped_config_dir("pipeline.models", "configs/clip")  # package data (setup.cfg)
 #: the random-weight test architecture (``configs/clip/CNS-Tiny-ViT.json``)
 TINY_MODEL = weights.TINY_MODELS["clip"]
 #: CLIP's learned temperature for the OpenAI models (exp(logit_scale) = 100); scales cosine similarities

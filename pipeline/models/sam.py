@@ -29,7 +29,6 @@ import json
 import math
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -40,8 +39,9 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from . import weights
 from .pca import fit_pca, project  # noqa: F401  (the fixed projection, shared with the maskclip stage)
 from .weights import WeightsError
+from ..registry import shipped_config_dir
 
-CONFIG_DIR = Path(__file__).parent / "configs" / "sam"
+CONFIG_DIR = shipped_config_dir("pipeline.models", "configs/sam")  # package data (setup.cfg)
 #: seed of every random-weight build (driver and workers build the same random model)
 RANDOM_SEED = 0
 
