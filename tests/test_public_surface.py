@@ -111,3 +111,13 @@ def test_version_names_every_library_and_the_gpu():
         assert f"{dist.metadata['Name'].lower().replace('_', '-')} {dist.version}" in lines["spconv"]
     if any(d.metadata["Name"].lower().replace("_", "-") == "spconv-cu118" for d in spconv):
         assert "spconv-cu118 " in lines["spconv"] and "(CUDA 11.8)" in lines["spconv"]
+
+
+@pytest.mark.parametrize("verb, says", [("labels", "Directory of stores"), ("train", "one cache store"),
+                                        ("eval", "one cache store")])
+def test_cache_help_says_directory_or_one_store(verb, says):
+    from cli import main
+    res = CliRunner().invoke(main, [verb, "--help"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    cache_help = next(line for line in res.output.splitlines() if line.strip().startswith("--cache"))
+    assert says in cache_help
