@@ -88,10 +88,10 @@ demo:  ## the whole system offline: synthetic data, labels, CNS training, eval, 
 	@echo "[5/5] done. Report: $(DEMO)/report/report.html"
 
 test: $(VENV)/.installed  ## run the test suite (CPU; installs first on a fresh clone)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=10
 
 test-all: $(VENV)/.installed  ## the test suite including tests marked slow
-	$(BIN)/python -m pytest -q -ra --run-slow
+	$(BIN)/python -m pytest -q -ra --durations=10 --run-slow
 
 labels:  ## run the pseudo-label stages into CACHE (see variables above)
 	$(CLI) labels --dataset $(DATASET) --cache $(CACHE) --stages $(STAGES) --workers $(WORKERS) \

@@ -40,7 +40,17 @@ def _parse_options(pairs) -> dict:
     return out
 
 
+def _print_versions(ctx, _param, value) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from pipeline.environment import version_lines
+    click.echo("\n".join(version_lines()))
+    ctx.exit()
+
+
 @click.group(cls=CnsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_versions,
+              help="Versions of the project, torch (CUDA build), spconv, open_clip, SAM, zarr, dask; GPU seen.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
     """Label-free scene understanding with vision foundation models (CNS).
@@ -60,7 +70,7 @@ def main(verbose: bool) -> None:
 @click.option("--dataset", required=True, help="nuscenes | nuimages | scannet | synthetic | folder")
 @click.option("--data-root", type=click.Path(), default=None, help="Dataset root (not needed for synthetic).")
 @click.option("--split", default=None, help="Split (nuScenes: train/val/test/mini_train/...; 'all').")
-@click.option("--cache", "cache", default="data_cache/stores", show_default=True, help="Directory of the stores.")
+@click.option("--cache", "cache", default="data_cache/stores", show_default=True, help="Directory of stores: writes CACHE/<dataset>-<split>.zarr.")
 @click.option("--stages", default="correspond,maskclip,sam,refine", show_default=True,
               help="Comma list of correspond,maskclip,sam,refine.")
 @click.option("--workers", type=int, default=1, show_default=True,
@@ -84,7 +94,7 @@ def main(verbose: bool) -> None:
               help="TEST/BENCH ONLY: tiny random-initialised CLIP and SAM instead of real weights.")
 @click.option("--simulate", "simulate", default=None, metavar="CONFIG",
               help="BENCHMARK ONLY: simulated CLIP and SAM made from the ground truth with the knobs of CONFIG "
-                   "(a YAML file, or a name in configs/simulate, e.g. default); the store is marked simulated.")
+                   "(a YAML file, or a shipped name, e.g. default); the store is marked simulated.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker, scheduler, shard_size, overwrite,
            device, dataset_options, clip_checkpoint, clip_pretrained, clip_model, sam_checkpoint, sam_model,

@@ -1,7 +1,7 @@
 """The controlled-noise benchmark of CNS: the paper's Table 2 rows on simulated pseudo-labels (issue 10).
 
 Synthetic street and indoor scenes have exact ground truth; the simulated foundation models
-(pipeline/simulate, configs/simulate/default.yaml) corrupt it into MaskCLIP-like labels and SAM-like masks
+(pipeline/simulate, pipeline/simulate/configs/default.yaml) corrupt it into MaskCLIP-like labels and SAM-like masks
 and features. The real refine stage, trainer and evaluation then run on those stores, with a train store
 and a val store made of different scenes, and every row is scored on the val store.
 
@@ -24,7 +24,7 @@ and a val store made of different scenes, and every row is scored on the val sto
 
     python bench/bench_cns.py [--full] [--device cpu|cuda] [--work runs/bench_cns] [--seeds N]
 
-The CPU study regime (configs/train/bench_*_cpu.yaml) is a choice for 2 cores, not the paper's: small
+The CPU study regime (train/configs/bench_*_cpu.yaml) is a choice for 2 cores, not the paper's: small
 from-scratch networks (unet_small, spunet_small), small images, AdamW, class-balanced cross-entropy, objects in
 their class's colour (``class_colours``) and streets with the rare classes made more frequent (``rare_boost``);
 docs/benchmark.md says why.
@@ -346,7 +346,7 @@ def write_tables(result: dict, out_json: Path, out_md: Path) -> str:
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
              f"Seeds: {result['seeds']}; wall time of this invocation {result['wall_minutes']:.1f} min, training and "
              f"evaluation of the rows {result['train_minutes']:.1f} min; "
-             f"simulated pseudo-labels (configs/simulate/{result['simulate']}.yaml), not CLIP/SAM.", ""]
+             f"simulated pseudo-labels (pipeline/simulate/configs/{result['simulate']}.yaml), not CLIP/SAM.", ""]
     for kind, block in result["datasets"].items():
         gate = block.get("gate") or {"passed": False}
         lines += [f"## {kind} ({block['config']}: {block['train_scenes']} train / {block['val_scenes']} val scenes)",
@@ -557,7 +557,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=None,
                     help="comma-separated row names or ablation presets (default: the mode's rows), e.g. "
                          "'w 2D,Ours, switch per frame' or 'pred2d_only,switch_frame'")
-    ap.add_argument("--simulate", default="default", help="simulator config (configs/simulate/<name>.yaml)")
+    ap.add_argument("--simulate", default="default", help="simulator config (pipeline/simulate/configs/<name>.yaml)")
     ap.add_argument("--oracle-gate", type=float, default=50.0)
     ap.add_argument("--ignore-gate", action="store_true", help="train the noisy rows even when the oracle misses")
     ap.add_argument("--no-train", action="store_true",

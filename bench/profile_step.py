@@ -1,7 +1,7 @@
 """Where one training step of a benchmark row spends its time: a few steps of ``bench/bench_cns.py``'s regime on
 its cached stores, timed, then the torch profiler's table of the most expensive operators.
 
-    python bench/profile_step.py indoor                          # the oracle row of configs/train/bench_indoor_cpu
+    python bench/profile_step.py indoor                          # the oracle row of train/configs/bench_indoor_cpu
     python bench/profile_step.py street --ablation none loss.latent_target=none   # any row, any override
     python bench/profile_step.py indoor --work runs/bench_cns --steps 3 --table 0
 

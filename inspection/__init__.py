@@ -9,10 +9,18 @@ run        a training run: its metrics, evaluation tables and its networks' pred
 report     one self-contained HTML page with all of the above
 commands   the click commands (registered in ``cli.py``)
 ========== ==========================================================================================
+
+Public names: :class:`StoreView` (a store's frames and their arrays), :class:`RunView` (a run's metrics and,
+through ``RunView(run).predictor(view).predict(frame)``, its networks' predictions), :func:`summarize`,
+:func:`build_report` and :class:`InspectError`.
 """
-
-
 from data_cache.errors import UserError
+from data_cache.exports import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "StoreView": "inspection.frames", "RunView": "inspection.run", "summarize": "inspection.summary",
+    "build_report": "inspection.report", "InspectError": "inspection",
+})
 
 
 class InspectError(UserError, ValueError):

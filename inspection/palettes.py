@@ -36,9 +36,9 @@ def nuscenes_colours() -> dict[str, tuple]:
     """Class name -> RGB for the nuScenes-lidarseg 16 challenge classes and the 32 general classes."""
     from nuscenes.utils.color_map import get_colormap
 
-    from pipeline.datasets.classes import _devkit_mapper
-    coarse = _devkit_mapper().get_coarse2color()
-    coarse.pop(_devkit_mapper().ignore_class["name"], None)
+    from pipeline.datasets.classes import devkit_mapper
+    coarse = devkit_mapper().get_coarse2color()
+    coarse.pop(devkit_mapper().ignore_class["name"], None)
     return {**{k: tuple(v) for k, v in get_colormap().items()}, **{k: tuple(v) for k, v in coarse.items()}}
 
 

@@ -125,7 +125,7 @@ def confusion_sheet(confusions: dict, class_names, title: str):
     """Heat maps of the rows in ``confusions`` (eval's row key -> ConfusionMatrix): one line per dimension
     (2D, 3D), one column per source (CLIP labels, SAM-refined, the run's network)."""
     from train.evaluate import ROW_TITLES
-    plt = render._mpl()
+    plt = render.pyplot()
     kinds = [k for k in ("clip", "wo_cns", "cns") if any(f"{k}_{d}" in confusions for d in ("2d", "3d"))]
     dims = [d for d in ("2d", "3d") if any(f"{k}_{d}" in confusions for k in kinds)]
     size = 1.6 + 0.22 * len(class_names)

@@ -19,7 +19,8 @@ NO_PAIR_GREY = (150, 150, 150)
 POINT_BACKGROUND_DIM = 0.55  # brightness of the image under projected points
 
 
-def _mpl():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display): imported on first use."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -115,14 +116,14 @@ def png_bytes(obj) -> bytes:
         Image.fromarray(np.ascontiguousarray(obj)).save(buf, format="PNG")
     else:
         obj.savefig(buf, format="png", dpi=obj.get_dpi())
-        _mpl().close(obj)
+        pyplot().close(obj)
     return buf.getvalue()
 
 
 def save_figure(fig, path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=fig.get_dpi())
-    _mpl().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -142,7 +143,7 @@ def legend_handles(palette: Palette, indices, unlabelled: bool = True, no_label_
 
 def legend_figure(palette: Palette, indices=None):
     """Every class (or those in ``indices``) with its colour."""
-    plt = _mpl()
+    plt = pyplot()
     idx = range(len(palette.class_names)) if indices is None else indices
     handles = legend_handles(palette, idx)
     fig = plt.figure(figsize=(2.6, 0.25 * len(handles) + 0.4), dpi=100)
@@ -176,7 +177,7 @@ def bev_axes(ax, xyz: np.ndarray, labels: np.ndarray | None, palette: Palette, t
 
 
 def bev_figure(xyz, labels, palette: Palette, title: str):
-    plt = _mpl()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 5.2), dpi=110)
     bev_axes(ax, xyz, labels, palette, title)
     present = np.unique(labels[labels < len(palette.class_names)]) if labels is not None else []
@@ -190,7 +191,7 @@ def sheet_figure(panels: list, palette: Palette, present, bev=None, depth_max: f
                  title: str = ""):
     """A contact sheet: the image panels ``[(title, uint8 array), ...]`` in a grid, the bird's-eye view
     ``(xyz, labels, title)`` and the legend of the classes in ``present``."""
-    plt = _mpl()
+    plt = pyplot()
     n = len(panels) + (1 if bev is not None else 0)
     cols = min(3, n)
     rows = -(-n // cols)
@@ -229,7 +230,7 @@ def sheet_figure(panels: list, palette: Palette, present, bev=None, depth_max: f
 def confusion_figure(matrix, class_names, title: str, ax=None):
     """Rows ground truth, columns prediction (last column 'none': no prediction), normalised per row;
     classes without ground truth are grey."""
-    plt = _mpl()
+    plt = pyplot()
     import matplotlib
     m = np.asarray(matrix, dtype=np.float64)
     rows = m.sum(1, keepdims=True)
@@ -256,7 +257,7 @@ def confusion_figure(matrix, class_names, title: str, ax=None):
 
 def class_histogram_figure(summary: dict, palette: Palette):
     """Pixels per class of the raw and the SAM-refined CLIP labels, side by side (share of the pixels)."""
-    plt = _mpl()
+    plt = pyplot()
     names = summary["class_names"]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 3.4), dpi=100)
     x = np.arange(len(names))
@@ -281,7 +282,7 @@ def class_histogram_figure(summary: dict, palette: Palette):
 
 def sam_figure(summary: dict):
     """Distribution of SAM mask areas and of pixels per point (the panels with data)."""
-    plt = _mpl()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
     hist = summary["sam"]["mask_area_histogram"]
     per_point = (summary["pairs"] or {}).get("pixels_per_point_histogram", [])  # None: a store without points

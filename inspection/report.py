@@ -177,7 +177,7 @@ def curves_figure(records: list):
     from matplotlib.ticker import MaxNLocator
 
     from .run import curves
-    plt = render._mpl()
+    plt = render.pyplot()
     c = curves(records)
     panels = [("losses", "loss", c["losses"], "log"), ("shares", "label-source share", c["shares"], "linear"),
               ("miou", "mIoU (evaluation)", c["miou"], "linear"), ("lr", "learning rate", c["lr"], "linear")]

@@ -1,6 +1,7 @@
 """A registry per kind (datasets, stages, ...), as in Pointcept/mmengine: ``@DATASETS.register("name")``."""
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 
@@ -29,6 +30,13 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def shipped_config_dir(package: str, folder: str = "configs") -> Path:
+    """The folder of YAML configurations shipped as package data inside ``package`` (``train/configs``,
+    ``pipeline/simulate/configs``), found through ``importlib.resources`` so that a wheel installed anywhere
+    finds them (open_clip ships its model configs the same way). Installed packages are directories."""
+    return Path(str(files(package).joinpath(folder)))
 
 
 def shipped_configs(folder: Path) -> list[str]:

@@ -16,7 +16,14 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
 
 
+REAL_DATA_FIXTURES = ("nuscenes_root", "scannet_root")
+
+
 def pytest_collection_modifyitems(config, items):
+    """Tests on the real samples get the ``real_data`` marker; ``slow`` ones are skipped without --run-slow."""
+    for item in items:
+        if any(f in getattr(item, "fixturenames", ()) for f in REAL_DATA_FIXTURES):
+            item.add_marker(pytest.mark.real_data)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow (make test-all)")

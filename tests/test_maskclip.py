@@ -92,6 +92,20 @@ def test_dense_features_follow_the_value_path(tiny):
     torch.testing.assert_close(feat.norm(dim=1), torch.ones(2, gh, gw))
 
 
+def test_tokens_are_what_enters_open_clips_last_block(tiny):
+    """The public forward_intermediates path (no private open_clip call): finishing the last block, ln_post,
+    the class token and the projection by hand gives open_clip's own image embedding."""
+    model, _ = tiny
+    vis = model.visual
+    pixels = model.preprocess(torch.from_numpy(images(2)))
+    with torch.no_grad():
+        x = model.tokens(pixels)
+        ours = vis.ln_post(vis.transformer.resblocks[-1](x))[:, 0] @ vis.proj
+        reference = vis(pixels)
+    assert x.shape == (2, 1 + model.grid_size[0] * model.grid_size[1], vis.transformer.width)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_clip_normalisation_comes_from_the_model(tiny):
     model, _ = tiny
     torch.testing.assert_close(model.mean.flatten(), torch.tensor(mc.weights.OPENAI_CLIP_MEAN))
@@ -294,7 +308,7 @@ def test_weights_registry_verifies_checksums(tmp_path):
         weights.verify(f, weights.Checkpoint("t", "sam", "vit_b", "http://x", "x.pt", md5="0" * 32))
     (tmp_path / "no-checkpoints").mkdir()
     (tmp_path / "no-checkpoints" / "ViT-B-16.pt").write_bytes(b"")
-    assert mc.resolve_weights("ViT-B-16")["path"].endswith("ViT-B-16.pt")  # `make weights` is enough
+    assert weights.resolve_weights("clip", "ViT-B-16")["path"].endswith("ViT-B-16.pt")  # `make weights` is enough
 
 
 def run_maskclip(store, **config):

@@ -11,7 +11,7 @@ from data_cache.store import Store
 from tests.toy_store import build_toy_store
 from train.config import load_config
 from train.engine import check_stores
-from train.evaluate import ConfusionMatrix, evaluate
+from train.evaluate import PAPER_REFERENCE, ConfusionMatrix, evaluate, format_tables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,17 @@ def test_confusion_matrix_hand_case():
     empty = ConfusionMatrix(2)
     empty.update(torch.tensor([0]), torch.tensor([0]))
     assert np.isnan(empty.iou()[1]) and empty.summary(["a", "b"])["miou"] == 100.0  # absent classes skipped
+
+
+def test_tables_print_only_the_reference_numbers_of_the_stores_dataset():
+    row = {"miou": 40.0, "iou": {"road": 40.0}}
+    result = {"rows": {"clip_2d": row}, "class_names": ["road"]}
+    synthetic = format_tables(dict(result, dataset="synthetic"))
+    assert "reported in the paper" not in synthetic and "(paper)" not in synthetic
+    scannet = format_tables(dict(result, dataset="scannet"))
+    assert "reported in the paper" in scannet
+    assert [t for t, _ in PAPER_REFERENCE["scannet"] if t not in scannet] == []
+    assert "nuImages" not in scannet and "nuScenes" not in scannet
 
 
 def test_2d_scored_on_labelled_points_pixels_without_image_gt(tmp_path):

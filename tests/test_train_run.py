@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -67,6 +68,7 @@ def _weights(run: Path) -> dict:
 
 def test_short_run_both_stages_and_eval_tables(straight_run, toy):
     run, output = straight_run
+    assert output.strip().splitlines()[-1] == f"run directory: {run}  checkpoint: {run / 'checkpoints' / 'last.pth'}"
     recs = _metrics(run)
     stages = {r["stage"] for r in recs if r["type"] == "train"}
     assert stages == {1, 2}
@@ -96,8 +98,9 @@ def test_short_run_both_stages_and_eval_tables(straight_run, toy):
     assert res.exit_code == 0, res.output
     for title in ("CLIP labels (MaskCLIP), 2D", "CLIP labels projected, 3D, all points",
                   "CLIP labels projected, 3D, paired points only", "w/o CNS", "CNS 3D net", "CNS 2D net",
-                  "reported in the paper", "evaluated on: toy-train", "2D ground truth: images/gt"):
+                  "evaluated on: toy-train", "2D ground truth: images/gt"):
         assert title in res.output
+    assert "reported in the paper" not in res.output  # the paper has no numbers for a toy store
     result = json.loads((run / "eval" / "metrics.json").read_text())
     # the toy's CLIP labels are 20-25 % noisy and its SAM masks are the true regions
     assert result["rows"]["wo_cns_2d"]["miou"] > result["rows"]["clip_2d"]["miou"] + 10
@@ -143,9 +146,13 @@ def test_kill_and_resume_matches_the_straight_run(straight_run, toy, tmp_path):
     proc.wait()
     assert first.exists(), proc.stderr.read().decode()[-2000:]
     assert not (out / "checkpoints" / "epoch_003.pth").exists(), "the run ended before it could be killed"
+    last = out / "checkpoints" / "last.pth"
+    done = torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1  # epochs the killed run finished
     res = CliRunner().invoke(train, ["--cache", str(toy), "--out", str(out), "--resume", "--device", "cpu"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    assert f"resuming {out} at epoch {done + 1} of 3 (from {last})" in res.output
+    assert res.output.strip().splitlines()[-1] == f"run directory: {out}  checkpoint: {last}"
     a, b = _weights(run), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ev = lambda r: [x for x in _metrics(r) if x["type"] == "eval"]  # noqa: E731
@@ -377,3 +384,18 @@ def test_ddp_two_processes_gloo(toy, tmp_path):
     # were compared at the end of training (a divergence raises)
     assert [r["step"] for r in recs if r["type"] == "train"] == [1, 2]
     assert (out / "checkpoints" / "last.pth").exists()
+
+
+def test_readme_python_example_runs(straight_run, toy):
+    """The README's Python example (open a store, read labels, predict a frame with a run) on the toy store."""
+    run, _ = straight_run
+    block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    code = block.replace("runs/demo/cache/synthetic-val.zarr", str(toy)).replace("runs/demo/run", str(run))
+    assert str(toy) in code and str(run) in code
+    names: dict = {}
+    exec(compile(code, "README.md", "exec"), names)  # noqa: S102 (the README's own code)
+    store, pred = names["store"], names["pred"]
+    starts, points = store.offsets("images"), store.offsets("points")
+    assert names["labels"].shape == (starts[1] - starts[0], *store.attrs.image_size)
+    assert pred["pred2d"].shape == names["labels"].shape
+    assert pred["pred3d"].shape == (points[1] - points[0],)

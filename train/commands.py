@@ -19,9 +19,9 @@ def _fail(e: Exception) -> None:
 
 @click.command("train", context_settings={"show_default": True})
 @click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
-              help="a cache store (repeat for several)")
+              help="one cache store, CACHE/<dataset>-<split>.zarr (repeat for several)")
 @click.option("--config", "config_file", default=None,
-              help=f"YAML file or name in configs/train ({', '.join(available_configs())})")
+              help=f"YAML file or name in train/configs ({', '.join(available_configs())})")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--init-from", "init_from", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -61,20 +61,28 @@ def train(caches, config_file, out, resume, init_from, seed, eval_caches, device
                           resume=resume, init_from=init_from)
     except (ConfigError, StoreMismatch, CacheError, FileExistsError, FileNotFoundError) as e:
         _fail(e)
+    last = trainer.ckpt_dir / "last.pth"
     if trainer.rank == 0:
         note = "" if trainer.eval_held_out else " -- the training stores themselves: no val store found"
         click.echo(f"evaluating on {trainer.eval_label}{note}", err=True)
+        if resume:
+            click.echo(f"resuming {out} at epoch {trainer.start_epoch + 1} of {cfg['schedule']['epochs']}"
+                       + (f" (from {last})" if trainer.start_epoch else " (no checkpoint yet: from the start)"),
+                       err=True)
     try:
         results = trainer.train(stop_after_epochs=stop_after_epochs)
-        if trainer.rank == 0 and results:
-            from .evaluate import format_tables
-            click.echo(format_tables(results[-1]))
+        if trainer.rank == 0:
+            if results:
+                from .evaluate import format_tables
+                click.echo(format_tables(results[-1]))
+            click.echo(f"run directory: {out}  checkpoint: {last}")
     finally:
         cleanup_distributed()
 
 
 @click.command("eval", context_settings={"show_default": True})
-@click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="one cache store to evaluate on, CACHE/<dataset>-<split>.zarr (repeat for several)")
 @click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="a training run (its config.yaml and checkpoints/last.pth); without it: baselines only")
 @click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),

@@ -1,4 +1,4 @@
-"""Training configuration: YAML files in ``configs/train/``, ``key=value`` overrides, the resolved dump.
+"""Training configuration: YAML files shipped in ``train/configs/``, ``key=value`` overrides, the resolved dump.
 
 A configuration is a nested dict. :data:`DEFAULTS` holds every key with its default; a YAML file overrides
 some of them (and may name a ``_base_`` file in the same folder; ``_base_: "{like}.yaml"`` is the settings of
@@ -19,10 +19,10 @@ from typing import Iterable, Mapping
 import yaml
 
 from data_cache.schema import SCHEMA_VERSION
-from pipeline.registry import resolve_shipped_config, shipped_configs
+from pipeline.registry import resolve_shipped_config, shipped_config_dir, shipped_configs
 from data_cache.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
+CONFIG_DIR = shipped_config_dir("train")
 
 #: The four stage-2 label sources of Eq. 6 (paper section 3.2).
 LABEL_SOURCES = ("clip2d", "clip3d", "pred2d", "pred3d")
@@ -228,7 +228,7 @@ def parse_overrides(items: Iterable[str]) -> dict:
 
 
 def available_configs() -> list[str]:
-    """The configurations shipped in ``configs/train`` (discovered from the folder)."""
+    """The configurations shipped in ``train/configs`` (discovered from the folder)."""
     return shipped_configs(CONFIG_DIR)
 
 

@@ -115,9 +115,9 @@ def open_vocabulary_embeddings(class_names, clip_cfg: dict, device) -> torch.Ten
     from pipeline.models.maskclip import build_text_embeddings
     want_sha = clip_cfg.get("checkpoint_sha256")
     if want_sha:
-        from pipeline.models.maskclip import resolve_weights
+        from pipeline.models.weights import resolve_weights
         from pipeline.stages.base import cached_sha256
-        src = resolve_weights(clip_cfg.get("model"), clip_cfg.get("pretrained"), clip_cfg.get("checkpoint"))
+        src = resolve_weights("clip", clip_cfg.get("model"), clip_cfg.get("checkpoint"), clip_cfg.get("pretrained"))
         if src["source"] == "checkpoint" and cached_sha256(src["path"]) != want_sha:
             raise ValueError(f"CLIP checkpoint {src['path']} is not the one the store's labels were made with "
                              f"(sha256 {want_sha[:12]}...); pass that one with --clip-checkpoint")
@@ -296,10 +296,10 @@ def format_tables(result: dict) -> str:
         lines.append(f"evaluated on: {result['stores']}")
     if result.get("gt2d"):
         lines.append(f"2D ground truth: {result['gt2d']}")
-    every = list(dict.fromkeys(x for v in PAPER_REFERENCE.values() for x in v))  # nuImages is listed twice
-    ref = PAPER_REFERENCE.get(result.get("dataset", ""), every)
-    lines.append("")
-    lines.append("reported in the paper (label-free mIoU, full datasets; for reference only):")
+    ref = PAPER_REFERENCE.get(result.get("dataset", ""), [])  # only the store's dataset; synthetic has none
+    if ref:
+        lines.append("")
+        lines.append("reported in the paper (label-free mIoU, full datasets; for reference only):")
     for title, v in ref:
         lines.append(f"  {title:<{width - 2}}  {v:6.1f}")
     lines.append(f"  ({REFERENCE_NOTE})")

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.registry import Registry
-from data_cache.errors import UserError
+from pipeline.models.weights import WeightsError
 
 from .sparse import conv_algo, sparse_modules
 
@@ -22,8 +22,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class PretrainedWeightsError(UserError, RuntimeError):
-    """ImageNet weights were asked for and cannot be had: never fall back to random weights silently."""
+class PretrainedWeightsError(WeightsError):
+    """ImageNet weights were asked for and cannot be had: never fall back to random weights silently (the
+    policy of :func:`pipeline.models.weights.resolve_weights`)."""
 
 
 # -- 2D ---------------------------------------------------------------------------------------------

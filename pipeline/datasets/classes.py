@@ -10,7 +10,8 @@ from functools import lru_cache
 from data_cache.schema import IGNORE_INDEX
 
 
-def _devkit_mapper():
+def devkit_mapper():
+    """nuscenes-devkit's ``LidarsegClassMapper`` with its name and colour tables only (no dataroot needed)."""
     from nuscenes.eval.lidarseg.utils import LidarsegClassMapper
     # The mapper's name tables need no dataset; only its fine-index table does (built per dataroot).
     mapper = LidarsegClassMapper.__new__(LidarsegClassMapper)
@@ -20,7 +21,7 @@ def _devkit_mapper():
 
 @lru_cache(maxsize=None)
 def nuscenes16() -> tuple[str, ...]:
-    mapper = _devkit_mapper()
+    mapper = devkit_mapper()
     coarse = mapper.get_coarse2idx()
     ignore = mapper.ignore_class["index"]
     return tuple(name for name, idx in sorted(coarse.items(), key=lambda kv: kv[1]) if idx != ignore)
@@ -29,7 +30,7 @@ def nuscenes16() -> tuple[str, ...]:
 @lru_cache(maxsize=None)
 def nuscenes_fine_to_16() -> dict[str, int]:
     """Fine lidarseg class name (e.g. 'vehicle.car') -> nuScenes-16 index or 255."""
-    mapper = _devkit_mapper()
+    mapper = devkit_mapper()
     names = nuscenes16()
     out = {}
     for fine, coarse in mapper.get_fine2coarse().items():

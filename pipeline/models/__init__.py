@@ -15,3 +15,10 @@ Architectures are JSON files under ``configs/`` (open_clip style): ``configs/cli
 open_clip's model factory, ``configs/sam/<model_type>.json`` are read by :func:`~.sam.build_sam`.
 Submodules import torch, open_clip and segment-anything lazily: importing this package is cheap.
 """
+from data_cache.exports import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "build_maskclip": "pipeline.models.maskclip", "build_text_embeddings": "pipeline.models.maskclip",
+    "MaskCLIPPredictor": "pipeline.models.maskclip", "build_sam": "pipeline.models.sam",
+    "resolve_weights": "pipeline.models.weights", "WeightsError": "pipeline.models.weights",
+})

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -32,19 +31,17 @@ from torch import nn
 
 from . import prompts, weights
 from .weights import WeightsError
+from ..registry import shipped_config_dir
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
+CONFIG_DIR = shipped_config_dir("pipeline.models", "configs/clip")  # package data (setup.cfg)
 #: the random-weight test architecture (``configs/clip/CNS-Tiny-ViT.json``)
-TINY_MODEL = "CNS-Tiny-ViT"
+TINY_MODEL = weights.TINY_MODELS["clip"]
 #: CLIP's learned temperature for the OpenAI models (exp(logit_scale) = 100); scales cosine similarities
 DEFAULT_LOGIT_SCALE = 100.0
 #: seed of every random-weight build, so that a driver and its workers build the same random model
 RANDOM_SEED = 0
-
-WEIGHTS_HELP = ("get weights with `make weights` (python -m pipeline.models.weights), then pass "
-                "--clip-checkpoint PATH, or let open_clip download them with --clip-pretrained openai")
 
 
 def _register_configs() -> None:
@@ -77,31 +74,6 @@ def load_clip_state_dict(path: str | os.PathLike) -> dict:
     if sd and next(iter(sd)).startswith("module."):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
-
-
-def resolve_weights(model: str = "ViT-B-16", pretrained: str | None = None, checkpoint: str | None = None,
-                    tiny: bool = False, random_init: bool = False) -> dict:
-    """Decide where the CLIP weights come from; raise :class:`WeightsError` when nowhere.
-
-    Order: ``tiny``/``random_init`` (explicit test flags) > ``checkpoint`` > ``pretrained`` > the registry's
-    default file in ``$CNS_CHECKPOINTS``/``checkpoints`` (what ``make weights`` downloads).
-    Returns ``{"source": "tiny"|"random"|"checkpoint"|"pretrained", "model", "path"?, "tag"?}``.
-    """
-    if tiny:
-        return {"source": "tiny", "model": TINY_MODEL}
-    if random_init:
-        return {"source": "random", "model": model}
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise WeightsError(f"CLIP checkpoint {checkpoint} does not exist; {WEIGHTS_HELP}")
-        return {"source": "checkpoint", "model": model, "path": str(checkpoint)}
-    if pretrained:
-        return {"source": "pretrained", "model": model, "tag": pretrained}
-    local = weights.find_local("clip", model)
-    if local is not None:
-        return {"source": "checkpoint", "model": model, "path": str(local)}
-    raise WeightsError(f"no CLIP weights for {model}: no checkpoint, no pretrained tag, and "
-                       f"{weights.checkpoint_dir()}/ holds no registered checkpoint; {WEIGHTS_HELP}")
 
 
 class _quiet_open_clip(logging.Filter):
@@ -139,7 +111,7 @@ def create_clip(model: str = "ViT-B-16", pretrained: str | None = None, checkpoi
     from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
     _register_configs()
-    src = resolve_weights(model, pretrained, checkpoint, tiny, random_init)
+    src = weights.resolve_weights("clip", model, checkpoint, pretrained, tiny, random_init)
     name = src["model"]
     force_size = tuple(int(s) for s in image_size) if image_size is not None else None
     if quick_gelu is None:
@@ -254,18 +226,16 @@ class MaskCLIP(nn.Module):
         return (x - self.mean) / self.std
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Tokens entering the last block [B, 1 + h*w, C] (batch-first)."""
+        """Tokens entering the last block [B, 1 + h*w, C] (batch-first): the class token, then the patches.
+
+        Through open_clip's public ``VisionTransformer.forward_intermediates`` (open_clip_torch >= 3.3, the
+        range setup.cfg pins): the output of block L-2, class token and patch tokens as two tensors."""
         if tuple(pixels.shape[-2:]) != self.image_size:
             raise ValueError(f"images are {tuple(pixels.shape[-2:])}, the model was built for {self.image_size}")
-        vis = self.visual
-        x = vis._embeds(pixels)
-        tr = vis.transformer
-        batch_first = getattr(tr, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        for blk in tr.resblocks[:-1]:
-            x = blk(x)
-        return x if batch_first else x.transpose(0, 1)
+        before_last = len(self.visual.transformer.resblocks) - 2
+        out = self.visual.forward_intermediates(pixels, indices=[before_last], stop_early=True, output_fmt="NLC",
+                                                intermediates_only=True, output_extra_tokens=True)
+        return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
 
     def forward(self, images: torch.Tensor, return_keys: bool = False):
         pixels = self.preprocess(images) if images.dtype == torch.uint8 else images

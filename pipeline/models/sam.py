@@ -29,7 +29,6 @@ import json
 import math
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -40,8 +39,9 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from . import weights
 from .pca import fit_pca, project  # noqa: F401  (the fixed projection, shared with the maskclip stage)
 from .weights import WeightsError
+from ..registry import shipped_config_dir
 
-CONFIG_DIR = Path(__file__).parent / "configs" / "sam"
+CONFIG_DIR = shipped_config_dir("pipeline.models", "configs/sam")  # package data (setup.cfg)
 #: seed of every random-weight build (driver and workers build the same random model)
 RANDOM_SEED = 0
 
@@ -60,9 +60,6 @@ GENERATOR_DEFAULTS = {
     "min_mask_region_area": 0,      # >0: remove holes/islands smaller than this many pixels (OpenCV)
 }
 
-WEIGHTS_HELP = ("get weights with `make weights` (python -m pipeline.models.weights --sam vit_h), then pass "
-                "--sam-checkpoint PATH")
-
 
 @lru_cache(maxsize=None)
 def sam_config(model_type: str) -> dict:
@@ -72,29 +69,6 @@ def sam_config(model_type: str) -> dict:
         known = sorted(q.stem for q in CONFIG_DIR.glob("*.json"))
         raise KeyError(f"unknown SAM model type '{model_type}' (known: {', '.join(known)})")
     return json.loads(p.read_text())
-
-
-def resolve_weights(model_type: str = "vit_h", checkpoint: str | None = None, tiny: bool = False,
-                    random_init: bool = False) -> dict:
-    """``{"source": "tiny"|"random"|"checkpoint", "model_type", "path"?}`` or :class:`WeightsError`.
-
-    Order: ``tiny``/``random_init`` (explicit test flags) > ``checkpoint`` > the registry's default file in
-    ``$CNS_CHECKPOINTS``/``checkpoints`` (what ``make weights`` downloads).
-    """
-    if tiny:
-        return {"source": "tiny", "model_type": "tiny"}
-    sam_config(model_type)
-    if random_init:
-        return {"source": "random", "model_type": model_type}
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise WeightsError(f"SAM checkpoint {checkpoint} does not exist; {WEIGHTS_HELP}")
-        return {"source": "checkpoint", "model_type": model_type, "path": str(checkpoint)}
-    local = weights.find_local("sam", model_type)
-    if local is not None:
-        return {"source": "checkpoint", "model_type": model_type, "path": str(local)}
-    raise WeightsError(f"no SAM {model_type} checkpoint given and {weights.checkpoint_dir()}/ holds none; "
-                       f"{WEIGHTS_HELP}")
 
 
 def sam_from_config(cfg: dict):
@@ -126,9 +100,10 @@ def sam_from_config(cfg: dict):
 
 def build_sam(model_type: str = "vit_h", checkpoint: str | None = None, tiny: bool = False,
               random_init: bool = False, device: str | torch.device = "cpu"):
-    """``(sam, info)``: a ``Sam`` in eval mode and where its weights came from (see :func:`resolve_weights`)."""
-    src = resolve_weights(model_type, checkpoint, tiny, random_init)
-    cfg = sam_config(src["model_type"])
+    """``(sam, info)``: a ``Sam`` in eval mode and where its weights came from (see
+    :func:`pipeline.models.weights.resolve_weights`)."""
+    cfg = sam_config(weights.TINY_MODELS["sam"] if tiny else model_type)  # an unknown type is named first
+    src = weights.resolve_weights("sam", model_type, checkpoint, tiny=tiny, random_init=random_init)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         sam = sam_from_config(cfg)
@@ -306,6 +281,10 @@ class SharedEmbeddingPredictor(SamPredictor):
     def prime(self, features: torch.Tensor, original_size: tuple, input_size: tuple) -> None:
         self._primed = (features, tuple(original_size), tuple(input_size))
 
+    def unprime(self) -> None:
+        """Forget a prime that no ``set_image`` consumed (the next image runs the encoder)."""
+        self._primed = None
+
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         if self._primed is not None and self._primed[1] == tuple(image.shape[:2]):
             self.reset_image()
@@ -377,7 +356,7 @@ class SamMaskFeatureGenerator(SamImageEncoder):
                     anns = self.generator.generate(im)
                 finally:
                     self._timing_decoder = False
-                    self.predictor._primed = None
+                    self.predictor.unprime()
                 m = np.stack([a["segmentation"] for a in anns]) if anns else np.zeros((0, *im.shape[:2]), bool)
                 out.append({
                     "masks": m.astype(bool, copy=False),

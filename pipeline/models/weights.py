@@ -38,6 +38,49 @@ class WeightsError(UserError, RuntimeError):
     """No usable weight source was given (the stages never fall back to random weights)."""
 
 
+#: the random-weight test architecture of each kind (``configs/clip/CNS-Tiny-ViT.json``, ``configs/sam/tiny.json``)
+TINY_MODELS = {"clip": "CNS-Tiny-ViT", "sam": "tiny"}
+#: how to get each kind's weights, appended to every WeightsError
+WEIGHTS_HELP = {
+    "clip": "get weights with `make weights` (python -m pipeline.models.weights), then pass --clip-checkpoint "
+            "PATH, or let open_clip download them with --clip-pretrained openai",
+    "sam": "get weights with `make weights` (python -m pipeline.models.weights --sam vit_h), then pass "
+           "--sam-checkpoint PATH",
+}
+
+
+def resolve_weights(kind: str, model: str, checkpoint: str | None = None, pretrained: str | None = None,
+                    tiny: bool = False, random_init: bool = False) -> dict:
+    """Where the weights of a CLIP or SAM ``model`` come from: the project's one weights policy, never
+    random weights unless asked.
+
+    Order: ``tiny`` / ``random_init`` (explicit test and benchmark flags) > ``checkpoint`` > ``pretrained``
+    (an open_clip tag; CLIP only) > the registry's default file in ``$CNS_CHECKPOINTS``/``checkpoints`` (what
+    ``make weights`` downloads) > :class:`WeightsError`.
+    Returns ``{"source": "tiny"|"random"|"checkpoint"|"pretrained", "model", "path"?, "tag"?}``.
+    """
+    if kind not in TINY_MODELS:
+        raise KeyError(f"unknown weights kind '{kind}' (known: {', '.join(TINY_MODELS)})")
+    what = "CLIP" if kind == "clip" else "SAM"
+    if tiny:
+        return {"source": "tiny", "model": TINY_MODELS[kind]}
+    if random_init:
+        return {"source": "random", "model": model}
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise WeightsError(f"{what} checkpoint {checkpoint} does not exist; {WEIGHTS_HELP[kind]}")
+        return {"source": "checkpoint", "model": model, "path": str(checkpoint)}
+    if pretrained:
+        if kind != "clip":
+            raise WeightsError(f"{what} weights have no pretrained tags (got '{pretrained}'); {WEIGHTS_HELP[kind]}")
+        return {"source": "pretrained", "model": model, "tag": pretrained}
+    local = find_local(kind, model)
+    if local is not None:
+        return {"source": "checkpoint", "model": model, "path": str(local)}
+    raise WeightsError(f"no {what} weights for {model}: no checkpoint{', no pretrained tag' if kind == 'clip' else ''}"
+                       f" given, and {checkpoint_dir()}/ holds no registered checkpoint; {WEIGHTS_HELP[kind]}")
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """One official checkpoint.

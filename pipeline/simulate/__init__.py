@@ -19,7 +19,7 @@ Design (why the runner is untouched):
   of the stage. A rerun with real models (or other knobs) on such a store is refused by the runner's
   fingerprint check, naming the field; :meth:`data_cache.store.Store.simulated_stages` reads the marker back
   (``cns-cli cache status`` / ``validate`` print it).
-* The knobs are one YAML file with a seed, ``configs/simulate/default.yaml`` (the defaults; a user's file is
+* The knobs are one YAML file with a seed, ``pipeline/simulate/configs/default.yaml`` (the defaults; a user's file is
   merged over it and checked key by key, :mod:`pipeline.simulate.config`).
 
 Ground truth: ``images/gt`` where the store has it (synthetic scenes); else (real ScanNet, nuScenes) the

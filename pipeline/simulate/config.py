@@ -1,6 +1,6 @@
-"""The simulator's knobs: one YAML file with a seed (``configs/simulate/*.yaml``), checked key by key.
+"""The simulator's knobs: one YAML file with a seed (``pipeline/simulate/configs/*.yaml``), checked key by key.
 
-The defaults live in one place, ``configs/simulate/default.yaml``; a user's file is merged over it, so it
+The defaults live in one place, ``pipeline/simulate/configs/default.yaml``; a user's file is merged over it, so it
 may give only the knobs it changes. Every key must be known and every value in its range: a bad file is a
 :class:`SimulationConfigError` that names the file and the key (``maskclip.accuracy``, ...).
 """
@@ -10,10 +10,10 @@ import copy
 import math
 from pathlib import Path
 
-from pipeline.registry import resolve_shipped_config, shipped_configs
+from pipeline.registry import resolve_shipped_config, shipped_config_dir, shipped_configs
 from data_cache.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "simulate"
+CONFIG_DIR = shipped_config_dir("pipeline.simulate")
 DEFAULT_CONFIG = "default"
 
 
@@ -58,7 +58,7 @@ def _groups(key, value):
     return out
 
 
-#: Every knob and its check (the values themselves are in configs/simulate/default.yaml).
+#: Every knob and its check (the values themselves are in pipeline/simulate/configs/default.yaml).
 KNOBS = {
     "seed": _number(int, 0),
     "ground_truth": {
@@ -101,7 +101,7 @@ def available_configs() -> list[str]:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A YAML path, or the name of a file shipped in ``configs/simulate`` (``default``)."""
+    """A YAML path, or the name of a file shipped in ``pipeline/simulate/configs`` (``default``)."""
     return resolve_shipped_config(CONFIG_DIR, name_or_path, SimulationConfigError, "simulator configuration")
 
 
@@ -163,7 +163,7 @@ def validate(cfg: dict, spec: dict = KNOBS, where: str = "") -> dict:
 
 
 def load_config(name_or_path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None) -> dict:
-    """The validated knobs: ``configs/simulate/default.yaml`` with the file ``name_or_path`` (and then
+    """The validated knobs: ``pipeline/simulate/configs/default.yaml`` with the file ``name_or_path`` (and then
     ``overrides``, a nested dict) merged over it."""
     default = _read_yaml(CONFIG_DIR / f"{DEFAULT_CONFIG}.yaml")
     path = resolve_config_path(name_or_path)

@@ -113,9 +113,9 @@ class MaskCLIPStage(Stage):
 
     # -- identity --------------------------------------------------------------------------------------
     def weights_source(self) -> dict:
-        from ..models.maskclip import resolve_weights
+        from ..models.weights import resolve_weights
         c = self.config
-        return resolve_weights(c["model"], c["pretrained"], c["checkpoint"], c["tiny"], c["random_init"])
+        return resolve_weights("clip", c["model"], c["checkpoint"], c["pretrained"], c["tiny"], c["random_init"])
 
     def checkpoint_sha256(self) -> str | None:
         src = self.weights_source()

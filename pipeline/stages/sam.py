@@ -99,14 +99,16 @@ class SAMStage(Stage):
 
     # -- identity --------------------------------------------------------------------------------------
     def weights_source(self) -> dict:
-        from ..models.sam import resolve_weights
+        from ..models.sam import sam_config
+        from ..models.weights import resolve_weights
         c = self.config
-        return resolve_weights(c["model_type"], c["checkpoint"], c["tiny"], c["random_init"])
+        sam_config("tiny" if c["tiny"] else c["model_type"])  # an unknown model type is named first
+        return resolve_weights("sam", c["model_type"], c["checkpoint"], tiny=c["tiny"], random_init=c["random_init"])
 
     def generator_options(self) -> dict:
         """Every generator threshold, resolved: upstream default < the model config's < this config's."""
         from ..models.sam import GENERATOR_DEFAULTS, sam_config
-        model_defaults = sam_config(self.weights_source()["model_type"]).get("generator_defaults", {})
+        model_defaults = sam_config(self.weights_source()["model"]).get("generator_defaults", {})
         opts = {**GENERATOR_DEFAULTS, **model_defaults}
         opts.update({k: self.config[k] for k in GENERATOR_KEYS if self.config[k] is not None})
         return opts
@@ -126,7 +128,7 @@ class SAMStage(Stage):
         if self.config["feat_dim"] is not None:
             return int(self.config["feat_dim"])
         from ..models.sam import sam_config
-        return min(PAPER_FEAT_DIM, int(sam_config(self.weights_source()["model_type"])["prompt_embed_dim"]))
+        return min(PAPER_FEAT_DIM, int(sam_config(self.weights_source()["model"])["prompt_embed_dim"]))
 
     # -- model -----------------------------------------------------------------------------------------
     def build_model(self, device: str):
@@ -148,7 +150,7 @@ class SAMStage(Stage):
         import torch
 
         from ..models.sam import feature_grid, sam_config
-        cfg = sam_config(self.weights_source()["model_type"])
+        cfg = sam_config(self.weights_source()["model"])
         h, w = feature_grid(store.attrs.image_size, cfg["image_size"], cfg["vit_patch_size"])
         store.set_dims(h=h, w=w, S=cfg["prompt_embed_dim"], D=self.feat_dim())
         store.ensure_arrays(self.arrays)

@@ -6,3 +6,9 @@ Modules: ``primitives`` (solids and their ray intersections), ``raycast`` (senso
 attributes), ``shading`` (colour), ``palettes`` (shared colours), ``street`` and ``indoor`` (scene layout
 and sensors), ``figures`` (pictures for the docs).
 """
+from data_cache.exports import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "build_street_scene": "pipeline.synthetic.street", "render_street_sweep": "pipeline.synthetic.street",
+    "build_room": "pipeline.synthetic.indoor", "render_room": "pipeline.synthetic.indoor",
+})
