@@ -13,6 +13,10 @@ The project's error classes derive from it and keep their historical built-in ba
     ConfigError(UserError, ValueError)         train.config          a bad training configuration key or value
     SimulationConfigError(UserError, ValueError) pipeline.simulate   a bad simulator configuration
     InspectError(UserError, ValueError)        inspection            a bad inspect input
+    LabelRunError(UserError, RuntimeError)     pipeline.runner       a label run that cannot go on as asked
+    OptionError(UserError, ValueError)         here                  a bad stage, model or generator option value
+    UnknownNameError(UserError, KeyError)      here                  an unknown registry entry, checkpoint, model
+    UnknownOptionError(OptionError, TypeError) here                  an option name a stage or model does not take
 """
 from __future__ import annotations
 
@@ -23,3 +27,30 @@ class UserError(Exception):
     """An error the user can fix; its message is one line naming the file/array/frame/field at fault."""
 
     exit_code = EXIT_USER_ERROR
+
+
+class OptionError(UserError, ValueError):
+    """A bad option value (a stage, model or generator option given on the command line or in a config)."""
+
+
+class UnknownNameError(UserError, KeyError):
+    """An unknown name (a registry entry, a checkpoint, an architecture); prints as its message, not as
+    ``KeyError``'s quoted repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message as one line. A :class:`UserError` raised in a torch DataLoader worker comes back
+    re-raised with the worker's traceback in its message (``Caught X in DataLoader worker ...``): the line
+    is the original message at the end of that traceback."""
+    message = str(error)
+    marker = f"{type(error).__name__}: "
+    if "\nOriginal Traceback" in message and marker in message:
+        message = message.rsplit(marker, 1)[1]
+    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+
+
+class UnknownOptionError(OptionError, TypeError):
+    """An option name the stage or model does not take (a ``TypeError`` too, like an unknown keyword argument)."""

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from data_cache import schema
+from data_cache.errors import UserError
 from data_cache.store import CacheError, Store
 
 from .config import ConfigError, dump_config
@@ -45,6 +46,10 @@ def describe_parent(checkpoint, cfg: dict) -> dict:
 
 #: Keys that may change when a run is resumed (they do not change what is computed).
 RESUMABLE_KEYS = ("data.num_workers", "schedule.log_interval", "eval.interval", "schedule.keep_checkpoints")
+
+
+class RunDirError(UserError, FileExistsError):
+    """``--out`` already holds a run that this command would overwrite."""
 
 
 class StoreMismatch(CacheError):
@@ -318,8 +323,8 @@ class Trainer:
                 raise ConfigError(f"--resume with a configuration that differs from {dumped}: "
                                     + "; ".join(diffs))
         elif not resume and (self.ckpt_dir / "last.pth").exists():
-            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose "
-                                  "another --out")
+            raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose "
+                              "another --out")
         if self.rank == 0:
             dump_config(self.cfg, dumped)
 
@@ -364,7 +369,7 @@ class Trainer:
         from data_cache.store import file_digest
         path = parent["checkpoint"]
         if not Path(path).exists():
-            raise FileNotFoundError(f"--init-from checkpoint {path} does not exist")
+            raise ConfigError(f"--init-from checkpoint {path} does not exist")
         if file_digest(path) != parent["sha256"]:
             raise ConfigError(f"--init-from checkpoint {path} changed since this run recorded it "
                               f"(sha256 {parent['sha256'][:12]}...)")
