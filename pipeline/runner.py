@@ -462,6 +462,7 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
             bar.close()
         executor.close()
     store = Store(path, mode="a")
+    remove_leftover_parts(store)  # a redone shard of a complete stage leaves a part file (see integrity)
     if all(store.stage_complete(s) for s in stage_objs):
         store.consolidate()
     return RunSummary(store=path, reports=reports)

@@ -17,6 +17,14 @@ import click
 from .config import ConfigError, available_configs, dump_config, load_config, parse_overrides
 
 
+def _require_complete_chunks(paths) -> None:
+    """Refuse, before torch loads, a store whose done work lost a chunk file (a directory listing per store)."""
+    from data_cache.integrity import require_complete_chunks
+    from data_cache.store import Store
+    for path in paths:
+        require_complete_chunks(Store(path))
+
+
 @click.command("train", context_settings={"show_default": True})
 @click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="a cache store (repeat for several)")
@@ -54,6 +62,7 @@ def train(caches, config_file, out, resume, init_from, seed, eval_caches, device
     if init_from and resume:
         raise ConfigError("--init-from starts a new run; --resume continues one (its config.yaml already "
                           "records the parent)")
+    _require_complete_chunks(caches + eval_caches)
     from .engine import Trainer, cleanup_distributed
     trainer = Trainer(cfg, list(caches), out, eval_paths=list(eval_caches) or None, device=device,
                       resume=resume, init_from=init_from)
@@ -105,6 +114,7 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
         raise ConfigError(f"no checkpoint at {state_path}")
     if classes and state_path is None:
         raise click.UsageError("--classes needs a trained run (--run or --checkpoint)")
+    _require_complete_chunks(caches)
     import torch
 
     from data_cache.store import Store

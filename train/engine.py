@@ -22,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from data_cache import schema
 from data_cache.errors import UserError
+from data_cache.integrity import require_complete_chunks
 from data_cache.store import CacheError, Store
 
 from .config import ConfigError, dump_config
@@ -74,6 +75,7 @@ def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
     info = None
     for path in paths:
         st = Store(path)
+        require_complete_chunks(st)  # before anything is written to --out
         a = st.attrs
         if a.schema_version != d["schema_version"]:
             raise StoreMismatch(f"{path}: schema version {a.schema_version}, the configuration expects "
