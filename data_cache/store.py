@@ -114,7 +114,7 @@ class Store:
             raise CacheError(f"{self.path} is not a CNS store (no zarr.json); write one with `cns-cli labels`")
         if root_meta.exists():
             _check_metadata(root_meta)
-        if mode != "r" and self.path.exists() and not _writable(self.path):
+        if mode != "r" and self.path.exists() and self.path not in _WRITABLE and not _writable(self.path):
             raise CacheError(f"{self.path} is read-only (no write permission on it or its folders): this command "
                              f"writes to the store; make it writable or write a copy elsewhere")
         # writers never trust consolidated metadata: a later stage may have added arrays since
@@ -447,6 +447,10 @@ def _check_metadata(path: Path) -> None:
                          f"restore the file from a copy or write the store again") from None
 
 
+#: stores found writable by this process (each task opens its store: the probe runs once per process)
+_WRITABLE: set = set()
+
+
 def _writable(path: Path) -> bool:
     """Whether this process may create and delete files in the store's folders (``os.access`` says yes to root
     for any folder, so a probe file is created and removed in the store's root and its ``_done`` folder)."""
@@ -459,6 +463,7 @@ def _writable(path: Path) -> bool:
             return False
         os.close(fd)
         os.unlink(probe)
+    _WRITABLE.add(path)
     return True
 
 

@@ -415,8 +415,9 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
     for name in stages:
         for req in STAGE_REQUIRES[name]:
             if req not in stages and not store.stage_complete(req):
+                needed = ",".join(_with_incomplete_prerequisites(store, stages))
                 raise LabelRunError(f"stage '{name}' needs '{req}', which is not complete in {path}: run "
-                                    f"{command(','.join([req] + stages))} (make: STAGES={','.join([req] + stages)})")
+                                    f"{command(needed)} (make: STAGES={needed})")
     stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
     for name, stage in stage_objs.items():
         stage.bind(store.attrs)
@@ -466,6 +467,15 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
     if all(store.stage_complete(s) for s in stage_objs):
         store.consolidate()
     return RunSummary(store=path, reports=reports)
+
+
+def _with_incomplete_prerequisites(store: Store, stages) -> list[str]:
+    """``stages`` and every stage they need, directly or not, that is not complete in ``store``, in order."""
+    wanted = set(stages)
+    for name in reversed(STAGE_ORDER):
+        if name in wanted:
+            wanted |= {r for r in STAGE_REQUIRES[name] if not store.stage_complete(r)}
+    return [s for s in STAGE_ORDER if s in wanted]
 
 
 def _order_stages(stages) -> list[str]:

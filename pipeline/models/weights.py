@@ -122,13 +122,17 @@ def find_local(kind: str, model: str, dest: str | os.PathLike | None = None) -> 
     return p if p.is_file() else None
 
 
+class ChecksumMismatch(WeightsError, ValueError):
+    """A weights file whose checksum is not the registry's (a ``ValueError`` too, as it always was)."""
+
+
 def verify(path: str | os.PathLike, ck: Checkpoint) -> None:
     """Raise ``ValueError`` if ``path`` does not match the registry's checksum (sha256, else md5)."""
     for algo, want in (("sha256", ck.sha256), ("md5", ck.md5)):
         if want:
             got = file_digest(path, algo)
             if got != want:
-                raise WeightsError(f"{path}: {algo} {got} differs from the registry's {want} for {ck.name} "
+                raise ChecksumMismatch(f"{path}: {algo} {got} differs from the registry's {want} for {ck.name} "
                                  f"(a partial or different file; delete it and download again)")
             return
 
