@@ -7,24 +7,7 @@ import sys
 
 import click
 
-from data_cache.errors import UserError, one_line
-
-
-class UserFacingError(click.ClickException):
-    """A :class:`UserError` as click prints it: ``Error: <one line>`` on stderr, exit code 2."""
-
-    exit_code = UserError.exit_code
-
-
-class CnsGroup(click.Group):
-    """The one place where a user's error becomes one line and exit code 2 for every verb (and sub-verb);
-    any other exception is a programming error and keeps its traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as e:
-            raise UserFacingError(one_line(e)) from None
+from data_cache.errors import CnsGroup
 
 
 def _parse_options(pairs) -> dict:

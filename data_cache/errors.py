@@ -20,6 +20,10 @@ The project's error classes derive from it and keep their historical built-in ba
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import click
+
 EXIT_USER_ERROR = 2
 
 
@@ -54,3 +58,36 @@ def one_line(error: BaseException) -> str:
 
 class UnknownOptionError(OptionError, TypeError):
     """An option name the stage or model does not take (a ``TypeError`` too, like an unknown keyword argument)."""
+
+
+class UserFacingError(click.ClickException):
+    """A :class:`UserError` as click prints it: ``Error: <one line>`` on stderr, exit code 2."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+@contextmanager
+def user_errors_as_one_line():
+    """The one conversion: a :class:`UserError` raised inside becomes :class:`UserFacingError`; any other
+    exception is a programming error and propagates with its traceback."""
+    try:
+        yield
+    except UserError as e:
+        raise UserFacingError(one_line(e)) from None
+
+
+class CnsGroup(click.Group):
+    """``cns-cli``'s group: every verb and sub-verb it invokes turns a user error into one line, exit code 2."""
+
+    def invoke(self, ctx):
+        with user_errors_as_one_line():
+            return super().invoke(ctx)
+
+
+class CnsCommand(click.Command):
+    """A verb that does the same when invoked on its own (``torchrun -m train.commands train``, a test that
+    invokes the command object itself)."""
+
+    def invoke(self, ctx):
+        with user_errors_as_one_line():
+            return super().invoke(ctx)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from data_cache.errors import CnsCommand, CnsGroup
+
 from .config import ConfigError, available_configs, dump_config, load_config, parse_overrides
 
 
@@ -25,7 +27,7 @@ def _require_complete_chunks(paths) -> None:
         require_complete_chunks(Store(path))
 
 
-@click.command("train", context_settings={"show_default": True})
+@click.command("train", cls=CnsCommand, context_settings={"show_default": True})
 @click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="a cache store (repeat for several)")
 @click.option("--config", "config_file", default=None,
@@ -78,7 +80,7 @@ def train(caches, config_file, out, resume, init_from, seed, eval_caches, device
         cleanup_distributed()
 
 
-@click.command("eval", context_settings={"show_default": True})
+@click.command("eval", cls=CnsCommand, context_settings={"show_default": True})
 @click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="a training run (its config.yaml and checkpoints/last.pth); without it: baselines only")
@@ -157,7 +159,7 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
 eval = eval_cmd  # noqa: A001  (the lead registers ``train.commands.eval``)
 
 
-@click.group()
+@click.group(cls=CnsGroup)
 def _main():
     """Standalone entry (torchrun -m train.commands ...)."""
 
