@@ -141,7 +141,8 @@ def test_truncated_root_metadata_is_one_line_naming_the_file(toy, tmp_path):
     meta = store / "zarr.json"
     meta.write_bytes(meta.read_bytes()[:100])
     runner = CliRunner()
-    for args in (["cache", "validate", str(store)], ["cache", "status", str(store)], ["inspect", "summary", str(store)]):
+    for args in (["cache", "validate", str(store)], ["cache", "status", str(store)],
+                 ["inspect", "summary", str(store)]):
         _one_line_error(runner.invoke(main, args), f"{meta} is damaged")
 
 

@@ -134,7 +134,7 @@ class ConfigError(UserError, ValueError):
 
 
 #: keys whose value may be null besides those whose default is null
-NULLABLE = ("model.net3d",)
+NULLABLE = ("model.net3d", "data.augment.scale")  # 2D only; no point scaling
 #: smallest allowed value of numeric keys (a number key not listed only has to be a number)
 MINIMUM = {"data.batch_size": 1, "data.num_workers": 0, "data.images_per_frame": 0, "schedule.epochs": 0,
            "schedule.warmup_epochs": 0, "schedule.momentum": 0, "schedule.weight_decay": 0,

@@ -135,7 +135,8 @@ class SAMStage(Stage):
         c = self.config
         sam, info = build_sam(c["model_type"], c["checkpoint"], c["tiny"], c["random_init"], device=device)
         if self.feat_dim() > info["embed_dim"]:
-            raise OptionError(f"sam option feat_dim={self.feat_dim()} exceeds the SAM embedding's {info['embed_dim']} channels")
+            raise OptionError(f"sam option feat_dim={self.feat_dim()} exceeds the SAM embedding's "
+                              f"{info['embed_dim']} channels")
         if c["generator"] == "batched":
             gen = BatchedMaskGenerator(sam, bf16=c["bf16"], encoder_batch=max(1, int(c["batch_size"])),
                                        **self.generator_options())
