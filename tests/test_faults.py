@@ -21,6 +21,8 @@ from click.testing import CliRunner
 
 from cli import main
 from data_cache import schema
+from data_cache.errors import one_line
+from data_cache.integrity import read_guard
 from data_cache.store import CacheError, Store, sha256_file
 from tests.toy_store import build_toy_store
 
@@ -132,8 +134,20 @@ def test_flipped_bytes_are_found_by_deep_validate_and_named_by_readers(toy, tmp_
         dataset[0]
     message = str(caught.value)
     assert "\n" not in message and "images/rgb chunk c/0/0/0/0 (rows 0-3, frames 0-1) cannot be decoded" in message
+    # from a DataLoader worker the error comes back with the worker's traceback in its message: still one line
+    from torch.utils.data import DataLoader
+    with pytest.raises(CacheError) as caught:
+        next(iter(DataLoader(dataset, batch_size=None, num_workers=1)))
+    assert "\n" in str(caught.value) and one_line(caught.value) == message
     _one_line_error(runner.invoke(main, ["inspect", "frame", str(store), "0", "--out", str(tmp_path / "pics")]),
                     "images/rgb chunk c/0/0/0/0", "cannot be decoded", "validate --deep")
+
+
+def test_read_guard_lets_other_errors_through(toy):
+    """An error inside the guard that no damaged chunk explains is not turned into a store error."""
+    with pytest.raises(ValueError, match="not a chunk problem"):
+        with read_guard(Store(toy), frames=(0, 1)):
+            raise ValueError("not a chunk problem")
 
 
 def test_truncated_root_metadata_is_one_line_naming_the_file(toy, tmp_path):
