@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import schema
-from .store import CacheError, Store
+from .store import CacheError, Store, labels_command
 
 PLAN = "plan"
 #: what zarr raises when a chunk does not decode: ValueError for a crc32c mismatch, RuntimeError from
@@ -210,10 +210,13 @@ def require_complete_chunks(store: Store) -> None:
     """Refuse (one line) a store whose done work implies a chunk file that is absent: a reader would get the
     fill value (zero coordinates, black images, label 255) in its place."""
     missing = missing_blocks(store)
-    if missing:
-        raise CacheError(f"{store.path}: {missing_summary(store, missing)}; the store has lost data: "
-                         f"`cns-cli cache validate {store.path}` lists them, and rerunning `cns-cli labels` with the "
-                         f"store's options rewrites them")
+    if not missing:
+        return
+    stages = [s for s in schema.STAGE_ORDER if any(b.stage == s for b in missing)]
+    fix = (f"rewrite them with {labels_command(store.path, store.raw_attrs, stages=','.join(stages))}" if stages
+           else "the frame-level arrays cannot be redone: write the store again")
+    raise CacheError(f"{store.path}: {missing_summary(store, missing)}; the store has lost data: "
+                     f"`cns-cli cache validate {store.path}` lists them; {fix}")
 
 
 def undo_shards_missing_data(store: Store, stages: Iterable[str]) -> list[str]:

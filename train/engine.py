@@ -23,7 +23,7 @@ from torch.utils.data.distributed import DistributedSampler
 from data_cache import schema
 from data_cache.errors import UserError
 from data_cache.integrity import require_complete_chunks
-from data_cache.store import CacheError, Store
+from data_cache.store import CacheError, Store, labels_command
 
 from .config import ConfigError, dump_config
 from .data import (TRAINING_ARRAYS, CacheFrameDataset, EpochSampler, batch_to, collate_offsets, latent_feature_arrays,
@@ -84,7 +84,7 @@ def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
         missing = [s for s in schema.STAGE_ORDER if not st.stage_complete(s)]
         if missing:
             raise StoreMismatch(f"{path}: stage(s) {', '.join(missing)} not complete; run "
-                                f"`make labels CACHE={Path(path).parent} STAGES={','.join(missing)}`")
+                                f"{labels_command(path, st.raw_attrs, stages=','.join(missing))}")
         has_points = "points" in a.modalities
         if not has_points and cfg["model"]["net3d"]:
             raise StoreMismatch(f"{path}: the store has no points (a 2D-only dataset); train the 2D network "
@@ -94,7 +94,7 @@ def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
         if absent:
             stages = sorted({schema.spec(n).stage for n in absent}, key=schema.STAGE_ORDER.index)
             raise StoreMismatch(f"{path}: missing array(s) {', '.join(absent)}; run "
-                                f"`make labels CACHE={Path(path).parent} STAGES={','.join(stages)}`")
+                                f"{labels_command(path, st.raw_attrs, stages=','.join(stages))}")
         names = list(a.class_names)
         if d["class_names"] is None:
             d["class_names"] = names
