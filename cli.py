@@ -7,24 +7,7 @@ import sys
 
 import click
 
-from data_cache.errors import UserError
-
-
-class UserFacingError(click.ClickException):
-    """A :class:`UserError` as click prints it: ``Error: <one line>`` on stderr, exit code 2."""
-
-    exit_code = UserError.exit_code
-
-
-class CnsGroup(click.Group):
-    """The one place where a user's error becomes one line and exit code 2 for every verb (and sub-verb);
-    any other exception is a programming error and keeps its traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as e:
-            raise UserFacingError(str(e)) from None
+from data_cache.errors import CnsGroup
 
 
 def _parse_options(pairs) -> dict:
@@ -122,21 +105,16 @@ def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker
                     fg="yellow", err=True)
         per_stage["maskclip"]["tiny"] = True
         per_stage["sam"]["tiny"] = True
-    try:
-        if simulate:
-            from pipeline.simulate import simulated_stage_options
-            per_stage.update(simulated_stage_options(simulate))
-            click.secho(f"SIMULATED foundation models ({simulate}): maskclip and sam write labels made from the ground "
-                        f"truth by a controlled corruption, not by CLIP/SAM; the store is marked simulated",
-                        fg="yellow", err=True)
-        summary = run_labels(dataset, cache, stages, data_root=data_root, split=split,
-                             dataset_options=_parse_options(dataset_options), stage_options=per_stage,
-                             workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
-                             shard_size=shard_size, overwrite=overwrite, device=device, progress=not no_progress)
-    except UserError:
-        raise  # CnsGroup: one line, exit 2
-    except (RuntimeError, KeyError, ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
+    if simulate:
+        from pipeline.simulate import simulated_stage_options
+        per_stage.update(simulated_stage_options(simulate))
+        click.secho(f"SIMULATED foundation models ({simulate}): maskclip and sam write labels made from the ground "
+                    f"truth by a controlled corruption, not by CLIP/SAM; the store is marked simulated",
+                    fg="yellow", err=True)
+    summary = run_labels(dataset, cache, stages, data_root=data_root, split=split,
+                         dataset_options=_parse_options(dataset_options), stage_options=per_stage,
+                         workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
+                         shard_size=shard_size, overwrite=overwrite, device=device, progress=not no_progress)
     click.echo(f"\nstore: {summary.store}")
     click.echo(summary.table())
     failed = summary.failed_frames
@@ -157,40 +135,24 @@ def cache():
 @cache.command("status")
 @click.argument("store", type=click.Path(exists=True))
 def cache_status(store):
-    """Done/total shards per stage."""
-    from data_cache.store import CacheError, Store
-    from data_cache.validate import simulated_note, stage_status
-    try:
-        st = Store(store)
-    except CacheError as e:
-        raise click.ClickException(str(e)) from None
-    attrs = st.attrs
-    click.echo(f"{st.path}: {attrs.dataset}/{attrs.split}, {attrs.num_frames} frames, {len(attrs.class_names)} "
-               f"classes, images {attrs.image_size[0]}x{attrs.image_size[1]}")
-    note = simulated_note(st)
-    if note:
-        click.secho(note, fg="yellow")
-    for row in stage_status(st):
-        state = "complete" if row["complete"] else ("partial" if row["done"] else "not run")
-        extra = f", {row['failed_frames']} failed frame(s)" if row["failed_frames"] else ""
-        if row["simulated"]:
-            extra += f"  [simulated: {row['simulated']['simulator']} v{row['simulated']['version']}]"
-        elif row["from_simulated"]:
-            extra += f"  [on simulated {', '.join(row['from_simulated'])}]"
-        click.echo(f"  {row['stage']:<11} {row['done']}/{row['total']} shards  {state}{extra}")
+    """Done/total shards per stage (and the chunk files the done shards imply that are missing)."""
+    from data_cache.validate import format_status
+    click.echo(format_status(store))
 
 
 @cache.command("validate")
 @click.argument("store", type=click.Path(exists=True))
 @click.option("--no-checkpoint-hash", is_flag=True, help="Do not re-hash checkpoints found at recorded paths.")
-def cache_validate(store, no_checkpoint_hash):
-    """Check shapes, offsets, value ranges and fingerprints; name the first bad frame."""
+@click.option("--deep", is_flag=True, help="Also read and decode every chunk (checksums catch changed bytes).")
+def cache_validate(store, no_checkpoint_hash, deep):
+    """Check chunk files, shapes, offsets, value ranges and fingerprints; name every missing or damaged chunk
+    and the first bad frame. Exit 0: valid; 1: the store fails a check; 2: not a readable store."""
     from data_cache.validate import validate_store
-    report = validate_store(store, check_checkpoints=not no_checkpoint_hash)
+    report = validate_store(store, check_checkpoints=not no_checkpoint_hash, deep=deep)
     if report.simulated:
         click.secho(report.simulated, fg="yellow")
     if report.ok:
-        click.echo(f"OK: {report.path} ({len(report.checked)} arrays checked)")
+        click.echo(f"OK: {report.path} ({len(report.checked)} arrays checked{', every chunk decoded' if deep else ''})")
         return
     for err in report.errors:
         click.secho(f"ERROR: {err}", fg="red", err=True)

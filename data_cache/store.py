@@ -9,6 +9,10 @@ Writers follow three rules (``SCHEMA.md`` explains why):
 2. A stage writes ``_done/<stage>/<shard>.json`` only after the shard's data are written; readers and
    resume trust only those markers.
 3. A frame that fails is recorded in ``_failed/<stage>/<shard>.json``; its shard is not marked done.
+
+Every chunk is stored, even one holding only the fill value (zarr skips those by default), and every chunk
+ends with a crc32c checksum: a missing chunk file is lost data (``data_cache.integrity`` lists them) and a
+changed byte fails to decode instead of reading back as other numbers.
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ from . import schema
 from .schema import RootAttrs
 from .errors import UserError
 
+# every chunk is written, even one of fill values only: then a chunk file that the done shards imply and
+# that is absent is lost data, never "all fill" (data_cache.integrity relies on it)
+zarr.config.set({"array.write_empty_chunks": True})
 
 class CacheError(UserError, RuntimeError):
     """A store is missing, malformed or incompatible with what is asked of it."""
@@ -61,12 +68,12 @@ def _atomic_write_json(path: Path, payload: Mapping) -> None:
 
 
 def compressors(name: str):
-    """The zarr compressor list for a codec name of :data:`data_cache.schema.CODECS`."""
-    from zarr.codecs import BloscCodec
+    """The zarr bytes-to-bytes codecs for a codec name of :data:`data_cache.schema.CODECS`, ending with a
+    crc32c checksum of the compressed chunk (zarr checks it on every read: a flipped byte raises)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
     spec = schema.CODECS[name]
-    if spec is None:
-        return None
-    return [BloscCodec(**spec["blosc"])]
+    first = ZstdCodec(level=0) if spec is None else BloscCodec(**spec["blosc"])  # None: zarr's default, zstd
+    return [first, Crc32cCodec()]
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256", block: int = 1 << 22) -> str:
@@ -102,8 +109,14 @@ class Store:
         """``consolidated=False`` makes a reader ignore consolidated metadata: a stage running now (after an
         earlier run consolidated the store) may have added arrays that the consolidated copy does not list."""
         self.path = Path(path)
-        if mode == "r" and not (self.path / "zarr.json").exists():
+        root_meta = self.path / "zarr.json"
+        if mode == "r" and not root_meta.exists():
             raise CacheError(f"{self.path} is not a CNS store (no zarr.json); write one with `cns-cli labels`")
+        if root_meta.exists():
+            _check_metadata(root_meta)
+        if mode != "r" and self.path.exists() and self.path not in _WRITABLE and not _writable(self.path):
+            raise CacheError(f"{self.path} is read-only (no write permission on it or its folders): this command "
+                             f"writes to the store; make it writable or write a copy elsewhere")
         # writers never trust consolidated metadata: a later stage may have added arrays since
         self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a", zarr_format=3,
                                      use_consolidated=False if mode != "r" else consolidated)
@@ -115,8 +128,12 @@ class Store:
     @classmethod
     def create(cls, path: str | os.PathLike, attrs: RootAttrs) -> "Store":
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={schema.ROOT_ATTR: attrs.to_json()})
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={schema.ROOT_ATTR: attrs.to_json()})
+        except PermissionError as e:
+            raise CacheError(f"cannot create {path}: {e.strerror} ({e.filename}); choose a writable --cache "
+                             f"directory") from None
         return cls(path, mode="a")
 
     @property
@@ -194,6 +211,9 @@ class Store:
         except KeyError:
             raise CacheError(f"{self.path} has no array '{name}' (written by the "
                              f"'{schema.spec(name).stage}' stage)") from None
+        except json.JSONDecodeError:
+            _check_metadata(self.path / name / "zarr.json")
+            raise
 
     def offsets(self, axis: str) -> np.ndarray:
         """``points``/``images``/``pairs`` offsets [F+1]."""
@@ -255,6 +275,10 @@ class Store:
         failed = self._marker(schema.FAILED_DIR, stage, shard)
         if failed.exists():
             failed.unlink()
+
+    def undo_done(self, stage: str, shard: int | str) -> None:
+        """Take back a done marker (its data turned out lost): the next run redoes the shard."""
+        self._marker(schema.DONE_DIR, stage, shard).unlink(missing_ok=True)
 
     def is_done(self, stage: str, shard: int | str) -> bool:
         return self._marker(schema.DONE_DIR, stage, shard).exists()
@@ -412,6 +436,56 @@ class Store:
             warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
             warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
             zarr.consolidate_metadata(str(self.path), zarr_format=3)
+
+
+def _check_metadata(path: Path) -> None:
+    """A zarr metadata file that does not parse (truncated, overwritten) is one line naming it."""
+    try:
+        json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path} is damaged ({type(e).__name__}: {e}); the store's metadata cannot be read: "
+                         f"restore the file from a copy or write the store again") from None
+
+
+#: stores found writable by this process (each task opens its store: the probe runs once per process)
+_WRITABLE: set = set()
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may create and delete files in the store's folders (``os.access`` says yes to root
+    for any folder, so a probe file is created and removed in the store's root and its ``_done`` folder)."""
+    for folder in (path, path / schema.DONE_DIR):
+        if not folder.is_dir():
+            continue
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        except PermissionError:
+            return False
+        os.close(fd)
+        os.unlink(probe)
+    _WRITABLE.add(path)
+    return True
+
+
+def labels_command(store_dir: str | os.PathLike, attrs: Mapping, stages: str | None = None,
+                   overwrite: bool = False) -> str:
+    """The ``cns-cli labels`` command that writes (or continues) the store at ``store_dir``, copy-pasteable:
+    its dataset, split, data root, cache directory and the ``--dataset-option`` values it was planned with
+    (``attrs``: the root ``cns`` attributes)."""
+    import shlex
+    path = Path(store_dir)
+    words = ["cns-cli", "labels", "--dataset", attrs.get("dataset", "?"), "--split", attrs.get("split", "?"),
+             "--cache", str(path.parent)]
+    root = (attrs.get("dataset_config") or {}).get("root")
+    if root:
+        words += ["--data-root", str(root)]
+    for key, value in sorted((attrs.get("dataset_options") or {}).items()):
+        words += ["--dataset-option", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    if stages:
+        words += ["--stages", stages]
+    if overwrite:
+        words.append("--overwrite")
+    return shlex.join(words)
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> Store:

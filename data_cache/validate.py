@@ -8,6 +8,15 @@ per frame, the values: finite coordinates, labels in ``0..L-1`` or 255, pairs po
 points and images and inside the image, mask ids >= -1, finite SAM and CLIP features; and the fingerprints
 (every complete stage has one; a recorded checkpoint that still exists at its path must hash to the recorded
 sha256).
+
+Before the values, the chunks: every chunk file that the done markers imply must exist (a directory listing,
+:func:`data_cache.integrity.missing_blocks`); each missing one is named with its array, chunk key and frames.
+With ``deep=True`` every implied chunk is also read and decoded (each ends with a crc32c checksum, so a
+changed byte is found) and each one that fails is named the same way.
+
+A store that cannot be opened at all (no store, a damaged root ``zarr.json``) raises
+:class:`~data_cache.store.CacheError` (a user error); a store that opens but fails a check gives a report
+with errors (``cns-cli cache validate`` exits 1).
 """
 from __future__ import annotations
 
@@ -17,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from . import schema
-from .store import CacheError, Store, sha256_file
+from .integrity import DECODE_ERRORS, missing_blocks, undecodable_blocks
+from .store import Store, labels_command, sha256_file
 
 
 @dataclass
@@ -62,15 +72,12 @@ def simulated_note(store: Store) -> str | None:
             f"by a controlled corruption, not by CLIP/SAM -- a benchmark store")
 
 
-def validate_store(path, check_checkpoints: bool = True) -> ValidationReport:
+def validate_store(path, check_checkpoints: bool = True, deep: bool = False) -> ValidationReport:
+    """Check the store at ``path`` (``deep``: also decode every chunk); raises CacheError when it cannot be opened."""
     report = ValidationReport(Path(path))
-    try:
-        store = Store(path, mode="r")
-        attrs = store.attrs
-        report.simulated = simulated_note(store)
-    except (CacheError, KeyError, TypeError) as e:
-        report.error(f"cannot open: {e}")
-        return report
+    store = Store(path, mode="r", consolidated=False)
+    attrs = store.attrs
+    report.simulated = simulated_note(store)
     if attrs.schema_version != schema.SCHEMA_VERSION:
         report.error(f"schema_version {attrs.schema_version}, this code reads {schema.SCHEMA_VERSION}")
         return report
@@ -78,10 +85,13 @@ def validate_store(path, check_checkpoints: bool = True) -> ValidationReport:
         report.error(f"ignore_index {attrs.ignore_index}, expected {schema.IGNORE_INDEX}")
     complete = [s for s in schema.STAGE_ORDER if store.stage_complete(s)]
     if not complete:
-        report.error("no stage is complete (run `cns-cli labels ... --stages correspond`)")
+        report.error(f"no stage is complete: run {labels_command(store.path, store.raw_attrs, stages='correspond')}")
         return report
     dims = store.dims()
     _check_arrays(store, complete, dims, report)
+    if report.errors:
+        return report
+    _check_chunks(store, report, deep)
     if report.errors:
         return report
     _check_offsets(store, complete, dims, report)
@@ -132,6 +142,19 @@ def _check_arrays(store: Store, complete, dims, report) -> None:
         if names != sp.dimension_names:
             report.error(f"array '{sp.name}' has dimension names {names}, schema says {sp.dimension_names}")
         report.checked.append(sp.name)
+
+
+def _check_chunks(store: Store, report, deep: bool) -> None:
+    """Every chunk file the done markers imply exists (and, ``deep``, decodes); names each one that does not."""
+    try:
+        for blk in missing_blocks(store):
+            report.error(f"{blk.describe()} is missing (file {store.path / blk.array / blk.key})")
+        if deep:
+            for blk, err in undecodable_blocks(store):
+                report.error(f"{blk.describe()} cannot be decoded: {err.splitlines()[0]}")
+    except DECODE_ERRORS as e:  # an offsets array itself does not decode: the rows of the others are unknown
+        report.error(f"the offsets arrays cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                     f"the store's frame-level arrays are damaged: write the store again")
 
 
 def _check_offsets(store: Store, complete, dims, report) -> None:
@@ -228,3 +251,29 @@ def _check_fingerprints(store: Store, complete, report, check_checkpoints: bool)
             report.error(f"stage '{stage}' used checkpoint {ckpt} but recorded no sha256")
         elif check_checkpoints and ckpt and Path(ckpt).exists() and sha256_file(ckpt) != fp["checkpoint_sha256"]:
             report.error(f"checkpoint {ckpt} of stage '{stage}' no longer matches its recorded sha256")
+
+
+def format_status(path) -> str:
+    """``cns-cli cache status``: the store's header, one line per stage, and a warning line naming the chunk
+    files that done shards imply but that are missing (a directory listing; nothing is read)."""
+    from .integrity import missing_summary
+    store = Store(path)
+    attrs = store.attrs
+    lines = [f"{store.path}: {attrs.dataset}/{attrs.split}, {attrs.num_frames} frames, {len(attrs.class_names)} "
+             f"classes, images {attrs.image_size[0]}x{attrs.image_size[1]}"]
+    note = simulated_note(store)
+    if note:
+        lines.append(note)
+    for row in stage_status(store):
+        state = "complete" if row["complete"] else ("partial" if row["done"] else "not run")
+        extra = f", {row['failed_frames']} failed frame(s)" if row["failed_frames"] else ""
+        if row["simulated"]:
+            extra += f"  [simulated: {row['simulated']['simulator']} v{row['simulated']['version']}]"
+        elif row["from_simulated"]:
+            extra += f"  [on simulated {', '.join(row['from_simulated'])}]"
+        lines.append(f"  {row['stage']:<11} {row['done']}/{row['total']} shards  {state}{extra}")
+    missing = missing_blocks(store)
+    if missing:
+        lines.append(f"WARNING: {missing_summary(store, missing)}; `cns-cli cache validate {store.path}` lists "
+                     f"them and rerunning labels rewrites them")
+    return "\n".join(lines)

@@ -1,33 +1,32 @@
 """``cns-cli inspect summary|frame|report`` (registered in ``cli.py`` with ``main.add_command``).
 
 Bad inputs (not a store, another schema version, an unknown frame or image, a directory that is not a
-training run) end with one line on stderr and exit code 2, before anything is written.
+training run, a store with a missing chunk file) are :class:`InspectError`/``CacheError`` (user errors):
+``cli.py`` prints one line and exits 2, before anything is written. A chunk that fails to decode while a
+command reads is one line naming the array, the chunk and the frames
+(:func:`data_cache.integrity.read_guard`).
 """
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import click
 
 from . import InspectError
 
 
-class InputError(click.ClickException):
-    """One line (``Error: ...``) and exit code 2."""
-
-    exit_code = 2
-
-
-def _guard(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except InspectError as e:
-        raise InputError(str(e)) from None
-
-
 def _view(path):
     from .frames import StoreView
-    return _guard(StoreView, path)
+    return StoreView(path)
+
+
+@contextmanager
+def _reading(view):
+    """Around a command's reads of the store: a damaged chunk becomes one line naming it."""
+    from data_cache.integrity import read_guard
+    with read_guard(view.store):
+        yield
 
 
 @click.group("inspect")
@@ -43,7 +42,9 @@ def inspect_group():
 def summary_cmd(store, as_json, max_frames):
     """Counts, stage progress, pair coverage, SAM statistics, class histograms and pseudo-label mIoU."""
     from .summary import format_summary, summarize
-    result = summarize(_view(store), max_frames=max_frames)
+    view = _view(store)
+    with _reading(view):
+        result = summarize(view, max_frames=max_frames)
     if as_json:
         click.echo(json.dumps(result, indent=1))
     else:
@@ -52,7 +53,7 @@ def summary_cmd(store, as_json, max_frames):
 
 def _run_view(path):
     from .run import RunView
-    return None if path is None else _guard(RunView, path)
+    return None if path is None else RunView(path)
 
 
 @inspect_group.command("frame")
@@ -69,13 +70,14 @@ def frame_cmd(store, frame, image, out_dir, run_dir, scale, device):
     """PNGs of one frame (TOKEN or INDEX): labels, SAM masks, projected points, bird's-eye view, legend."""
     from .pictures import write_frame
     view = _view(store)
-    index = _guard(view.resolve_frame, frame)
+    index = view.resolve_frame(frame)
     if not view.done_frames("correspond")[index]:
-        raise InputError(f"frame {index} ({view.tokens[index]}) has no data yet: its correspond shard is not done")
-    images = [_guard(view.resolve_image, index, image)] if image is not None else list(range(view.num_images(index)))
+        raise InspectError(f"frame {index} ({view.tokens[index]}) has no data yet: its correspond shard is not done")
+    images = [view.resolve_image(index, image)] if image is not None else list(range(view.num_images(index)))
     run = _run_view(run_dir)
-    predictor = _guard(run.predictor, view, device) if run is not None else None
-    written, notes = write_frame(view, index, images, out_dir, scale, predictor)
+    predictor = run.predictor(view, device) if run is not None else None
+    with _reading(view):
+        written, notes = write_frame(view, index, images, out_dir, scale, predictor)
     click.echo(f"frame {index} ({view.tokens[index]}): {len(written)} files in {out_dir}")
     for note in notes:
         click.echo(f"  note: {note}")
@@ -101,8 +103,9 @@ def report_cmd(store, out_dir, num_frames, images_per_frame, run_dir, max_frames
     run = _run_view(run_dir)
     predictor = None
     if run is not None and run.checkpoint.exists():
-        predictor = _guard(run.predictor, view, device)
+        predictor = run.predictor(view, device)
     elif run is not None:
         click.echo(f"note: {run.checkpoint} does not exist yet: the report shows no predictions", err=True)
-    path = build_report(view, out_dir, num_frames, images_per_frame, run, predictor, max_frames, max_points)
+    with _reading(view):
+        path = build_report(view, out_dir, num_frames, images_per_frame, run, predictor, max_frames, max_points)
     click.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from data_cache import schema
+from data_cache.integrity import require_complete_chunks
 from data_cache.store import CacheError, Store
 
 from . import InspectError
@@ -41,6 +42,10 @@ class StoreView:
             which = "newer" if isinstance(version, int) and version > schema.SCHEMA_VERSION else "another"
             raise InspectError(f"{path} has cache schema version {version} ({which} than this cns-cli reads: "
                                f"{schema.SCHEMA_VERSION}); use the cns-cli that wrote it or rebuild the store")
+        try:
+            require_complete_chunks(self.store)  # a lost chunk would read back as the fill value: refuse
+        except CacheError as e:
+            raise InspectError(str(e)) from None
         try:
             self.attrs = self.store.attrs
             self.tokens = np.asarray(self.store.array("frames/token")[:]).astype(str)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
+from data_cache.errors import UnknownNameError
+
 
 class Registry:
     def __init__(self, kind: str):
@@ -23,7 +25,7 @@ class Registry:
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "none"
-            raise KeyError(f"unknown {self.kind} '{name}' (known: {known})") from None
+            raise UnknownNameError(f"unknown {self.kind} '{name}' (known: {known})") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

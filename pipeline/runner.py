@@ -3,9 +3,11 @@
 ``run_labels`` is what ``cns-cli labels`` and ``make labels`` call. A *work shard* is a contiguous range
 of ``shard_size`` frames; each (stage, shard) is one task that reads its inputs from the store, runs the
 stage's model (built once per worker process) and writes its outputs, then its done marker. A rerun
-skips done shards; ``overwrite`` redoes a stage (and the stages that depend on it). A rerun whose
+skips done shards whose chunk files all exist (a shard whose data went missing is redone, and said so:
+``data_cache.integrity``); ``overwrite`` redoes a stage (and the stages that depend on it). A rerun whose
 configuration or checkpoint fingerprint differs from the one recorded in the store is refused, naming
-the field that differs.
+the field that differs, unless the stage has no done shard yet (a run that failed before writing anything
+does not pin its configuration).
 
 Task graph: ``prepare`` of a stage waits for its prerequisite stages to finish (a stage may sample their
 outputs, e.g. the SAM projection fit); shard ``s`` of a stage waits for shard ``s`` of its prerequisites,
@@ -25,7 +27,8 @@ import numpy as np
 
 from data_cache import schema
 from data_cache.schema import STAGE_ORDER, STAGE_REQUIRES, RootAttrs
-from data_cache.store import CacheError, Store, store_path
+from data_cache.integrity import undo_shards_missing_data
+from data_cache.store import CacheError, Store, labels_command, store_path
 
 from .datasets.base import DatasetError, build_adapter
 from .stages.base import Shard, ShardContext, build_stage, map_tasks
@@ -73,7 +76,7 @@ class RunSummary:
 
 # -- planning -----------------------------------------------------------------------------------------
 
-def plan_store(adapter, path: Path, shard_size: int) -> Store:
+def plan_store(adapter, path: Path, shard_size: int, dataset_options: dict | None = None) -> Store:
     """Create the store and its frame-level arrays, or reopen a planned one after checking it matches."""
     if path.exists() and not (path / schema.DONE_DIR / PLAN / "_complete.json").exists():
         log.warning("removing %s: its planning step never finished", path)
@@ -97,7 +100,8 @@ def plan_store(adapter, path: Path, shard_size: int) -> Store:
                       image_gt_source=adapter.image_gt_source, dataset_config=_jsonable(adapter.config()),
                       shard_size=shard_size, num_frames=len(frames))
     store = Store.create(path, attrs)
-    store.update_attrs(shards=shards, voxel_size=adapter.voxel_size)
+    store.update_attrs(shards=shards, voxel_size=adapter.voxel_size,  # options: for the commands errors suggest
+                       dataset_options=_jsonable(dict(dataset_options or {})))
     store.set_dims(**{"F": len(frames), "F+1": len(frames) + 1, "I": int(image_off[-1]),
                       "H": adapter.image_size[0], "W": adapter.image_size[1],
                       "C": max(1, len(adapter.point_features)), "L": len(adapter.class_names)},
@@ -141,18 +145,27 @@ def _first_difference(have, want, prefix="") -> str:
     return f" ({prefix + ': ' if prefix else ''}store has {have!r}, this run has {want!r})"
 
 
-def check_fingerprint(store: Store, stage, overwrite: bool) -> None:
-    """Refuse a rerun whose stage configuration or checkpoint differs from the store's, naming the field."""
+def check_fingerprint(store: Store, stage, overwrite: bool, rerun: str | None = None) -> None:
+    """Refuse a rerun whose stage configuration or checkpoint differs from the store's, naming the field and
+    the command that redoes the stage (``rerun``: that command, else one built from the store's attributes).
+
+    A stage with no done shard takes the new configuration: what a failed run left (part files, failure
+    records, a projection fitted with the old configuration) is cleared first."""
     recorded = store.raw_attrs.get("stages", {}).get(stage.name)
     current = _jsonable(stage.fingerprint())
-    if recorded is not None and recorded != current and not overwrite:
+    if recorded is not None and recorded != current and not overwrite and not store.done_shards(stage.name) \
+            and not store.stage_complete(stage.name):
+        log.warning("stage '%s' of %s has no done shard: it takes this run's configuration", stage.name, store.path)
+        store.clear_stage(stage.name)
+    elif recorded is not None and recorded != current and not overwrite:
         detail = _first_difference(recorded, current)
         simulated = [bool((fp.get("config") or {}).get("simulated")) for fp in (recorded, current)]
         if simulated[0] != simulated[1]:  # say first what matters most: simulated vs real foundation models
             detail = (" (the store's outputs are simulated from the ground truth, this run uses real models)"
                       if simulated[0] else " (the store's outputs come from real models, this run simulates them)")
+        rerun = rerun or labels_command(store.path, store.raw_attrs, stages=stage.name, overwrite=True)
         raise CacheError(f"stage '{stage.name}' of {store.path} was run with a different fingerprint{detail}; "
-                         f"rerun with --overwrite to redo it")
+                         f"to redo it (and the stages that read it): {rerun}")
     if recorded != current or overwrite:
         stages = dict(store.raw_attrs.get("stages", {}))
         stages[stage.name] = current
@@ -391,20 +404,29 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
                     "options": dataset_options}
     path = store_path(cache, dataset, adapter.split)
     shard_size = shard_size or DEFAULT_SHARD_SIZE.get(dataset, 8)
-    store = plan_store(adapter, path, shard_size)
+    store = plan_store(adapter, path, shard_size, dataset_options)
     remove_leftover_parts(store)
+    run_attrs = {"dataset": dataset, "split": adapter.split, "dataset_config": {"root": data_root},
+                 "dataset_options": dataset_options}
+
+    def command(stage_list: str, overwrite: bool = False) -> str:  # copy-pasteable, with this run's options
+        return labels_command(path, run_attrs, stages=stage_list, overwrite=overwrite)
+
     for name in stages:
         for req in STAGE_REQUIRES[name]:
             if req not in stages and not store.stage_complete(req):
-                raise LabelRunError(f"stage '{name}' needs '{req}', which is not complete in {path}: "
-                                    f"add it to STAGES (e.g. STAGES={req},{name})")
+                needed = ",".join(_with_incomplete_prerequisites(store, stages))
+                raise LabelRunError(f"stage '{name}' needs '{req}', which is not complete in {path}: run "
+                                    f"{command(needed)} (make: STAGES={needed})")
     stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
     for name, stage in stage_objs.items():
         stage.bind(store.attrs)
         if overwrite:
             for s in [name] + downstream(name):
                 store.clear_stage(s)
-        check_fingerprint(store, stage, overwrite)
+        check_fingerprint(store, stage, overwrite, rerun=command(",".join([name] + downstream(name)), True))
+    for line in undo_shards_missing_data(store, stage_objs):
+        log.warning("%s", line)
 
     shards = [Shard(i, a, b) for i, (a, b) in enumerate(store.raw_attrs["shards"])]
     threads = threads_per_worker or (max(1, (os.cpu_count() or 1) // max(1, workers)) if workers else None)
@@ -441,9 +463,19 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
             bar.close()
         executor.close()
     store = Store(path, mode="a")
+    remove_leftover_parts(store)  # a redone shard of a complete stage leaves a part file (see integrity)
     if all(store.stage_complete(s) for s in stage_objs):
         store.consolidate()
     return RunSummary(store=path, reports=reports)
+
+
+def _with_incomplete_prerequisites(store: Store, stages) -> list[str]:
+    """``stages`` and every stage they need, directly or not, that is not complete in ``store``, in order."""
+    wanted = set(stages)
+    for name in reversed(STAGE_ORDER):
+        if name in wanted:
+            wanted |= {r for r in STAGE_REQUIRES[name] if not store.stage_complete(r)}
+    return [s for s in STAGE_ORDER if s in wanted]
 
 
 def _order_stages(stages) -> list[str]:

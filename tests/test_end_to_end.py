@@ -51,4 +51,4 @@ def test_open_vocabulary_uses_the_stores_text_tower(tmp_path, monkeypatch):
     assert "CNS 3D net" in ov.output
     missing = runner.invoke(main, ["eval", "--cache", str(store), "--run", str(run), "--classes", "car,road",
                                    "--clip-checkpoint", str(tmp_path / "nope.pt")])
-    assert missing.exit_code == 1 and "does not exist" in missing.output and "Traceback" not in missing.output
+    assert missing.exit_code == 2 and "does not exist" in missing.output and "Traceback" not in missing.output

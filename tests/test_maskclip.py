@@ -184,7 +184,8 @@ def test_stage_prompts_use_clip2scene_names_and_record_them(tmp_path, tiny, monk
     text = store.array("clip/text_embed")[:]
     np.testing.assert_allclose(text[-1], mc.embed_class_words(model, tok, [("other furniture",)])[0], atol=1e-5)
     assert not np.allclose(text[-1], mc.embed_class_words(model, tok, [("otherfurniture",)])[0], atol=1e-3)
-    # other prompt names are another fingerprint: a rerun is refused, naming the field
+    # other prompt names are another fingerprint: a rerun of a stage with a done shard is refused, naming the field
+    store.mark_done("maskclip", 0, {})
     monkeypatch.setitem(PROMPT_NAMES["scannet"], "otherfurniture", "furniture")
     with pytest.raises(CacheError, match=r"prompt_names.*other furniture.*furniture"):
         check_fingerprint(store, stage, overwrite=False)

@@ -163,5 +163,6 @@ def test_rerun_skips_done_and_refuses_changed_configuration(scannet_root, tmp_pa
 
 
 def test_stage_without_prerequisite_is_refused(scannet_root, tmp_path):
-    with pytest.raises(RuntimeError, match="needs 'maskclip'.*STAGES=maskclip,refine"):
+    with pytest.raises(RuntimeError, match="needs 'maskclip'.*--stages correspond,maskclip,sam,refine.*"
+                                           "STAGES=correspond,maskclip,sam,refine"):
         run_labels("scannet", tmp_path, "refine", data_root=scannet_root, split="all", workers=0, progress=False)

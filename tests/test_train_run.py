@@ -308,7 +308,8 @@ def test_mismatched_stores_are_refused(toy, tmp_path):
     with pytest.raises(StoreMismatch, match="clip/text_embed"):
         check_stores([toy, other_text], cfg())
     no_sam = build_toy_store(tmp_path / "nosam.zarr", num_frames=1, num_images=2, stages=("correspond", "maskclip"))
-    with pytest.raises(StoreMismatch, match=r"sam, refine not complete.*STAGES=sam,refine"):
+    with pytest.raises(StoreMismatch, match=r"sam, refine not complete; run cns-cli labels --dataset toy "
+                                            r"--split train .*--stages sam,refine"):
         check_stores([no_sam], cfg())
     pinned = load_config("synthetic_street_cpu", {"data.class_names": ["a", "b", "c", "d"]})
     with pytest.raises(StoreMismatch, match="data.class_names"):

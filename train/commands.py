@@ -1,5 +1,9 @@
 """``cns-cli train`` and ``cns-cli eval`` (registered in ``cli.py`` with ``main.add_command``).
 
+Both resolve and check the configuration (keys, value types, the ablation) before importing torch or opening
+a store, so a typo costs a fraction of a second and writes nothing to ``--out``. Their user errors are
+:class:`data_cache.errors.UserError` subclasses, printed as one line with exit code 2 by ``cli.py``.
+
 Also runnable without the top-level CLI, e.g. under torchrun:
 ``torchrun --nproc_per_node 2 -m train.commands train --cache STORE --config nuscenes --out RUN``.
 """
@@ -10,14 +14,20 @@ from pathlib import Path
 
 import click
 
+from data_cache.errors import CnsCommand, CnsGroup
+
 from .config import ConfigError, available_configs, dump_config, load_config, parse_overrides, store_like
 
 
-def _fail(e: Exception) -> None:
-    raise click.ClickException(str(e))
+def _require_complete_chunks(paths) -> None:
+    """Refuse, before torch loads, a store whose done work lost a chunk file (a directory listing per store)."""
+    from data_cache.integrity import require_complete_chunks
+    from data_cache.store import Store
+    for path in paths:
+        require_complete_chunks(Store(path))
 
 
-@click.command("train", context_settings={"show_default": True})
+@click.command("train", cls=CnsCommand, context_settings={"show_default": True})
 @click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="one cache store, CACHE/<dataset>-<split>.zarr (repeat for several)")
 @click.option("--config", "config_file", default=None,
@@ -42,26 +52,22 @@ def train(caches, config_file, out, resume, init_from, seed, eval_caches, device
 
     OVERRIDES are key=value pairs, e.g. schedule.epochs=10 ablation=no_cross_training
     """
-    from .engine import StoreMismatch, Trainer, cleanup_distributed
-    from data_cache.store import CacheError
-    try:
-        ov = parse_overrides(overrides)
-        if seed is not None:
-            ov["seed"] = seed
-        if no_pretrained_2d:
-            ov["model.pretrained_2d"] = False
-        run_cfg = Path(out) / "config.yaml"
-        if resume and config_file is None and run_cfg.exists():
-            config_file = str(run_cfg)
-        cfg = load_config(config_file, ov, like=store_like(caches))
-        if init_from and resume:
-            raise ConfigError("--init-from starts a new run; --resume continues one (its config.yaml already "
-                              "records the parent)")
-        trainer = Trainer(cfg, list(caches), out, eval_paths=list(eval_caches) or None, device=device,
-                          resume=resume, init_from=init_from)
-    except (ConfigError, StoreMismatch, CacheError, FileExistsError, FileNotFoundError) as e:
-        _fail(e)
-    last = trainer.ckpt_dir / "last.pth"
+    ov = parse_overrides(overrides)
+    if seed is not None:
+        ov["seed"] = seed
+    if no_pretrained_2d:
+        ov["model.pretrained_2d"] = False
+    run_cfg = Path(out) / "config.yaml"
+    if resume and config_file is None and run_cfg.exists():
+        config_file = str(run_cfg)
+    cfg = load_config(config_file, ov, like=store_like(caches))  # before torch: a bad key or value is refused at once
+    if init_from and resume:
+        raise ConfigError("--init-from starts a new run; --resume continues one (its config.yaml already "
+                          "records the parent)")
+    _require_complete_chunks(caches + eval_caches)
+    from .engine import Trainer, cleanup_distributed
+    trainer = Trainer(cfg, list(caches), out, eval_paths=list(eval_caches) or None, device=device,
+                      resume=resume, init_from=init_from)
     if trainer.rank == 0:
         note = "" if trainer.eval_held_out else " -- the training stores themselves: no val store found"
         click.echo(f"evaluating on {trainer.eval_label}{note}", err=True)
@@ -80,7 +86,7 @@ def train(caches, config_file, out, resume, init_from, seed, eval_caches, device
         cleanup_distributed()
 
 
-@click.command("eval", context_settings={"show_default": True})
+@click.command("eval", cls=CnsCommand, context_settings={"show_default": True})
 @click.option("--cache", "caches", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="one cache store to evaluate on, CACHE/<dataset>-<split>.zarr (repeat for several)")
 @click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
@@ -106,37 +112,34 @@ def train(caches, config_file, out, resume, init_from, seed, eval_caches, device
 def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip_pretrained, clip_checkpoint,
              post_refine, export_dir, out_json, device, overrides):
     """mIoU of the trained networks and of the label-only baselines, with the paper's numbers for reference."""
+    ov = parse_overrides(overrides)  # the configuration first: a bad key or value is refused before torch loads
+    if run_dir is not None:
+        state_path = Path(checkpoint or Path(run_dir) / "checkpoints" / "last.pth")
+        cfg = load_config(Path(run_dir) / "config.yaml", ov)
+    else:
+        state_path = Path(checkpoint) if checkpoint else None
+        cfg = load_config(config_file, ov, like=store_like(caches))
+    if state_path is not None and not state_path.exists():
+        raise ConfigError(f"no checkpoint at {state_path}")
+    if classes and state_path is None:
+        raise click.UsageError("--classes needs a trained run (--run or --checkpoint)")
+    _require_complete_chunks(caches)
     import torch
 
-    from data_cache.store import CacheError
-    from .engine import StoreMismatch, check_stores
+    from data_cache.store import Store
+    from .engine import check_stores
     from .evaluate import evaluate, format_tables, open_vocabulary_embeddings, store_text_tower, write_result
     from .models import load_trained_model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        ov = parse_overrides(overrides)
-        if run_dir is not None:
-            state_path = Path(checkpoint or Path(run_dir) / "checkpoints" / "last.pth")
-            cfg = load_config(Path(run_dir) / "config.yaml", ov)
-        else:
-            state_path = Path(checkpoint) if checkpoint else None
-            cfg = load_config(config_file, ov, like=store_like(caches))
-        info = check_stores(list(caches), cfg, for_training=False)
-    except (ConfigError, StoreMismatch, CacheError) as e:
-        _fail(e)
-    from data_cache.store import Store
+    info = check_stores(list(caches), cfg, for_training=False)
     if classes and any(Store(c).simulated_stages() for c in caches):
-        _fail(click.UsageError("--classes needs a store of real CLIP labels: this store's are simulated from the "
-                               "ground truth (a benchmark store), there is no CLIP text space to embed in"))
+        raise click.UsageError("--classes needs a store of real CLIP labels: this store's are simulated from the "
+                               "ground truth (a benchmark store), there is no CLIP text space to embed in")
     model = None
     if state_path is not None:
-        if not state_path.exists():
-            _fail(FileNotFoundError(f"no checkpoint at {state_path}"))
         model, _ = load_trained_model(cfg, state_path, info, device)
     eval_classes, text_embed = None, None
     if classes:
-        if model is None:
-            _fail(click.UsageError("--classes needs a trained run (--run or --checkpoint)"))
         eval_classes = [c.strip() for c in classes.split(",") if c.strip()]
         tower = store_text_tower(caches[0])
         overrides_given = {k: v for k, v in (("model", clip_model), ("pretrained", clip_pretrained),
@@ -147,10 +150,7 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
         if clip_cfg.get("tiny") and not overrides_given:
             click.secho("WARNING: the store's labels come from the tiny random test CLIP; so do these embeddings",
                         fg="yellow", err=True)
-        try:
-            text_embed = open_vocabulary_embeddings(eval_classes, clip_cfg, device)
-        except (RuntimeError, ValueError, OSError) as e:  # no weights, a failed download, a wrong checkpoint
-            _fail(e)
+        text_embed = open_vocabulary_embeddings(eval_classes, clip_cfg, device)  # WeightsError: one line
     result = evaluate(model, list(caches), cfg, device, with_baselines=True, eval_classes=eval_classes,
                       text_embed=text_embed, export_dir=export_dir, post_refine=post_refine)
     click.echo(format_tables(result))
@@ -166,7 +166,7 @@ def eval_cmd(caches, run_dir, checkpoint, config_file, classes, clip_model, clip
 eval = eval_cmd  # noqa: A001  (the lead registers ``train.commands.eval``)
 
 
-@click.group()
+@click.group(cls=CnsGroup)
 def _main():
     """Standalone entry (torchrun -m train.commands ...)."""
 

@@ -170,6 +170,64 @@ class ConfigError(UserError, ValueError):
     pass
 
 
+#: keys whose value may be null besides those whose default is null
+NULLABLE = ("model.net3d", "data.augment.scale")  # 2D only; no point scaling
+#: smallest allowed value of numeric keys (a number key not listed only has to be a number)
+MINIMUM = {"data.batch_size": 1, "data.num_workers": 0, "data.images_per_frame": 0, "schedule.epochs": 0,
+           "schedule.warmup_epochs": 0, "schedule.momentum": 0, "schedule.weight_decay": 0,
+           "schedule.max_steps_per_epoch": 0, "schedule.log_interval": 1, "schedule.grad_clip": 0,
+           "schedule.keep_checkpoints": 0, "loss.weight_2d": 0, "loss.weight_3d": 0, "loss.weight_latent": 0,
+           "eval.images_per_frame": 0, "eval.interval": 0, "eval.bn_recalibration_images": 0}
+#: numeric keys that must be above zero
+POSITIVE = ("schedule.lr", "data.voxel_size")
+
+
+def _what_it_takes(default) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    return "a list"
+
+
+def _type_ok(value, default) -> bool:
+    """Whether ``value`` has the type of ``default`` (an integer is a number; a bool is neither)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def check_types(cfg: Mapping, defaults: Mapping = DEFAULTS, where: str = "") -> None:
+    """Every key holds a value of its default's type (null only where the default is null or the key is
+    :data:`NULLABLE`), within :data:`MINIMUM` / :data:`POSITIVE`; else one line naming the key and what it takes."""
+    for key, default in defaults.items():
+        dotted, value = f"{where}{key}", cfg.get(key)
+        if isinstance(default, dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted} must be a mapping of keys ({', '.join(sorted(default))}), got {value!r}")
+            check_types(value, default, f"{dotted}.")
+            continue
+        if default is None or (value is None and dotted in NULLABLE):
+            continue
+        if not _type_ok(value, default):
+            raise ConfigError(f"{dotted} takes {_what_it_takes(default)}{' or null' if dotted in NULLABLE else ''}, "
+                              f"got {value!r}")
+        if dotted in MINIMUM and value < MINIMUM[dotted]:
+            raise ConfigError(f"{dotted} takes {_what_it_takes(default)} >= {MINIMUM[dotted]}, got {value!r}")
+        if dotted in POSITIVE and value <= 0:
+            raise ConfigError(f"{dotted} takes {_what_it_takes(default)} > 0, got {value!r}")
+
+
 def _merge(base: dict, over: Mapping, where: str) -> dict:
     for k, v in over.items():
         if k == "_base_":
@@ -264,6 +322,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping | Iterable[st
 
 
 def validate(cfg: dict) -> None:
+    check_types(cfg)
     bad = [s for s in cfg["labels"]["stage2_sources"] if s not in LABEL_SOURCES]
     if bad or not cfg["labels"]["stage2_sources"]:
         raise ConfigError(f"labels.stage2_sources must be a non-empty subset of {LABEL_SOURCES}, got "

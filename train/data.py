@@ -23,6 +23,7 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset, Sampler
 
 from data_cache import schema
+from data_cache.integrity import read_guard, require_complete_chunks
 from data_cache.store import Store
 
 IGNORE = schema.IGNORE_INDEX
@@ -168,6 +169,7 @@ class CacheFrameDataset(Dataset):
         self.meta = []
         for s, path in enumerate(self.paths):
             st = Store(path)
+            require_complete_chunks(st)  # a lost chunk would read back as the fill value: refuse the store
             attrs = st.attrs
             has_points = "points" in attrs.modalities  # a 2D-only store (nuImages) has no points and no pairs
             offs = {k: st.offsets(k) for k in (("points", "images", "pairs") if has_points else ("images",))}
@@ -209,6 +211,13 @@ class CacheFrameDataset(Dataset):
         return int(self.cfg["data"]["images_per_frame"] if self.train else self.cfg["eval"]["images_per_frame"])
 
     def __getitem__(self, idx: int) -> dict:
+        """The item of ``idx``; a chunk of the frame's rows that fails to decode is one line naming the array,
+        the chunk and the frames (:func:`data_cache.integrity.read_guard`)."""
+        s, f = self.index[int(idx) % len(self.index)]
+        with read_guard(self.store(s), frames=(f, f + 1)):
+            return self._item(idx)
+
+    def _item(self, idx: int) -> dict:
         epoch, idx = divmod(int(idx), len(self.index))  # see EpochSampler
         epoch += self.epoch
         s, f = self.index[idx]

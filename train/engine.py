@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from data_cache import schema
-from data_cache.store import CacheError, Store
+from data_cache.errors import UserError
+from data_cache.integrity import require_complete_chunks
+from data_cache.store import CacheError, Store, labels_command
 
 from .config import ConfigError, backfill_added_keys, dump_config
 from .data import (TRAINING_ARRAYS, CacheFrameDataset, EpochSampler, batch_to, collate_offsets, latent_feature_arrays,
@@ -47,6 +49,10 @@ def describe_parent(checkpoint, cfg: dict) -> dict:
 #: Keys that may change when a run is resumed (they do not change what is computed).
 RESUMABLE_KEYS = ("data.num_workers", "schedule.log_interval", "eval.interval", "schedule.keep_checkpoints",
                   "model.sparse_backend")  # the backends build the same modules and load the same checkpoints
+
+
+class RunDirError(UserError, FileExistsError):
+    """``--out`` already holds a run that this command would overwrite."""
 
 
 class StoreMismatch(CacheError):
@@ -84,6 +90,7 @@ def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
     info = None
     for path in paths:
         st = Store(path)
+        require_complete_chunks(st)  # before anything is written to --out
         a = st.attrs
         if a.schema_version != d["schema_version"]:
             raise StoreMismatch(f"{path}: schema version {a.schema_version}, the configuration expects "
@@ -92,7 +99,7 @@ def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
         missing = [s for s in schema.STAGE_ORDER if not st.stage_complete(s)]
         if missing:
             raise StoreMismatch(f"{path}: stage(s) {', '.join(missing)} not complete; run "
-                                f"`make labels CACHE={Path(path).parent} STAGES={','.join(missing)}`")
+                                f"{labels_command(path, st.raw_attrs, stages=','.join(missing))}")
         has_points = "points" in a.modalities
         if not has_points and cfg["model"]["net3d"]:
             raise StoreMismatch(f"{path}: the store has no points (a 2D-only dataset); train the 2D network "
@@ -104,7 +111,7 @@ def check_stores(paths, cfg: dict, for_training: bool = True) -> dict:
         if absent:
             stages = sorted({schema.spec(n).stage for n in absent}, key=schema.STAGE_ORDER.index)
             raise StoreMismatch(f"{path}: missing array(s) {', '.join(absent)}; run "
-                                f"`make labels CACHE={Path(path).parent} STAGES={','.join(stages)}`")
+                                f"{labels_command(path, st.raw_attrs, stages=','.join(stages))}")
         names = list(a.class_names)
         if d["class_names"] is None:
             d["class_names"] = names
@@ -337,8 +344,8 @@ class Trainer:
                 raise ConfigError(f"--resume with a configuration that differs from {dumped}: "
                                     + "; ".join(diffs))
         elif not resume and (self.ckpt_dir / "last.pth").exists():
-            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose "
-                                  "another --out")
+            raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose "
+                              "another --out")
         if self.rank == 0:
             dump_config(self.cfg, dumped)
 
@@ -387,7 +394,7 @@ class Trainer:
         from data_cache.store import file_digest
         path = parent["checkpoint"]
         if not Path(path).exists():
-            raise FileNotFoundError(f"--init-from checkpoint {path} does not exist")
+            raise ConfigError(f"--init-from checkpoint {path} does not exist")
         if file_digest(path) != parent["sha256"]:
             raise ConfigError(f"--init-from checkpoint {path} changed since this run recorded it "
                               f"(sha256 {parent['sha256'][:12]}...)")

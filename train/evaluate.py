@@ -119,7 +119,8 @@ def open_vocabulary_embeddings(class_names, clip_cfg: dict, device) -> torch.Ten
         from pipeline.stages.base import cached_sha256
         src = resolve_weights("clip", clip_cfg.get("model"), clip_cfg.get("checkpoint"), clip_cfg.get("pretrained"))
         if src["source"] == "checkpoint" and cached_sha256(src["path"]) != want_sha:
-            raise ValueError(f"CLIP checkpoint {src['path']} is not the one the store's labels were made with "
+            from pipeline.models.weights import WeightsError
+            raise WeightsError(f"CLIP checkpoint {src['path']} is not the one the store's labels were made with "
                              f"(sha256 {want_sha[:12]}...); pass that one with --clip-checkpoint")
     emb = build_text_embeddings(list(class_names), model=clip_cfg.get("model"), pretrained=clip_cfg.get("pretrained"),
                                 checkpoint=clip_cfg.get("checkpoint"), tiny=bool(clip_cfg.get("tiny")),

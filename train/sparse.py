@@ -16,8 +16,6 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-import torch
-
 from pipeline.registry import Registry
 
 from .config import ConfigError
@@ -37,6 +35,7 @@ class SparseBackend:
 
     def load(self, device: torch.device | str = "cpu") -> ModuleType:
         """The backend's module, or a one-line :class:`ConfigError` naming the fix."""
+        import torch  # here, not at the top: train.config validates the backend's name before torch loads
         if not self.cpu and torch.device(device).type == "cpu":
             raise ConfigError(f"model.sparse_backend={self.name} runs Triton kernels on a GPU only (device cpu): "
                               "use model.sparse_backend=spconv on CPU")
@@ -70,5 +69,6 @@ def sparse_modules(name: str = "spconv", device: torch.device | str = "cpu") -> 
 def conv_algo(device: torch.device | str, sp: ModuleType | None = None):
     """The one place that picks the sparse convolution algorithm: ``Native`` on CPU (the only one that runs
     there), the backend's default (implicit GEMM for kernels of <= 32 offsets, Native above) on a GPU."""
+    import torch
     sp = sp if sp is not None else sparse_modules("spconv")
     return sp.ConvAlgo.Native if torch.device(device).type == "cpu" else None

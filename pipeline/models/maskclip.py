@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import prompts, weights
+from data_cache.errors import UnknownNameError
+
 from .weights import WeightsError
 from ..registry import shipped_config_dir
 
@@ -319,7 +321,7 @@ def architecture(name: str = "ViT-B-16") -> dict:
     _register_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise KeyError(f"unknown open_clip architecture '{name}'")
+        raise UnknownNameError(f"unknown open_clip architecture '{name}'")
     patch = cfg["vision_cfg"].get("patch_size")
     if patch is None:
         raise NotImplementedError(f"MaskCLIP needs a ViT image tower; {name} has none")

@@ -38,6 +38,8 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from . import weights
 from .pca import fit_pca, project  # noqa: F401  (the fixed projection, shared with the maskclip stage)
+from data_cache.errors import OptionError, UnknownNameError, UnknownOptionError
+
 from .weights import WeightsError
 from ..registry import shipped_config_dir
 
@@ -67,7 +69,7 @@ def sam_config(model_type: str) -> dict:
     p = CONFIG_DIR / f"{model_type}.json"
     if not p.is_file():
         known = sorted(q.stem for q in CONFIG_DIR.glob("*.json"))
-        raise KeyError(f"unknown SAM model type '{model_type}' (known: {', '.join(known)})")
+        raise UnknownNameError(f"unknown SAM model type '{model_type}' (known: {', '.join(known)})")
     return json.loads(p.read_text())
 
 
@@ -320,7 +322,7 @@ class SamMaskFeatureGenerator(SamImageEncoder):
     def __init__(self, sam, **thresholds):
         unknown = set(thresholds) - set(GENERATOR_DEFAULTS)
         if unknown:
-            raise TypeError(f"unknown SAM generator options: {sorted(unknown)}")
+            raise UnknownOptionError(f"unknown SAM generator options: {sorted(unknown)}")
         super().__init__(sam)
         self.thresholds = {**GENERATOR_DEFAULTS, **thresholds}
         self.generator = SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **self.thresholds)
@@ -419,14 +421,14 @@ class BatchedMaskGenerator(SamImageEncoder):
         for key, low in (("points_per_side", 1), ("points_per_batch", 1), ("crop_n_layers", 0),
                          ("crop_n_points_downscale_factor", 1), ("min_mask_region_area", 0)):
             if int(t[key]) != t[key] or t[key] < low:
-                raise ValueError(f"SAM generator option {key}={t[key]!r} must be an integer >= {low}")
+                raise OptionError(f"SAM generator option {key}={t[key]!r} must be an integer >= {low}")
         if t["min_mask_region_area"] > 0:
             try:
                 import cv2  # noqa: F401
             except ImportError:
-                raise ValueError("min_mask_region_area > 0 needs OpenCV (opencv-python-headless)") from None
+                raise OptionError("min_mask_region_area > 0 needs OpenCV (opencv-python-headless)") from None
         if int(encoder_batch) < 1:
-            raise ValueError(f"encoder_batch must be >= 1, got {encoder_batch}")
+            raise OptionError(f"encoder_batch must be >= 1, got {encoder_batch}")
         self.thresholds = t
         self.encoder_batch = int(encoder_batch)
         self.point_grids = build_all_layer_point_grids(int(t["points_per_side"]), int(t["crop_n_layers"]),

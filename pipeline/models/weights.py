@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_cache.store import file_digest
-from data_cache.errors import UserError
+from data_cache.errors import UnknownNameError, UserError
 
 #: CLIP's image normalisation (OpenAI; open_clip's ``OPENAI_DATASET_MEAN``/``_STD``), on 0..1 pixels.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -144,7 +144,7 @@ def get(name: str) -> Checkpoint:
     try:
         return CHECKPOINTS[name]
     except KeyError:
-        raise KeyError(f"unknown checkpoint '{name}' (known: {', '.join(sorted(CHECKPOINTS))})") from None
+        raise UnknownNameError(f"unknown checkpoint '{name}' (known: {', '.join(sorted(CHECKPOINTS))})") from None
 
 
 def default_for(kind: str, model: str) -> Checkpoint | None:
@@ -165,13 +165,17 @@ def find_local(kind: str, model: str, dest: str | os.PathLike | None = None) -> 
     return p if p.is_file() else None
 
 
+class ChecksumMismatch(WeightsError, ValueError):
+    """A weights file whose checksum is not the registry's (a ``ValueError`` too, as it always was)."""
+
+
 def verify(path: str | os.PathLike, ck: Checkpoint) -> None:
     """Raise ``ValueError`` if ``path`` does not match the registry's checksum (sha256, else md5)."""
     for algo, want in (("sha256", ck.sha256), ("md5", ck.md5)):
         if want:
             got = file_digest(path, algo)
             if got != want:
-                raise ValueError(f"{path}: {algo} {got} differs from the registry's {want} for {ck.name} "
+                raise ChecksumMismatch(f"{path}: {algo} {got} differs from the registry's {want} for {ck.name} "
                                  f"(a partial or different file; delete it and download again)")
             return
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data_cache.errors import OptionError, UnknownOptionError
 from data_cache.schema import STAGE_REQUIRES
-from data_cache.store import sha256_file  # noqa: F401  (re-exported for the stages)
+from data_cache.store import CacheError, sha256_file  # noqa: F401  (re-exported for the stages)
 
 from ..registry import Registry
 
@@ -96,8 +97,8 @@ class Stage:
     def __init__(self, **config):
         unknown = set(config) - set(self.defaults)
         if unknown:
-            raise TypeError(f"unknown {self.name} option(s) {sorted(unknown)} "
-                            f"(known: {', '.join(sorted(self.defaults)) or 'none'})")
+            raise UnknownOptionError(f"unknown {self.name} option(s) {sorted(unknown)} "
+                              f"(known: {', '.join(sorted(self.defaults)) or 'none'})")
         self.config = {**self.defaults, **config}
         self.store_attrs = None  # the store's RootAttrs once bound
 
@@ -282,16 +283,17 @@ def ensure_projection(stage: Stage, store, proj_name: str, mean_name: str, encod
         src = Store(c["proj_store"], mode="r")
         p, m = src.array(proj_name)[:], src.array(mean_name)[:]
         if p.shape != proj.shape or m.shape != store.array(mean_name).shape:
-            raise ValueError(f"{proj_name} of {src.path} is {p.shape}, this store needs {proj.shape}")
+            raise OptionError(f"{proj_name} of {src.path} (option proj_store) is {p.shape}, this store needs "
+                              f"{proj.shape}")
         how = {"copied_from": str(src.path)}
     else:
         rgb = store.array("images/rgb")
         if rgb.shape[0] == 0:
-            raise ValueError(f"{store.path} has no images to fit {proj_name} on")
+            raise CacheError(f"{store.path} has no images to fit {proj_name} on")
         rows = sample_rows(rgb.shape[0], c["pca_sample_images"])
         images = read_rows(rows) if read_rows is not None else np.stack([rgb[int(r)] for r in rows])
         if not any(np.asarray(im).any() for im in images):
-            raise ValueError(f"{store.path}: images/rgb is empty where sampled; run the correspond stage first")
+            raise CacheError(f"{store.path}: images/rgb is empty where sampled; run the correspond stage first")
         bs = max(1, int(c["batch_size"]))
         samples = []
         for i in range(0, len(images), bs):

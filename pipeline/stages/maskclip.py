@@ -45,6 +45,7 @@ import time
 
 import numpy as np
 
+from data_cache.errors import OptionError
 from data_cache.schema import IMAGE_SHARD
 
 from ..registry import Registry
@@ -145,7 +146,7 @@ class MaskCLIPStage(Stage):
         e = self.architecture()["embed_dim"]
         d = int(self.config["feat_dim"]) if self.config["feat_dim"] is not None else min(PAPER_FEAT_DIM, e)
         if not 0 < d <= e:
-            raise ValueError(f"maskclip feat_dim {d} must be in 1..{e} (the CLIP embedding width)")
+            raise OptionError(f"maskclip feat_dim {d} must be in 1..{e} (the CLIP embedding width)")
         return d
 
     # -- model -----------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ import time
 
 import numpy as np
 
+from data_cache.errors import OptionError
 from data_cache.schema import IMAGE_SHARD
 
 from ..datasets.base import DatasetError
@@ -86,11 +87,11 @@ class SAMStage(Stage):
         c = self.config
         for key, allowed in (("input", INPUTS), ("generator", GENERATORS)):
             if c[key] not in allowed:
-                raise ValueError(f"sam option {key}={c[key]!r} is not one of {', '.join(allowed)}")
+                raise OptionError(f"sam option {key}={c[key]!r} is not one of {', '.join(allowed)}")
         if not isinstance(c["bf16"], bool):
-            raise ValueError(f"sam option bf16={c['bf16']!r} must be true or false")
+            raise OptionError(f"sam option bf16={c['bf16']!r} must be true or false")
         if c["bf16"] and c["generator"] != "batched":
-            raise ValueError("sam option bf16=true needs generator=batched (the upstream generator runs in float32)")
+            raise OptionError("sam option bf16=true needs generator=batched (the upstream generator runs in float32)")
 
     @property
     def reads_dataset(self) -> bool:
@@ -136,7 +137,8 @@ class SAMStage(Stage):
         c = self.config
         sam, info = build_sam(c["model_type"], c["checkpoint"], c["tiny"], c["random_init"], device=device)
         if self.feat_dim() > info["embed_dim"]:
-            raise ValueError(f"feat_dim {self.feat_dim()} exceeds the SAM embedding's {info['embed_dim']} channels")
+            raise OptionError(f"sam option feat_dim={self.feat_dim()} exceeds the SAM embedding's "
+                              f"{info['embed_dim']} channels")
         if c["generator"] == "batched":
             gen = BatchedMaskGenerator(sam, bf16=c["bf16"], encoder_batch=max(1, int(c["batch_size"])),
                                        **self.generator_options())
@@ -180,7 +182,7 @@ class SAMStage(Stage):
         if self.config["input"] == "training":
             return list(store.array("images/rgb")[a:b])
         if adapter is None:
-            raise ValueError("the sam stage with input=source reads the source images through the dataset adapter, "
+            raise OptionError("the sam stage with input=source reads the source images through the dataset adapter, "
                              "and none was given (or set the sam option input=training)")
         off = store.offsets("images")
         f0 = int(np.searchsorted(off, a, side="right")) - 1
