@@ -1,26 +1,13 @@
 """``cns-cli``: the command-line entry point (thin: parsing here, work in pipeline/, train/, data_cache/)."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
 
 import click
 
 from data_cache.errors import CnsGroup
-
-
-def _parse_options(pairs) -> dict:
-    out = {}
-    for item in pairs:
-        if "=" not in item:
-            raise click.BadParameter(f"'{item}' is not key=value", param_hint="--dataset-option")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+from pipeline.options import parse_key_values
 
 
 def _print_versions(ctx, _param, value) -> None:
@@ -92,7 +79,7 @@ def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker
                        ("points_per_side", sam_points_per_side)):
         if value is not None:
             per_stage["sam"][key] = value
-    for item, value in _parse_options(stage_options).items():
+    for item, value in parse_key_values(stage_options, "--stage-option").items():
         stage, _, key = item.partition(".")
         if not key:
             raise click.BadParameter(f"'{item}' must be STAGE.KEY", param_hint="--stage-option")
@@ -112,7 +99,7 @@ def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker
                     f"truth by a controlled corruption, not by CLIP/SAM; the store is marked simulated",
                     fg="yellow", err=True)
     summary = run_labels(dataset, cache, stages, data_root=data_root, split=split,
-                         dataset_options=_parse_options(dataset_options), stage_options=per_stage,
+                         dataset_options=parse_key_values(dataset_options), stage_options=per_stage,
                          workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
                          shard_size=shard_size, overwrite=overwrite, device=device, progress=not no_progress)
     click.echo(f"\nstore: {summary.store}")

@@ -351,8 +351,8 @@ def run_predict(run_dir, out_dir, cache=None, dataset=None, data_root=None, spli
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def predict(run_dir, cache, dataset, data_root, split, dataset_options, frames, out_dir, classes, device, no_progress):
     """Label new data with a trained run's networks: per-point labels (.npy, .ply) and per-image PNGs."""
-    from cli import _parse_options
-    index = run_predict(run_dir, out_dir, cache, dataset, data_root, split, _parse_options(dataset_options), classes,
+    from pipeline.options import parse_key_values
+    index = run_predict(run_dir, out_dir, cache, dataset, data_root, split, parse_key_values(dataset_options), classes,
                         frames, device, progress=not no_progress)
     points = sum(e["points"] for e in index["frames"])
     images = sum(len(e["images"]) for e in index["frames"])

@@ -22,7 +22,10 @@ import click
 import numpy as np
 from PIL import Image
 
-from .base import DatasetAdapter, build_adapter, read_rgb
+from data_cache.errors import CnsCommand
+from pipeline.options import parse_key_values
+
+from .base import DatasetAdapter, DatasetError, build_adapter, read_rgb
 from .classes import PROMPT_NAMES
 
 DEPTH_SCALE = 1000.0  # written depth PNGs hold millimetres
@@ -106,7 +109,7 @@ def write_folder(adapter: DatasetAdapter, dst, progress: bool = True) -> Path:
     from tqdm import tqdm
     dst = Path(dst)
     if (dst / "dataset.json").exists():
-        raise FileExistsError(f"{dst} already holds a folder dataset (dataset.json); choose another DST")
+        raise DatasetError("already holds a folder dataset (dataset.json); choose another DST", file=dst)
     infos = adapter.frames()
     for i in tqdm(range(len(infos)), desc=f"{adapter.name} -> folder", unit="frame", disable=not progress):
         frame = adapter.load(i)
@@ -117,7 +120,7 @@ def write_folder(adapter: DatasetAdapter, dst, progress: bool = True) -> Path:
     return dst
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=CnsCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("dataset")
 @click.argument("src")
 @click.argument("dst")
@@ -127,13 +130,8 @@ def write_folder(adapter: DatasetAdapter, dst, progress: bool = True) -> Path:
 def main(dataset, src, dst, split, dataset_options):
     """Write the DATASET (nuscenes, scannet, synthetic, ...) at SRC in the folder layout at DST (SRC: - for
     synthetic, which has no root)."""
-    from cli import _parse_options
-    from data_cache.errors import UserError
-    try:
-        adapter = build_adapter(dataset, src, split, **_parse_options(dataset_options))
-        out = write_folder(adapter, dst)
-    except (UserError, FileExistsError) as e:
-        raise click.ClickException(str(e)) from None
+    adapter = build_adapter(dataset, src, split, **parse_key_values(dataset_options))
+    out = write_folder(adapter, dst)
     frames = len(json.loads((out / "dataset.json").read_text()).get("splits", {}).get(split, [])) or \
         sum(1 for p in (out / "frames").iterdir())
     click.echo(f"wrote {frames} frame(s) of {dataset}/{split} to {out}")
