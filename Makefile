@@ -16,7 +16,7 @@ SCHEDULER ?=
 SHARD_SIZE ?=
 CLIP_CKPT ?=
 SAM_CKPT ?=
-SAM_MODEL ?=
+SAM_MODEL ?=  # vit_h|vit_l|vit_b, sam2.1_hiera_tiny|small|base_plus|large, hq_vit_b|l|h
 SAM_POINTS ?=
 SIMULATE ?=
 LABELS_ARGS ?=
@@ -40,7 +40,7 @@ opt = $(if $(strip $(2)),$(1) $(2),)
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  labels variables: DATASET=nuscenes|nuimages|scannet|synthetic DATA_ROOT=... SPLIT=... CACHE=$(CACHE) STAGES=$(STAGES)"
-	@echo "                    WORKERS=N SCHEDULER=tcp://host:port SHARD_SIZE=N CLIP_CKPT=... SAM_CKPT=... SAM_MODEL=vit_h|vit_l|vit_b SAM_POINTS=32"
+	@echo "                    WORKERS=N SCHEDULER=tcp://host:port SHARD_SIZE=N CLIP_CKPT=... SAM_CKPT=... SAM_MODEL=vit_h|vit_l|vit_b|sam2.1_hiera_*|hq_vit_* SAM_POINTS=32"
 	@echo "                    SIMULATE=default|file.yaml (BENCHMARK ONLY: simulated CLIP/SAM from the ground truth)"
 	@echo "  train/eval variables: STORE=... EVAL_STORE=... CONFIG=... RUN=... TRAIN_ARGS='key=value ...' EVAL_ARGS=..."
 
@@ -104,8 +104,8 @@ train:  ## co-train the 2D and 3D networks on STORE (CONFIG=nuscenes|scannet|syn
 eval:  ## mIoU tables of RUN and the baselines on EVAL_STORE
 	$(CLI) eval --cache $(EVAL_STORE) --run $(RUN) $(EVAL_ARGS)
 
-weights:  ## download the official CLIP ViT-B/16 and SAM checkpoints into checkpoints/ (needs internet)
-	$(BIN)/python -m pipeline.models.weights --dest checkpoints
+weights:  ## download the official CLIP ViT-B/16 and SAM checkpoints (SAM_MODEL=..., default vit_h; 'all') into checkpoints/ (needs internet)
+	$(BIN)/python -m pipeline.models.weights --dest checkpoints $(call opt,--sam,$(SAM_MODEL))
 
 BENCH_ARGS ?=  # make bench: --full (SAM 32x32 prompts, longer runs), --parts refine,stages,...
 

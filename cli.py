@@ -75,7 +75,10 @@ def main(verbose: bool) -> None:
 @click.option("--clip-pretrained", default=None, help="open_clip pretrained tag, e.g. openai (downloads).")
 @click.option("--clip-model", default=None, help="open_clip architecture (default ViT-B-16).")
 @click.option("--sam-checkpoint", type=click.Path(), default=None, help="SAM weights (.pth).")
-@click.option("--sam-model", default=None, help="vit_h | vit_l | vit_b")
+@click.option("--sam-model", default=None,
+              help="vit_h | vit_l | vit_b (SAM); sam2.1_hiera_tiny | sam2.1_hiera_small | sam2.1_hiera_base_plus | "
+                   "sam2.1_hiera_large (SAM 2.1, pip install -e '.[sam2]'); hq_vit_b | hq_vit_l | hq_vit_h (HQ-SAM, "
+                   "pip install -e '.[hq]'). Default vit_h.")
 @click.option("--sam-points-per-side", type=int, default=None, help="SAM point grid per side (default 32).")
 @click.option("--stage-option", "stage_options", multiple=True, metavar="STAGE.KEY=VALUE",
               help="Any other stage option, e.g. sam.pred_iou_thresh=0.8.")
@@ -122,6 +125,8 @@ def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker
                              dataset_options=_parse_options(dataset_options), stage_options=per_stage,
                              workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
                              shard_size=shard_size, overwrite=overwrite, device=device, progress=not no_progress)
+    except UserError:
+        raise  # one line and exit 2 (CnsGroup)
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
     click.echo(f"\nstore: {summary.store}")
