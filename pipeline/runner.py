@@ -385,6 +385,8 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
     ``scheduler``. Returns a :class:`RunSummary`; failed frames are in ``summary.failed_frames``.
     """
     stages = _order_stages(stages)
+    # the stages' options first: a bad option, unknown model or missing package is refused before any store is made
+    stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
     dataset_options = dict(dataset_options or {})
     adapter = build_adapter(dataset, data_root, split, **dataset_options)
     adapter_spec = {"name": dataset, "root": str(data_root) if data_root else None, "split": adapter.split,
@@ -398,7 +400,6 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
             if req not in stages and not store.stage_complete(req):
                 raise LabelRunError(f"stage '{name}' needs '{req}', which is not complete in {path}: "
                                     f"add it to STAGES (e.g. STAGES={req},{name})")
-    stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
     for name, stage in stage_objs.items():
         stage.bind(store.attrs)
         if overwrite:

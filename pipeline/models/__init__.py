@@ -4,6 +4,8 @@
   :class:`~.maskclip.MaskCLIPPredictor`
 * :mod:`.sam` — :func:`~.sam.build_sam`, :class:`~.sam.BatchedMaskGenerator`, :class:`~.sam.SamMaskFeatureGenerator`,
   :func:`~.sam.masks_to_id_map`
+* :mod:`.sam_families` — the SAM families behind ``--sam-model`` (SAM, SAM 2.1, HQ-SAM), one module each
+  behind a registry; :func:`~.sam_families.family_of`, :func:`~.sam_families.check_architecture`
 * :mod:`.pca` — :func:`~.pca.fit_pca`, :func:`~.pca.project`: the fixed projection of SAM and dense CLIP
   features to D channels
 * :mod:`.prompts` — the 85 prompt templates and the per-dataset class names

@@ -39,7 +39,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from . import weights
 from .pca import fit_pca, project  # noqa: F401  (the fixed projection, shared with the maskclip stage)
-from .weights import WeightsError
+from .weights import WeightsError  # noqa: F401  (re-exported: the error of a missing checkpoint)
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "sam"
 #: seed of every random-weight build (driver and workers build the same random model)
@@ -85,28 +85,32 @@ def resolve_weights(model_type: str = "vit_h", checkpoint: str | None = None, ti
     return Sam1.resolve_weights(model_type, checkpoint, tiny, random_init)
 
 
-def sam_from_config(cfg: dict):
-    """A randomly initialised ``Sam`` with the architecture of ``cfg`` (upstream ``_build_sam``, configurable)."""
+def sam_from_config(cfg: dict, modeling=None, decoder: str = "MaskDecoder", **decoder_kwargs):
+    """A randomly initialised ``Sam`` with the architecture of ``cfg`` (upstream ``_build_sam``, configurable).
+
+    ``modeling``: the package whose layers to use (default ``segment_anything.modeling``; HQ-SAM passes
+    ``segment_anything_hq.modeling``, ``decoder="MaskDecoderHQ"`` and its ``vit_dim``).
+    """
     from functools import partial
 
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
+    if modeling is None:
+        from segment_anything import modeling
     size, patch, dim = cfg["image_size"], cfg["vit_patch_size"], cfg["prompt_embed_dim"]
-    return Sam(
-        image_encoder=ImageEncoderViT(
+    return modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
             depth=cfg["encoder_depth"], embed_dim=cfg["encoder_embed_dim"], img_size=size, mlp_ratio=4,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg["encoder_num_heads"],
             patch_size=patch, qkv_bias=True, use_rel_pos=True,
             global_attn_indexes=cfg["encoder_global_attn_indexes"], window_size=cfg["window_size"],
             out_chans=dim),
-        prompt_encoder=PromptEncoder(
+        prompt_encoder=modeling.PromptEncoder(
             embed_dim=dim, image_embedding_size=(size // patch, size // patch), input_image_size=(size, size),
             mask_in_chans=cfg["mask_in_chans"]),
-        mask_decoder=MaskDecoder(
+        mask_decoder=getattr(modeling, decoder)(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=cfg["decoder_depth"], embedding_dim=dim,
-                                          mlp_dim=cfg["decoder_mlp_dim"], num_heads=cfg["decoder_num_heads"]),
-            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=cfg["iou_head_hidden_dim"]),
+            transformer=modeling.TwoWayTransformer(depth=cfg["decoder_depth"], embedding_dim=dim,
+                                                   mlp_dim=cfg["decoder_mlp_dim"], num_heads=cfg["decoder_num_heads"]),
+            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=cfg["iou_head_hidden_dim"], **decoder_kwargs),
         pixel_mean=list(weights.SAM_PIXEL_MEAN),
         pixel_std=list(weights.SAM_PIXEL_STD),
     )

@@ -16,9 +16,12 @@ resolution: the decoder's low-resolution masks are upscaled to it, the embedding
 to its grid. ``input: training`` runs SAM on the stored training image (``images/rgb``) instead.
 
 The generator (``generator``) is the on-device :class:`pipeline.models.sam.BatchedMaskGenerator`
-(``batched``, the default) or segment-anything's own ``SamAutomaticMaskGenerator`` (``upstream``; with
+(``batched``, the default) or the model family's own automatic mask generator (``upstream``:
+segment-anything's ``SamAutomaticMaskGenerator``, sam2's ``SAM2AutomaticMaskGenerator``, HQ-SAM's; with
 ``input: source`` its masks come at the source size and are each reduced to the training resolution). At the
-same output size both give the same masks (CPU, float32).
+same output size both give the same masks (CPU, float32). The model family (SAM, SAM 2.1, HQ-SAM) follows
+from ``model_type`` (:mod:`pipeline.models.sam_families`); every family writes the same arrays on the same
+grid.
 
 ``prepare`` fits ``sam/proj`` (PCA) once per store on ``pca_sample_images`` images spread evenly over the
 store (it needs ``images/rgb``, so it runs after ``correspond``), or copies it from ``proj_store`` (e.g. use

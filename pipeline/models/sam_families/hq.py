@@ -15,14 +15,12 @@ the HQ decoder, random weights.
 """
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import torch
 
-from ..sam import RANDOM_SEED, BatchedMaskGenerator, masks_to_id_map, resample_grid, resize_masks, sam_config
+from ..sam import RANDOM_SEED, BatchedMaskGenerator, masks_to_id_map, resize_masks, sam_config, sam_from_config
 from . import SAM_FAMILIES, SamFamily, load_checked, read_checked
-from .sam1 import vit_of
+from .sam1 import Sam1, vit_of
 
 
 @SAM_FAMILIES.register("hq")
@@ -35,9 +33,7 @@ class HQ(SamFamily):
 
     @classmethod
     def config(cls, model):
-        cfg = sam_config(model[len("hq_"):])
-        return {"embed_dim": cfg["prompt_embed_dim"], "image_size": cfg["image_size"],
-                "patch_size": cfg["vit_patch_size"], "generator_defaults": cfg.get("generator_defaults", {})}
+        return Sam1.config(model[len("hq_"):])  # SAM's encoder, input and grid
 
     @classmethod
     def build(cls, model, checkpoint=None, tiny=False, random_init=False, device="cpu"):
@@ -68,29 +64,10 @@ class HQ(SamFamily):
 
 
 def hq_from_config(cfg: dict):
-    """A random-weight HQ-SAM with the architecture of a ``configs/sam/<type>.json`` (upstream ``_build_sam``
-    of segment_anything_hq, configurable; ``vit_dim`` = the encoder width)."""
-    from segment_anything_hq.modeling import ImageEncoderViT, MaskDecoderHQ, PromptEncoder, Sam, TwoWayTransformer
-
-    from ..weights import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-    size, patch, dim = cfg["image_size"], cfg["vit_patch_size"], cfg["prompt_embed_dim"]
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=cfg["encoder_depth"], embed_dim=cfg["encoder_embed_dim"], img_size=size, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg["encoder_num_heads"],
-            patch_size=patch, qkv_bias=True, use_rel_pos=True,
-            global_attn_indexes=cfg["encoder_global_attn_indexes"], window_size=cfg["window_size"], out_chans=dim),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim, image_embedding_size=(size // patch, size // patch), input_image_size=(size, size),
-            mask_in_chans=cfg["mask_in_chans"]),
-        mask_decoder=MaskDecoderHQ(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=cfg["decoder_depth"], embedding_dim=dim,
-                                          mlp_dim=cfg["decoder_mlp_dim"], num_heads=cfg["decoder_num_heads"]),
-            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
-            vit_dim=cfg["encoder_embed_dim"]),
-        pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD),
-    )
+    """A random-weight HQ-SAM with the architecture of a ``configs/sam/<type>.json`` (segment_anything_hq's
+    ``_build_sam``, configurable; the HQ decoder's ``vit_dim`` = the encoder width)."""
+    from segment_anything_hq import modeling
+    return sam_from_config(cfg, modeling, decoder="MaskDecoderHQ", vit_dim=cfg["encoder_embed_dim"])
 
 
 class HQBatchedMaskGenerator(BatchedMaskGenerator):
