@@ -16,7 +16,7 @@ SCHEDULER ?=
 SHARD_SIZE ?=
 CLIP_CKPT ?=
 SAM_CKPT ?=
-SAM_MODEL ?=
+SAM_MODEL ?=  # vit_h|vit_l|vit_b, sam2.1_hiera_tiny|small|base_plus|large, hq_vit_b|l|h
 SAM_POINTS ?=
 DENSE ?=   # the dense 2D teacher: maskclip (default) | sclip | clearclip | naclip (docs/teachers.md)
 SIMULATE ?=
@@ -41,7 +41,7 @@ opt = $(if $(strip $(2)),$(1) $(2),)
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  labels variables: DATASET=nuscenes|nuimages|scannet|synthetic|folder DATA_ROOT=... SPLIT=... CACHE=$(CACHE) STAGES=$(STAGES)"
-	@echo "                    WORKERS=N SCHEDULER=tcp://host:port SHARD_SIZE=N CLIP_CKPT=... SAM_CKPT=... SAM_MODEL=vit_h|vit_l|vit_b SAM_POINTS=32"
+	@echo "                    WORKERS=N SCHEDULER=tcp://host:port SHARD_SIZE=N CLIP_CKPT=... SAM_CKPT=... SAM_MODEL=vit_h|vit_l|vit_b|sam2.1_hiera_*|hq_vit_* SAM_POINTS=32"
 	@echo "                    DENSE=maskclip|sclip|clearclip|naclip (the dense CLIP teacher, docs/teachers.md)"
 	@echo "                    SIMULATE=default|file.yaml (BENCHMARK ONLY: simulated CLIP/SAM from the ground truth)"
 	@echo "  train/eval variables: STORE=... EVAL_STORE=... CONFIG=... RUN=... TRAIN_ARGS='key=value ...' EVAL_ARGS=..."
@@ -50,6 +50,9 @@ install:  ## create .venv and install the project with every dependency
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[test]'
+	@# SAM 2.1 (the [sam2] extra) for the tests of every SAM family: a source package; built against the torch
+	@# just installed (no isolated build environment, which would download torch a second time), CPU only
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install --no-build-isolation 'sam2==1.1.0'
 	touch $(VENV)/.installed
 
 # make test / make demo on a fresh clone: install first when nothing is installed yet
@@ -107,8 +110,8 @@ train:  ## co-train the 2D and 3D networks on STORE (CONFIG=nuscenes|scannet|syn
 eval:  ## mIoU tables of RUN and the baselines on EVAL_STORE
 	$(CLI) eval --cache $(EVAL_STORE) --run $(RUN) $(EVAL_ARGS)
 
-weights:  ## download the official CLIP ViT-B/16 and SAM checkpoints into checkpoints/ (needs internet)
-	$(BIN)/python -m pipeline.models.weights --dest checkpoints
+weights:  ## download the official CLIP ViT-B/16 and SAM checkpoints (SAM_MODEL=..., default vit_h; 'all') into checkpoints/ (needs internet)
+	$(BIN)/python -m pipeline.models.weights --dest checkpoints $(call opt,--sam,$(SAM_MODEL))
 
 BENCH_ARGS ?=  # make bench: --full (SAM 32x32 prompts, longer runs), --parts refine,stages,...
 

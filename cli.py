@@ -56,7 +56,10 @@ def main(verbose: bool) -> None:
 @click.option("--clip-pretrained", default=None, help="open_clip pretrained tag, e.g. openai (downloads).")
 @click.option("--clip-model", default=None, help="open_clip architecture (default ViT-B-16).")
 @click.option("--sam-checkpoint", type=click.Path(), default=None, help="SAM weights (.pth).")
-@click.option("--sam-model", default=None, help="vit_h | vit_l | vit_b")
+@click.option("--sam-model", default=None,
+              help="vit_h | vit_l | vit_b (SAM); sam2.1_hiera_tiny | sam2.1_hiera_small | sam2.1_hiera_base_plus | "
+                   "sam2.1_hiera_large (SAM 2.1, pip install -e '.[sam2]'); hq_vit_b | hq_vit_l | hq_vit_h (HQ-SAM, "
+                   "pip install -e '.[hq]'). Default vit_h.")
 @click.option("--sam-points-per-side", type=int, default=None, help="SAM point grid per side (default 32).")
 @click.option("--stage-option", "stage_options", multiple=True, metavar="STAGE.KEY=VALUE",
               help="Any other stage option, e.g. sam.pred_iou_thresh=0.8.")

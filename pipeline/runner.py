@@ -398,6 +398,8 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
     ``scheduler``. Returns a :class:`RunSummary`; failed frames are in ``summary.failed_frames``.
     """
     stages = _order_stages(stages)
+    # the stages' options first: a bad option, unknown model or missing package is refused before any store is made
+    stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
     dataset_options = dict(dataset_options or {})
     adapter = build_adapter(dataset, data_root, split, **dataset_options)
     adapter_spec = {"name": dataset, "root": str(data_root) if data_root else None, "split": adapter.split,
@@ -418,7 +420,6 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
                 needed = ",".join(_with_incomplete_prerequisites(store, stages))
                 raise LabelRunError(f"stage '{name}' needs '{req}', which is not complete in {path}: run "
                                     f"{command(needed)} (make: STAGES={needed})")
-    stage_objs = {name: build_stage(name, **(stage_options or {}).get(name, {})) for name in stages}
     for name, stage in stage_objs.items():
         stage.bind(store.attrs)
         if overwrite:

@@ -6,6 +6,8 @@
   :func:`~.sam.masks_to_id_map`
 * :mod:`.dense` — the dense CLIP teachers (``maskclip``, ``sclip``, ``clearclip``, ``naclip``): CLIP's last vision
   block per teacher, behind a registry (``maskclip.dense``); :mod:`.pamr` — PAMR post-processing
+* :mod:`.sam_families` — the SAM families behind ``--sam-model`` (SAM, SAM 2.1, HQ-SAM), one module each
+  behind a registry; :func:`~.sam_families.family_of`, :func:`~.sam_families.check_architecture`
 * :mod:`.pca` — :func:`~.pca.fit_pca`, :func:`~.pca.project`: the fixed projection of SAM and dense CLIP
   features to D channels
 * :mod:`.prompts` — the 85 prompt templates and the per-dataset class names

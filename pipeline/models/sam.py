@@ -73,28 +73,32 @@ def sam_config(model_type: str) -> dict:
     return json.loads(p.read_text())
 
 
-def sam_from_config(cfg: dict):
-    """A randomly initialised ``Sam`` with the architecture of ``cfg`` (upstream ``_build_sam``, configurable)."""
+def sam_from_config(cfg: dict, modeling=None, decoder: str = "MaskDecoder", **decoder_kwargs):
+    """A randomly initialised ``Sam`` with the architecture of ``cfg`` (upstream ``_build_sam``, configurable).
+
+    ``modeling``: the package whose layers to use (default ``segment_anything.modeling``; HQ-SAM passes
+    ``segment_anything_hq.modeling``, ``decoder="MaskDecoderHQ"`` and its ``vit_dim``).
+    """
     from functools import partial
 
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
+    if modeling is None:
+        from segment_anything import modeling
     size, patch, dim = cfg["image_size"], cfg["vit_patch_size"], cfg["prompt_embed_dim"]
-    return Sam(
-        image_encoder=ImageEncoderViT(
+    return modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
             depth=cfg["encoder_depth"], embed_dim=cfg["encoder_embed_dim"], img_size=size, mlp_ratio=4,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg["encoder_num_heads"],
             patch_size=patch, qkv_bias=True, use_rel_pos=True,
             global_attn_indexes=cfg["encoder_global_attn_indexes"], window_size=cfg["window_size"],
             out_chans=dim),
-        prompt_encoder=PromptEncoder(
+        prompt_encoder=modeling.PromptEncoder(
             embed_dim=dim, image_embedding_size=(size // patch, size // patch), input_image_size=(size, size),
             mask_in_chans=cfg["mask_in_chans"]),
-        mask_decoder=MaskDecoder(
+        mask_decoder=getattr(modeling, decoder)(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=cfg["decoder_depth"], embedding_dim=dim,
-                                          mlp_dim=cfg["decoder_mlp_dim"], num_heads=cfg["decoder_num_heads"]),
-            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=cfg["iou_head_hidden_dim"]),
+            transformer=modeling.TwoWayTransformer(depth=cfg["decoder_depth"], embedding_dim=dim,
+                                                   mlp_dim=cfg["decoder_mlp_dim"], num_heads=cfg["decoder_num_heads"]),
+            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=cfg["iou_head_hidden_dim"], **decoder_kwargs),
         pixel_mean=list(weights.SAM_PIXEL_MEAN),
         pixel_std=list(weights.SAM_PIXEL_STD),
     )
@@ -102,16 +106,18 @@ def sam_from_config(cfg: dict):
 
 def build_sam(model_type: str = "vit_h", checkpoint: str | None = None, tiny: bool = False,
               random_init: bool = False, device: str | torch.device = "cpu"):
-    """``(sam, info)``: a ``Sam`` in eval mode and where its weights came from (see
-    :func:`pipeline.models.weights.resolve_weights`)."""
-    cfg = sam_config(weights.TINY_MODELS["sam"] if tiny else model_type)  # an unknown type is named first
-    src = weights.resolve_weights("sam", model_type, checkpoint, tiny=tiny, random_init=random_init)
+    """``(sam, info)``: a ``Sam`` in eval mode and where its weights came from (see :meth:`~pipeline.models.sam_families.SamFamily.resolve_weights`)."""
+    from .sam_families import load_checked, read_checked
+    from .sam_families.sam1 import Sam1
+    src = Sam1.resolve_weights(model_type, checkpoint, tiny, random_init)
+    cfg = sam_config(src["model_type"])
+    # a file of another architecture is one line naming it, before the network is built
+    sd = read_checked(src["path"], src["model_type"]) if src["source"] == "checkpoint" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         sam = sam_from_config(cfg)
-    if src["source"] == "checkpoint":
-        sd = torch.load(src["path"], map_location="cpu", weights_only=True)
-        sam.load_state_dict(sd, strict=True)
+    if sd is not None:
+        load_checked(sam, sd, src["path"], src["model_type"])
     info = {**src, "embed_dim": cfg["prompt_embed_dim"], "image_size": cfg["image_size"],
             "patch_size": cfg["vit_patch_size"], "generator_defaults": cfg.get("generator_defaults", {})}
     return sam.to(device).eval(), info
@@ -203,7 +209,7 @@ class SamImageEncoder:
     def __init__(self, sam, bf16: bool = False):
         from segment_anything.utils.transforms import ResizeLongestSide
         self.sam = sam
-        self.transform = ResizeLongestSide(int(sam.image_encoder.img_size))
+        self.transform = ResizeLongestSide(self.image_size)
         self.bf16 = bool(bf16)
         self.clock = _Clock(self.device)
         if self.bf16:
@@ -234,15 +240,28 @@ class SamImageEncoder:
     @torch.no_grad()
     def encode(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """One encoder pass over a batch: embeddings [B, S, E, E] (float32) and each image's resized size."""
+        feats, sizes = self.encode_features(images)
+        return feats[0], sizes
+
+    @torch.no_grad()
+    def encode_features(self, images: Sequence[np.ndarray]) -> tuple[tuple[torch.Tensor, ...], list[tuple[int, int]]]:
+        """What the decoder needs of each image, as a tuple of tensors [B, ...] whose first is the embedding
+        [B, S, E, E] (float32), and each image's resized size. SAM: the embedding alone (a family whose decoder
+        reads more, e.g. HQ-SAM's early ViT features, overrides this)."""
+        xs, sizes = self.preprocess(images)
+        with self.clock("encoder"), self.autocast():
+            emb = self.sam.image_encoder(torch.cat(xs))
+        return (emb.float(),), sizes
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """``ResizeLongestSide`` + ``Sam.preprocess`` per image: inputs [1, 3, L, L] and resized sizes."""
         xs, sizes = [], []
         for im in images:
             check_image(im)
             x = torch.as_tensor(self.transform.apply_image(np.ascontiguousarray(im)), device=self.device)
             sizes.append(tuple(x.shape[:2]))
             xs.append(self.sam.preprocess(x.permute(2, 0, 1).contiguous()[None]))
-        with self.clock("encoder"), self.autocast():
-            emb = self.sam.image_encoder(torch.cat(xs))
-        return emb.float(), sizes
+        return xs, sizes
 
     def image_grid(self, embedding: torch.Tensor, image_hw: Sequence[int], grid_hw: Sequence[int] | None = None):
         """An image's embedding [S, E, E] -> the cells over the image (padding cropped, :func:`feature_grid`),
@@ -434,6 +453,26 @@ class BatchedMaskGenerator(SamImageEncoder):
         self.point_grids = build_all_layer_point_grids(int(t["points_per_side"]), int(t["crop_n_layers"]),
                                                        int(t["crop_n_points_downscale_factor"]))
 
+    # -- the model-specific pieces (a SAM family overrides these; the algorithm below is shared) ------------
+    @property
+    def mask_threshold(self) -> float:
+        return float(self.sam.mask_threshold)
+
+    def prompt_coords(self, points: np.ndarray, crop_hw: Sequence[int]) -> np.ndarray:
+        """Point prompts [N, 2] (x, y) in crop pixels -> the model's input frame (float64, as upstream)."""
+        return self.transform.apply_coords(points, crop_hw)
+
+    def decode_prompts(self, feats: tuple[torch.Tensor, ...], points: torch.Tensor):
+        """One point prompt per row against its own image's features (``feats`` indexed per prompt, [N, ...]):
+        low-resolution mask logits [N, K, h, w] and predicted IoUs [N, K] (SAM: the K = 3 multimask outputs)."""
+        labels = torch.ones((len(points), 1), dtype=torch.int, device=points.device)
+        sparse, dense = self.sam.prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
+        return self._decode(feats[0], sparse, dense)
+
+    def upscale(self, low: torch.Tensor, input_size: Sequence[int], out_hw: Sequence[int]) -> torch.Tensor:
+        """Low-resolution logits [N, 1, h, w] -> logits at ``out_hw`` (``Sam.postprocess_masks``)."""
+        return upscale_logits(low, self.image_size, input_size, out_hw)
+
     # -- the pieces ------------------------------------------------------------------------------------
     def _decode(self, src: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
         """``MaskDecoder.forward`` (multimask) with one image embedding per prompt: src [N, S, E, E]."""
@@ -532,7 +571,7 @@ class BatchedMaskGenerator(SamImageEncoder):
                 masks, iou, stab = self._merge_crops(im, [jobs[j] for j in mine], [per_job.get(j) for j in mine])
                 results.append({"masks": masks, "predicted_iou": iou, "stability_score": stab,
                                 "id_map": self.id_map(masks),  # crop 0 (mine[0]) is the whole image
-                                "embedding": self.image_grid(emb[mine[0]], im.shape[:2], grid_size)})
+                                "embedding": self.image_grid(emb[0][mine[0]], im.shape[:2], grid_size)})
         return results
 
     def _crop_jobs(self, images, output_size) -> list[dict]:
@@ -549,17 +588,18 @@ class BatchedMaskGenerator(SamImageEncoder):
                              "scale": (ow / iw, oh / ih)})
         return jobs
 
-    def _encode_jobs(self, images, jobs) -> torch.Tensor:
-        """The crops through the encoder, ``encoder_batch`` at a time: embeddings [J, S, E, E]."""
+    def _encode_jobs(self, images, jobs) -> tuple[torch.Tensor, ...]:
+        """The crops through the encoder, ``encoder_batch`` at a time: :meth:`encode_features` of every crop,
+        concatenated (the embeddings [J, S, E, E] first)."""
         embs = []
         for j in range(0, len(jobs), self.encoder_batch):
             batch = jobs[j:j + self.encoder_batch]
             crops = [images[jb["image"]][jb["box"][1]:jb["box"][3], jb["box"][0]:jb["box"][2]] for jb in batch]
-            e, sizes = self.encode(crops)
+            e, sizes = self.encode_features(crops)
             embs.append(e)
             for jb, size, crop in zip(batch, sizes, crops):
                 jb["input_size"], jb["crop_hw"] = size, crop.shape[:2]
-        return torch.cat(embs)
+        return tuple(torch.cat(parts) for parts in zip(*embs))
 
     def _decode_and_filter(self, jobs, emb) -> dict:
         """Upstream ``_process_batch`` for the point prompts of every crop, ``points_per_batch`` per decoder
@@ -569,7 +609,7 @@ class BatchedMaskGenerator(SamImageEncoder):
         coords, owner = [], []
         for j, jb in enumerate(jobs):  # point prompts in the model's input frame (float64, as upstream)
             pts = self.point_grids[jb["layer"]] * np.array(jb["crop_hw"])[None, ::-1]
-            coords.append(self.transform.apply_coords(pts, jb["crop_hw"]))
+            coords.append(self.prompt_coords(pts, jb["crop_hw"]))
             owner.append(np.full(len(pts), j))
         coords = torch.as_tensor(np.concatenate(coords), device=dev)
         owner = torch.as_tensor(np.concatenate(owner), device=dev)
@@ -578,9 +618,7 @@ class BatchedMaskGenerator(SamImageEncoder):
         for s in range(0, len(coords), ppb):
             pts, own = coords[s:s + ppb], owner[s:s + ppb]
             with self.clock("decoder"), self.autocast():
-                labels = torch.ones((len(pts), 1), dtype=torch.int, device=dev)
-                sparse, dense = self.sam.prompt_encoder(points=(pts[:, None, :], labels), boxes=None, masks=None)
-                low, iou = self._decode(emb.index_select(0, own), sparse, dense)
+                low, iou = self.decode_prompts(tuple(f.index_select(0, own) for f in emb), pts)
             low, iou = low.float().flatten(0, 1), iou.float().flatten(0, 1)
             own3 = own.repeat_interleave(low.shape[0] // len(own))
             keep = iou > t["pred_iou_thresh"] if t["pred_iou_thresh"] > 0.0 else torch.ones_like(iou, dtype=torch.bool)
@@ -590,13 +628,12 @@ class BatchedMaskGenerator(SamImageEncoder):
                     continue
                 jb = jobs[j]
                 ox0, oy0, ox1, oy1 = jb["obox"]
-                logits = upscale_logits(low[sel][:, None], self.image_size, jb["input_size"], (oy1 - oy0, ox1 - ox0))
-                logits = logits[:, 0]
-                stab = calculate_stability_score(logits, self.sam.mask_threshold, t["stability_score_offset"])
+                logits = self.upscale(low[sel][:, None], jb["input_size"], (oy1 - oy0, ox1 - ox0))[:, 0]
+                stab = calculate_stability_score(logits, self.mask_threshold, t["stability_score_offset"])
                 if t["stability_score_thresh"] > 0.0:
                     ok = stab >= t["stability_score_thresh"]
                     logits, stab, sel = logits[ok], stab[ok], sel[ok]
-                masks = logits > self.sam.mask_threshold
+                masks = logits > self.mask_threshold
                 boxes = batched_mask_to_box(masks)
                 full = [0, 0, jb["out"][1], jb["out"][0]]
                 if jb["obox"] != full:  # masks touching the crop's edge inside the image

@@ -31,6 +31,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: SAM's image normalisation (``Sam.pixel_mean``/``pixel_std``), on 0..255 pixels.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+#: SAM 2's image normalisation (``SAM2Transforms``), on 0..1 pixels.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 
@@ -101,6 +104,7 @@ class Checkpoint:
     quick_gelu: bool = False
     preprocess: dict = field(default_factory=dict)
     size_mb: int = 0
+    note: str = ""  # where the checksum comes from, or why there is none
 
 
 CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in (
@@ -133,11 +137,28 @@ CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in (
         filename="sam_vit_b_01ec64.pth", md5="01ec64d29a2fca3f0661936605ae66f8", size_mb=358,
         preprocess={"mean": SAM_PIXEL_MEAN, "std": SAM_PIXEL_STD, "long_side": 1024, "scale": 1.0},
     ),
+    *(Checkpoint(
+        name=f"sam2.1-hiera-{size.replace('_', '-')}", kind="sam", model=f"sam2.1_hiera_{size}",
+        url=f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_{size}.pt",
+        filename=f"sam2.1_hiera_{size}.pt", size_mb=mb,
+        note="no published checksum (SAM 2's checkpoints/download_ckpts.sh and model cards give none); "
+             "size approximate (third-party listing)",
+        preprocess={"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 1024, "scale": 1.0 / 255.0,
+                    "resize": "square (aspect not kept)"},
+    ) for size, mb in (("tiny", 156), ("small", 185), ("base_plus", 324), ("large", 900))),
+    *(Checkpoint(
+        name=f"sam-hq-vit-{v}", kind="sam", model=f"hq_vit_{v}",
+        url=f"https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_{v}.pth",
+        filename=f"sam_hq_vit_{v}.pth", size_mb=mb,
+        note="no published checksum (HQ-SAM's README links the files without one); size approximate "
+             "(third-party listing)",
+        preprocess={"mean": SAM_PIXEL_MEAN, "std": SAM_PIXEL_STD, "long_side": 1024, "scale": 1.0},
+    ) for v, mb in (("b", 379), ("l", 1300), ("h", 2600))),
 )}
 
-#: The checkpoint a stage uses when given none: (kind, model) -> registry name.
-DEFAULTS = {("clip", "ViT-B-16"): "clip-vit-b-16-openai", ("sam", "vit_h"): "sam-vit-h",
-            ("sam", "vit_l"): "sam-vit-l", ("sam", "vit_b"): "sam-vit-b"}
+#: The checkpoint a stage uses when given none: (kind, model) -> registry name (every SAM family's models).
+DEFAULTS = {("clip", "ViT-B-16"): "clip-vit-b-16-openai",
+            **{(c.kind, c.model): c.name for c in CHECKPOINTS.values() if c.kind == "sam"}}
 
 
 def get(name: str) -> Checkpoint:
@@ -203,6 +224,9 @@ def download(name: str, dest: str | os.PathLike | None = None, progress: bool = 
         if progress and sys.stderr.isatty():
             print(file=sys.stderr)
         verify(tmp, ck)
+        if not (ck.sha256 or ck.md5):
+            print(f"{ck.name}: no published checksum; {Path(tmp).stat().st_size} bytes downloaded, not verified "
+                  f"(registry size ~{ck.size_mb} MB)")
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -215,15 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.models.weights", description=__doc__.splitlines()[0])
     p.add_argument("--dest", default=None, help="folder (default: $CNS_CHECKPOINTS or ./checkpoints)")
     p.add_argument("--clip", default="ViT-B-16", help="CLIP model to fetch ('none' to skip)")
-    p.add_argument("--sam", default="vit_h", help="comma-separated SAM model types: vit_h,vit_l,vit_b, "
+    p.add_argument("--sam", default="vit_h", help="comma-separated SAM models (--sam-model names: vit_h, vit_l, "
+                                                  "vit_b, sam2.1_hiera_tiny|small|base_plus|large, hq_vit_b|l|h), "
                                                   "'all' or 'none'")
     p.add_argument("--list", action="store_true", help="list the registry and exit")
     a = p.parse_args(argv)
     if a.list:
         for ck in CHECKPOINTS.values():
             local = checkpoint_dir(a.dest) / ck.filename
-            print(f"{ck.name:22s} {ck.kind:5s} {ck.model:9s} {ck.size_mb:5d} MB  "
-                  f"{'present' if local.is_file() else 'missing'}  {ck.url}")
+            check = f"sha256 {ck.sha256[:12]}…" if ck.sha256 else f"md5 {ck.md5}" if ck.md5 else "no published checksum"
+            print(f"{ck.name:24s} {ck.kind:5s} {ck.model:22s} {ck.size_mb:5d} MB  "
+                  f"{'present' if local.is_file() else 'missing'}  {check}  {ck.url}")
         return 0
     names = []
     if a.clip.lower() != "none":
@@ -231,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         if ck is None:
             p.error(f"no registered checkpoint for CLIP model {a.clip}")
         names.append(ck.name)
-    sams = [] if a.sam.lower() == "none" else (["vit_h", "vit_l", "vit_b"] if a.sam == "all" else a.sam.split(","))
+    all_sams = [c.model for c in CHECKPOINTS.values() if c.kind == "sam"]
+    sams = [] if a.sam.lower() == "none" else (all_sams if a.sam == "all" else a.sam.split(","))
     for m in sams:
         ck = default_for("sam", m.strip())
         if ck is None:

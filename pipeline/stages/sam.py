@@ -16,9 +16,12 @@ resolution: the decoder's low-resolution masks are upscaled to it, the embedding
 to its grid. ``input: training`` runs SAM on the stored training image (``images/rgb``) instead.
 
 The generator (``generator``) is the on-device :class:`pipeline.models.sam.BatchedMaskGenerator`
-(``batched``, the default) or segment-anything's own ``SamAutomaticMaskGenerator`` (``upstream``; with
+(``batched``, the default) or the model family's own automatic mask generator (``upstream``:
+segment-anything's ``SamAutomaticMaskGenerator``, sam2's ``SAM2AutomaticMaskGenerator``, HQ-SAM's; with
 ``input: source`` its masks come at the source size and are each reduced to the training resolution). At the
-same output size both give the same masks (CPU, float32).
+same output size both give the same masks (CPU, float32). The model family (SAM, SAM 2.1, HQ-SAM) follows
+from ``model_type`` (:mod:`pipeline.models.sam_families`); every family writes the same arrays on the same
+grid.
 
 ``prepare`` fits ``sam/proj`` (PCA) once per store on ``pca_sample_images`` images spread evenly over the
 store (it needs ``images/rgb``, so it runs after ``correspond``), or copies it from ``proj_store`` (e.g. use
@@ -32,7 +35,9 @@ Config keys (defaults in :attr:`SAMStage.defaults`; ``None`` = the model config'
 ``input``                 source | training: the image SAM sees (see above)
 ``generator``             batched | upstream (see above)
 ``bf16``                  bf16 autocast of the encoder and decoder (batched generator; CUDA, also CPU)
-``model_type``            vit_h | vit_l | vit_b
+``model_type``            CLI ``--sam-model``: vit_h | vit_l | vit_b (SAM), sam2.1_hiera_tiny | small | base_plus |
+                          large (SAM 2.1, extra ``.[sam2]``), hq_vit_b | l | h (HQ-SAM, extra ``.[hq]``); each
+                          family is a module of :mod:`pipeline.models.sam_families`
 ``checkpoint``            SAM checkpoint file — CLI ``--sam-checkpoint``; default: the registry's file in
                           ``$CNS_CHECKPOINTS``/``checkpoints`` (``make weights``)
 ``points_per_side``       CLI ``--sam-points-per-side`` (32)
@@ -92,6 +97,7 @@ class SAMStage(Stage):
             raise OptionError(f"sam option bf16={c['bf16']!r} must be true or false")
         if c["bf16"] and c["generator"] != "batched":
             raise OptionError("sam option bf16=true needs generator=batched (the upstream generator runs in float32)")
+        self.family  # an unknown model or a missing extra is one line before anything runs
 
     @property
     def reads_dataset(self) -> bool:
@@ -99,17 +105,26 @@ class SAMStage(Stage):
         return self.config["input"] == "source"
 
     # -- identity --------------------------------------------------------------------------------------
+    @property
+    def family(self):
+        """The SAM family of ``model_type`` (:mod:`pipeline.models.sam_families`); its package must be installed."""
+        from ..models.sam_families import family_of
+        fam = family_of(self.config["model_type"])
+        fam.require()
+        return fam
+
     def weights_source(self) -> dict:
-        from ..models.sam import sam_config
-        from ..models.weights import resolve_weights
         c = self.config
-        sam_config("tiny" if c["tiny"] else c["model_type"])  # an unknown model type is named first
-        return resolve_weights("sam", c["model_type"], c["checkpoint"], tiny=c["tiny"], random_init=c["random_init"])
+        return self.family.resolve_weights(c["model_type"], c["checkpoint"], c["tiny"], c["random_init"])
+
+    def model_config(self) -> dict:
+        """The resolved model's embedding width, input size, stride and generator defaults."""
+        return self.family.config(self.weights_source()["model_type"])
 
     def generator_options(self) -> dict:
         """Every generator threshold, resolved: upstream default < the model config's < this config's."""
-        from ..models.sam import GENERATOR_DEFAULTS, sam_config
-        model_defaults = sam_config(self.weights_source()["model"]).get("generator_defaults", {})
+        from ..models.sam import GENERATOR_DEFAULTS
+        model_defaults = self.model_config()["generator_defaults"]
         opts = {**GENERATOR_DEFAULTS, **model_defaults}
         opts.update({k: self.config[k] for k in GENERATOR_KEYS if self.config[k] is not None})
         return opts
@@ -128,22 +143,16 @@ class SAMStage(Stage):
         """D: the configured value, else the paper's 64 capped at the embedding width."""
         if self.config["feat_dim"] is not None:
             return int(self.config["feat_dim"])
-        from ..models.sam import sam_config
-        return min(PAPER_FEAT_DIM, int(sam_config(self.weights_source()["model"])["prompt_embed_dim"]))
+        return min(PAPER_FEAT_DIM, int(self.model_config()["embed_dim"]))
 
     # -- model -----------------------------------------------------------------------------------------
     def build_model(self, device: str):
-        from ..models.sam import BatchedMaskGenerator, SamMaskFeatureGenerator, build_sam
-        c = self.config
-        sam, info = build_sam(c["model_type"], c["checkpoint"], c["tiny"], c["random_init"], device=device)
+        c, fam = self.config, self.family
+        sam, info = fam.build(c["model_type"], c["checkpoint"], c["tiny"], c["random_init"], device=device)
         if self.feat_dim() > info["embed_dim"]:
-            raise OptionError(f"sam option feat_dim={self.feat_dim()} exceeds the SAM embedding's "
-                              f"{info['embed_dim']} channels")
-        if c["generator"] == "batched":
-            gen = BatchedMaskGenerator(sam, bf16=c["bf16"], encoder_batch=max(1, int(c["batch_size"])),
-                                       **self.generator_options())
-        else:
-            gen = SamMaskFeatureGenerator(sam, **self.generator_options())
+            raise OptionError(f"feat_dim {self.feat_dim()} exceeds the SAM embedding's {info['embed_dim']} channels")
+        gen = fam.generator(sam, c["generator"], bf16=c["bf16"], encoder_batch=max(1, int(c["batch_size"])),
+                            **self.generator_options())
         gen.info = info
         return gen
 
@@ -151,10 +160,14 @@ class SAMStage(Stage):
     def prepare(self, store, adapter) -> None:
         import torch
 
-        from ..models.sam import feature_grid, sam_config
-        cfg = sam_config(self.weights_source()["model"])
-        h, w = feature_grid(store.attrs.image_size, cfg["image_size"], cfg["vit_patch_size"])
-        store.set_dims(h=h, w=w, S=cfg["prompt_embed_dim"], D=self.feat_dim())
+        from ..models.sam import feature_grid
+        from ..models.sam_families import read_checked
+        src = self.weights_source()
+        if src["source"] == "checkpoint":  # a checkpoint of another architecture: one line, before any shard
+            read_checked(src["path"], src["model_type"])
+        cfg = self.model_config()
+        h, w = feature_grid(store.attrs.image_size, cfg["image_size"], cfg["patch_size"])
+        store.set_dims(h=h, w=w, S=cfg["embed_dim"], D=self.feat_dim())
         store.ensure_arrays(self.arrays)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         grid = (h, w)
