@@ -9,6 +9,7 @@ import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator
 
+from data_cache.store import CacheError
 from pipeline.models import sam as ms
 from pipeline.models.pca import unproject
 from pipeline.stages.base import Shard, ShardContext, build_stage
@@ -164,7 +165,7 @@ def test_stage_refuses_unwritten_images(tmp_path):
     store = make_store(tmp_path / "s.zarr")
     store.write_rows("images/rgb", 0, np.zeros((3, H, W, 3), np.uint8))
     stage = build_stage("sam", tiny=True, feat_dim=8, input="training")
-    with pytest.raises(ValueError, match="run the correspond stage first"):
+    with pytest.raises(CacheError, match="run the correspond stage first"):
         stage.prepare(store, None)
 
 

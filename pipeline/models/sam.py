@@ -109,6 +109,8 @@ def build_sam(model_type: str = "vit_h", checkpoint: str | None = None, tiny: bo
     """``(sam, info)``: a ``Sam`` in eval mode and where its weights came from (see :meth:`~pipeline.models.sam_families.SamFamily.resolve_weights`)."""
     from .sam_families import load_checked, read_checked
     from .sam_families.sam1 import Sam1
+    if not tiny:
+        sam_config(model_type)  # an unknown model type is named first
     src = Sam1.resolve_weights(model_type, checkpoint, tiny, random_init)
     cfg = sam_config(src["model_type"])
     # a file of another architecture is one line naming it, before the network is built
