@@ -464,9 +464,27 @@ class DaskExecutor:
             self.bars.write(f"WARNING: {line}")
 
     def close(self):
+        for topic in (TOPIC, *WORKER_EVENT_TOPICS):  # else the scheduler's next event hits a closed client
+            self.client.unsubscribe_topic(topic)
+        if self.cluster is not None:
+            # LocalCluster.close gives each worker 4 s to exit before its nanny SIGKILLs it ("Worker process still
+            # alive after 4.0 seconds, killing"): too short for a process holding torch on a loaded machine, and a
+            # killed worker leaks its semaphores ("resource_tracker: ... leaked semaphore objects"). The nannies
+            # are closed first with time to spare.
+            self.cluster.sync(_close_nannies, self.cluster, NANNY_CLOSE_TIMEOUT)
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+#: seconds a LocalCluster worker gets to exit at the end of a run before its nanny kills it
+NANNY_CLOSE_TIMEOUT = 60
+
+
+async def _close_nannies(cluster, timeout: float) -> None:
+    import asyncio
+    await asyncio.gather(*(w.close(timeout=timeout) for w in list(cluster.workers.values())
+                           if hasattr(w, "close")))
 
 
 #: the dask event topics that say a worker was lost or restarted: the nanny's memory restart, the scheduler's
