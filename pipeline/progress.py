@@ -13,7 +13,8 @@ import threading
 TOPIC = "cns-progress"
 
 #: the one-off step of each stage's ``prepare`` / ``finalize`` as the bar names it
-PREPARE_STEP = {"maskclip": "prepare (text embeddings, projection fit)", "sam": "prepare", "correspond": "prepare",
+PREPARE_STEP = {"maskclip": "prepare (text embeddings, projection fit)", "sam": "prepare (projection fit)",
+                "correspond": "prepare",
                 "refine": "prepare"}
 FINALIZE_STEP = {"correspond": "finalize (pairs commit)"}
 

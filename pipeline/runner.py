@@ -55,6 +55,7 @@ class StageReport:
     stats: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
     finalized: bool = False  # this job ran the stage's finalize (of several jobs on a store, one does)
+    shards_by_others: int = 0  # shards other jobs on the store ran while this one ran
 
 
 @dataclass
@@ -70,7 +71,9 @@ class RunSummary:
     def table(self) -> str:
         rows = [("stage", "shards done", "ran now", "frames", "seconds", "failed frames")]
         for r in self.reports.values():
-            rows.append((r.stage, f"{r.shards_done_before + r.shards_done}/{r.shards_total}", str(r.shards_done),
+            done = r.shards_done_before + r.shards_done + r.shards_by_others
+            rows.append((r.stage, f"{done}/{r.shards_total}", str(r.shards_done) + (
+                f" (+{r.shards_by_others} by other jobs)" if r.shards_by_others else ""),
                          str(r.frames), f"{r.seconds:.1f}", str(len(r.failures))))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
@@ -577,6 +580,8 @@ def run_labels(dataset: str, cache: str | os.PathLike, stages, data_root=None, s
         bars.close()
         executor.close()
     store = Store(path, mode="a")
+    for name, rep in reports.items():
+        rep.shards_by_others = max(0, len(store.done_shards(name)) - rep.shards_done_before - rep.shards_done)
     if all(store.stage_complete(s) for s in stage_objs):
         store.consolidate()
     return RunSummary(store=path, reports=reports, worker_events=list(getattr(executor, "worker_events", [])))

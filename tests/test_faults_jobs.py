@@ -229,3 +229,38 @@ def test_dask_scheduler_and_worker_processes_equal_in_process(tmp_path):
     assert not summary.failed_frames
     assert all(r.shards_done == 2 for r in summary.reports.values())
     _assert_same_arrays(_arrays(local.store), _arrays(summary.store))
+
+
+# -- feedback: the bars and the worker events ------------------------------------------------------------
+
+def test_stage_bars_count_frames_per_stage_once():
+    from pipeline.progress import StageBars, frame_reporter, set_local_callback
+    bars = StageBars({"correspond": 4, "maskclip": 4}, enabled=True)
+    try:
+        set_local_callback(bars.frame_event)
+        report = frame_reporter("maskclip", 0)  # in this process: the driver's callback
+        report(1)
+        report(1)
+        bars.shard_finished("maskclip", 0, 2)  # both frames already counted: nothing added
+        bars.shard_finished("maskclip", 1, 2)  # a shard that sent no frame events: topped up
+        bars.frame_event((0.0, {"stage": "correspond", "shard": 3, "frames": 1}))  # a dask event (time, msg)
+        assert bars.bars["maskclip"].n == 4 and bars.bars["correspond"].n == 1
+        bars.step("correspond", "finalize (pairs commit)")
+        assert "finalize (pairs commit)" in str(bars.bars["correspond"])
+    finally:
+        set_local_callback(None)
+        bars.close()
+
+
+def test_worker_events_name_their_cause():
+    from pipeline.runner import worker_event
+    memory = worker_event({"worker": "tcp://w:1", "pid": 7, "rss": 22 * 2**30})
+    assert memory["what"] == "restarted by its nanny" and "memory limit" in memory["cause"] and "22.0 GiB" in \
+        memory["cause"]
+    ttl = worker_event({"action": "worker-ttl-timed-out", "workers": ["tcp://w:1"], "ttl": 300})
+    assert "no heartbeat for 300 s" in ttl["cause"]
+    died = worker_event({"action": "remove-worker", "worker": "tcp://w:1", "expected": False,
+                         "stimulus_id": "handle-worker-cleanup-1", "processing-tasks": ["sam-00000"]})
+    assert died["what"] == "lost" and "process died" in died["cause"] and "1 running task" in died["cause"]
+    assert worker_event({"action": "remove-worker", "worker": "tcp://w:1", "expected": True}) is None
+    assert worker_event({"action": "add-worker", "worker": "tcp://w:1"}) is None
