@@ -188,6 +188,7 @@ def test_dask_scheduler_and_worker_processes_equal_in_process(tmp_path):
     """`dask scheduler` and a `dask worker` process on loopback (as users start them on several machines): the
     label stages write the same arrays as ``workers=0`` (one torch thread per task in both)."""
     import dask
+    import distributed  # noqa: F401  (loads its configuration defaults into dask.config)
     options = {**OPTIONS, "num_scenes": 2}
     # workers=0 in a process with the environment dask's nanny gives its workers (OMP_NUM_THREADS=1, ...):
     # oneDNN picks other kernels under another OpenMP setting, and CLIP's float16 features differ in the last bit
