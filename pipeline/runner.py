@@ -281,7 +281,7 @@ def task_shard(stage, store_dir: str, adapter_spec: dict, shard: Shard, device: 
         return {**base, "leased": holder}
     with lease:
         if store.is_done(stage.name, shard.index):  # another job ran it between our plan and our claim
-            return {**base, "skipped": "done by another job"}
+            return {**base, "skipped": "done already (by another job, or by an earlier try of this task)"}
         return _run_shard(stage, store, adapter_spec, shard, device, base)
 
 

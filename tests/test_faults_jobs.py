@@ -262,3 +262,19 @@ def test_worker_events_name_their_cause():
     assert died["what"] == "lost" and "process died" in died["cause"] and "1 running task" in died["cause"]
     assert worker_event({"action": "remove-worker", "worker": "tcp://w:1", "expected": True}) is None
     assert worker_event({"action": "add-worker", "worker": "tcp://w:1"}) is None
+
+
+def test_a_recomputed_task_does_not_redo_a_done_shard(reference, monkeypatch):
+    """dask recomputes the tasks a lost worker held; a shard whose done marker exists is not run again."""
+    from pipeline.runner import task_shard
+    from pipeline.stages.base import Shard, build_stage
+    from pipeline.stages.maskclip import MaskCLIPStage
+
+    def never(self, ctx):
+        raise AssertionError("a done shard was run again")
+    monkeypatch.setattr(MaskCLIPStage, "process_shard", never)
+    spec = {"name": "synthetic", "root": None, "split": "train", "options": OPTIONS}
+    result = task_shard(build_stage("maskclip", tiny=True), str(reference), spec, Shard(0, 0, 1), "cpu", 1,
+                        {"job": "recompute", "timeout": 60.0})
+    assert result["skipped"].startswith("done already")
+    assert not leases.lease_path(reference, "maskclip", 0).exists()
