@@ -157,11 +157,12 @@ def try_acquire(store_dir, stage: str, shard: int | str, owner: dict,
         os.unlink(tmp)
     with _takeover_lock(path):
         holder = read(path)
-        if holder is None:  # released meanwhile: claim it as new (a job linking without the lock may win)
-            return try_acquire(store_dir, stage, shard, owner, timeout)
-        if not is_stale(holder, timeout) and not _owner_died_here(holder):
-            return None, holder
-        os.replace(_write_tmp(path, lease._record()), path)
+        if holder is not None:
+            if not is_stale(holder, timeout) and not _owner_died_here(holder):
+                return None, holder
+            os.replace(_write_tmp(path, lease._record()), path)
+    if holder is None:  # released meanwhile: claim it as new, outside the lock (a job linking without it may win)
+        return try_acquire(store_dir, stage, shard, owner, timeout)
     lease.took_over = holder
     log.warning("took over the lease of %s %s from %s: %s", stage, shard, describe(holder),
                 "its process is gone" if _owner_died_here(holder) else f"no heartbeat for over {timeout:.0f} s")
