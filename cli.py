@@ -69,9 +69,11 @@ def main(verbose: bool) -> None:
               help="BENCHMARK ONLY: simulated CLIP and SAM made from the ground truth with the knobs of CONFIG "
                    "(a YAML file, or a shipped name, e.g. default); the store is marked simulated.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--lease-timeout", type=float, default=180.0, show_default=True,
+              help="Seconds without a heartbeat after which another job's shard lease is stale and taken over.")
 def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker, scheduler, shard_size, overwrite,
            device, dataset_options, clip_checkpoint, clip_pretrained, clip_model, sam_checkpoint, sam_model,
-           sam_points_per_side, stage_options, test_tiny_models, simulate, no_progress):
+           sam_points_per_side, stage_options, test_tiny_models, simulate, no_progress, lease_timeout):
     """Run the label stages into CACHE/<dataset>-<split>.zarr (resumable)."""
     from pipeline.runner import run_labels
     per_stage = {"maskclip": {}, "sam": {}}
@@ -104,9 +106,12 @@ def labels(dataset, data_root, split, cache, stages, workers, threads_per_worker
     summary = run_labels(dataset, cache, stages, data_root=data_root, split=split,
                          dataset_options=parse_key_values(dataset_options), stage_options=per_stage,
                          workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
-                         shard_size=shard_size, overwrite=overwrite, device=device, progress=not no_progress)
+                         shard_size=shard_size, overwrite=overwrite, device=device, progress=not no_progress,
+                         lease_timeout=lease_timeout)
     click.echo(f"\nstore: {summary.store}")
     click.echo(summary.table())
+    for event in summary.worker_events:
+        click.secho(f"dask worker {event['worker']} {event['what']}: {event['cause']}", fg="yellow", err=True)
     failed = summary.failed_frames
     if failed:
         click.secho(f"\n{len(failed)} frame(s) failed; their shards are not marked done (rerun to retry):",

@@ -42,7 +42,7 @@ def store_path(cache_dir: str | os.PathLike, dataset: str, split: str) -> Path:
     return Path(cache_dir) / f"{dataset}-{split}{schema.STORE_SUFFIX}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a directory's entries (a rename, a new file) durable."""
     _fsync_path(str(path))
 
@@ -64,7 +64,7 @@ def _atomic_write_json(path: Path, payload: Mapping) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def compressors(name: str):
