@@ -253,3 +253,18 @@ def test_read_only_store_is_one_line(labelled, tmp_path):
         assert validated.returncode == 0, validated.stdout + validated.stderr  # reading needs no write
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
+
+
+# -- the faults of several jobs on one store (issue 22 points 4-5: two jobs at once, a stale lease after SIGKILL,
+# a multi-process dask cluster) and of a checkpoint of another architecture (point 3) -------------------------
+# Their fixtures and helpers live in their own modules; the tests are collected here, so that this file is the
+# one list of every injected fault.
+from tests.faults_checkpoint import (  # noqa: E402,F401
+    correspond_store, test_detector_names_every_real_architecture,
+    test_wrong_architecture_checkpoint_is_one_line_and_exit_2)
+from tests.faults_jobs import (  # noqa: E402,F401
+    reference, test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once,
+    test_a_live_lease_is_not_taken_and_a_heartbeat_keeps_it, test_a_recomputed_task_does_not_redo_a_done_shard,
+    test_dask_scheduler_and_worker_processes_equal_in_process, test_one_of_several_claimants_gets_a_lease,
+    test_stage_bars_count_frames_per_stage_once, test_stale_lease_of_a_killed_job_is_taken_over,
+    test_two_jobs_at_once_split_the_shards_and_equal_one_job, test_worker_events_name_their_cause)

@@ -22,7 +22,7 @@ from data_cache.store import Store
 from data_cache.validate import validate_store
 from pipeline.runner import run_labels
 
-from .test_runner_synthetic import _arrays, _assert_same_arrays
+from tests.test_runner_synthetic import _arrays, _assert_same_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["correspond", "maskclip"]
