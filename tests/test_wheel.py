@@ -32,8 +32,9 @@ for module in (cli, data_cache, inspection, pipeline, train, simulate_config, tr
     assert target in Path(module.__file__).resolve().parents, f"{module.__name__} from {module.__file__}"
 assert target in train_config.CONFIG_DIR.resolve().parents, train_config.CONFIG_DIR
 names = train_config.available_configs()
-for name in names:
-    train_config.load_config(name)
+for name in names:  # folder.yaml takes its base from the store's dataset.json "like": load it with each
+    for like in train_config.FOLDER_LIKE if name == "folder" else (None,):
+        train_config.load_config(name, like=like)
 simulated = simulate_config.available_configs()
 for name in simulated:
     simulate_config.load_config(name)

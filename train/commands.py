@@ -68,6 +68,7 @@ def train(caches, config_file, out, resume, init_from, seed, eval_caches, device
     from .engine import Trainer, cleanup_distributed
     trainer = Trainer(cfg, list(caches), out, eval_paths=list(eval_caches) or None, device=device,
                       resume=resume, init_from=init_from)
+    last = trainer.ckpt_dir / "last.pth"
     if trainer.rank == 0:
         note = "" if trainer.eval_held_out else " -- the training stores themselves: no val store found"
         click.echo(f"evaluating on {trainer.eval_label}{note}", err=True)
