@@ -301,9 +301,9 @@ def format_tables(result: dict) -> str:
     if ref:
         lines.append("")
         lines.append("reported in the paper (label-free mIoU, full datasets; for reference only):")
-    for title, v in ref:
-        lines.append(f"  {title:<{width - 2}}  {v:6.1f}")
-    lines.append(f"  ({REFERENCE_NOTE})")
+        for title, v in ref:
+            lines.append(f"  {title:<{width - 2}}  {v:6.1f}")
+        lines.append(f"  ({REFERENCE_NOTE})")
     return "\n".join(lines)
 
 
