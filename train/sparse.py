@@ -15,10 +15,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from pipeline.registry import Registry
 
 from .config import ConfigError
+
+if TYPE_CHECKING:  # annotations only: torch loads when a backend does
+    import torch
 
 SPARSE_BACKENDS = Registry("sparse backend")
 

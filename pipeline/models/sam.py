@@ -40,7 +40,7 @@ from . import weights
 from .pca import fit_pca, project  # noqa: F401  (the fixed projection, shared with the maskclip stage)
 from data_cache.errors import OptionError, UnknownNameError, UnknownOptionError
 
-from .weights import WeightsError
+from .weights import WeightsError  # noqa: F401  (re-exported: the error of a missing checkpoint)
 from ..registry import shipped_config_dir
 
 CONFIG_DIR = shipped_config_dir("pipeline.models", "configs/sam")  # package data (setup.cfg)

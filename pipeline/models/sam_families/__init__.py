@@ -21,7 +21,6 @@ state_dict holds, for the one-line wrong-checkpoint error of :func:`check_archit
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 from ...registry import Registry
 from ..weights import WeightsError
