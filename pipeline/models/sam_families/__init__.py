@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import importlib
 
+from data_cache.errors import OptionError
+
 from ...registry import Registry
 from ..weights import WeightsError
 
@@ -101,10 +103,21 @@ class SamFamily:
         raise NotImplementedError
 
     @classmethod
+    def generator_classes(cls) -> tuple[type, type]:
+        """``(batched, upstream)``: the family's generator classes (imported when asked)."""
+        raise NotImplementedError
+
+    @classmethod
     def generator(cls, model, kind: str, bf16: bool = False, encoder_batch: int = 4, **thresholds):
         """The ``sam`` stage's generator (``kind``: batched | upstream): an object with ``label_images(images,
-        out_hw, grid_hw)``, ``encode(images)``, ``image_grid(embedding, image_hw, grid_hw)`` and ``timings``."""
-        raise NotImplementedError
+        out_hw, grid_hw)``, ``encode(images)``, ``image_grid(embedding, image_hw, grid_hw)`` and ``timings``.
+        bf16 is a setting of the batched generator only (the upstream ones run in float32)."""
+        batched, upstream = cls.generator_classes()
+        if kind == "batched":
+            return batched(model, bf16=bf16, encoder_batch=encoder_batch, **thresholds)
+        if bf16:
+            raise OptionError("sam option bf16=true needs generator=batched")
+        return upstream(model, **thresholds)
 
     @classmethod
     def detect(cls, state_dict: dict) -> str | None:

@@ -48,12 +48,8 @@ class HQ(SamFamily):
         return net.to(device).eval(), {**src, **cls.config(src["model_type"])}
 
     @classmethod
-    def generator(cls, model, kind, bf16=False, encoder_batch=4, **thresholds):
-        if kind == "batched":
-            return HQBatchedMaskGenerator(model, bf16=bf16, encoder_batch=encoder_batch, **thresholds)
-        if bf16:
-            raise ValueError("sam option bf16=true needs generator=batched")
-        return HQUpstreamGenerator(model, **thresholds)
+    def generator_classes(cls):
+        return HQBatchedMaskGenerator, HQUpstreamGenerator
 
     @classmethod
     def detect(cls, state_dict):

@@ -40,11 +40,9 @@ class Sam1(SamFamily):
         return build_sam(model, checkpoint, tiny, random_init, device=device)
 
     @classmethod
-    def generator(cls, model, kind, bf16=False, encoder_batch=4, **thresholds):
+    def generator_classes(cls):
         from ..sam import BatchedMaskGenerator, SamMaskFeatureGenerator
-        if kind == "batched":
-            return BatchedMaskGenerator(model, bf16=bf16, encoder_batch=encoder_batch, **thresholds)
-        return SamMaskFeatureGenerator(model, **thresholds)
+        return BatchedMaskGenerator, SamMaskFeatureGenerator
 
     @classmethod
     def detect(cls, state_dict):

@@ -79,12 +79,8 @@ class Sam2(SamFamily):
         return net.to(device).eval(), {**src, **cls.config(name)}
 
     @classmethod
-    def generator(cls, model, kind, bf16=False, encoder_batch=4, **thresholds):
-        if kind == "batched":
-            return Sam2BatchedMaskGenerator(model, bf16=bf16, encoder_batch=encoder_batch, **thresholds)
-        if bf16:
-            raise ValueError("sam option bf16=true needs generator=batched")
-        return Sam2UpstreamGenerator(model, **thresholds)
+    def generator_classes(cls):
+        return Sam2BatchedMaskGenerator, Sam2UpstreamGenerator
 
     @classmethod
     def detect(cls, state_dict):
