@@ -110,6 +110,9 @@ def test_readers_refuse_a_store_with_a_missing_chunk(toy, tmp_path):
                                          "synthetic_street_cpu", "model.pretrained_2d=false"]),
                     "points/xyz chunk c/0/0", "lost data")
     assert not out.exists()
+    from train.predict import StoreFrames
+    with pytest.raises(CacheError, match="points/xyz chunk c/0/0"):  # predict's reader refuses it too
+        StoreFrames(store)
 
 
 def _flip_byte(path: Path, offset: int = 40) -> None:
@@ -141,6 +144,10 @@ def test_flipped_bytes_are_found_by_deep_validate_and_named_by_readers(toy, tmp_
     assert "\n" in str(caught.value) and one_line(caught.value) == message
     _one_line_error(runner.invoke(main, ["inspect", "frame", str(store), "0", "--out", str(tmp_path / "pics")]),
                     "images/rgb chunk c/0/0/0/0", "cannot be decoded", "validate --deep")
+    from train.predict import StoreFrames
+    with pytest.raises(CacheError) as caught:  # predict's reader names the chunk in one line
+        StoreFrames(store).read(0)
+    assert "\n" not in str(caught.value) and "images/rgb chunk c/0/0/0/0" in str(caught.value)
 
 
 def test_read_guard_lets_other_errors_through(toy):

@@ -118,6 +118,8 @@ class StoreFrames:
             raise PredictError(str(e)) from None
         if not self.store.stage_complete("correspond"):
             raise PredictError(f"{path}: the correspond stage is not complete (predict reads its points and images)")
+        from data_cache.integrity import require_complete_chunks
+        require_complete_chunks(self.store)  # a lost chunk would read back as the fill value: refuse the store
         self.attrs = attrs
         self.image_size = tuple(attrs.image_size)
         self.tokens = np.asarray(self.store.array("frames/token")[:]).astype(str)
@@ -146,14 +148,16 @@ class StoreFrames:
 
     def read(self, i: int) -> dict:
         """``xyz`` [N, 3], ``feat`` [N, C] float32 (None without points), ``rgb`` [I, H, W, 3] uint8, names."""
+        from data_cache.integrity import read_guard
         i0, i1 = int(self.image_off[i]), int(self.image_off[i + 1])
-        rgb = np.asarray(self.store.array("images/rgb")[i0:i1]) if i1 > i0 else np.zeros((0, *self.image_size, 3),
-                                                                                           np.uint8)
-        out = {"token": self.token(i), "rgb": rgb, "names": list(self.names[i0:i1]), "xyz": None, "feat": None}
-        if self.has_points:
-            p0, p1 = int(self.point_off[i]), int(self.point_off[i + 1])
-            out["xyz"] = np.asarray(self.store.array("points/xyz")[p0:p1], dtype=np.float32)
-            out["feat"] = np.asarray(self.store.array("points/feat")[p0:p1], dtype=np.float32)
+        with read_guard(self.store, frames=(i, i + 1)):  # a damaged chunk: one line naming array, chunk, frames
+            rgb = np.asarray(self.store.array("images/rgb")[i0:i1]) if i1 > i0 else np.zeros((0, *self.image_size, 3),
+                                                                                               np.uint8)
+            out = {"token": self.token(i), "rgb": rgb, "names": list(self.names[i0:i1]), "xyz": None, "feat": None}
+            if self.has_points:
+                p0, p1 = int(self.point_off[i]), int(self.point_off[i + 1])
+                out["xyz"] = np.asarray(self.store.array("points/xyz")[p0:p1], dtype=np.float32)
+                out["feat"] = np.asarray(self.store.array("points/feat")[p0:p1], dtype=np.float32)
         return out
 
 
