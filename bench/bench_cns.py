@@ -32,8 +32,10 @@ docs/benchmark.md says why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import json
 import statistics
@@ -214,6 +216,34 @@ def row_run(spec: DatasetSpec, row: Row, seed: int, overrides: list[str]) -> tup
     return cfg, row.ablation
 
 
+@contextlib.contextmanager
+def stage1_lock(stage1: Path):
+    """An exclusive lock on a shared stage-1 run (``seed<k>/.stage1-<key>.lock``), held while it trains."""
+    stage1.parent.mkdir(parents=True, exist_ok=True)
+    with open(stage1.parent / f".{stage1.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def train_stage1(cfg: dict, train_store: Path, val_store: Path, stage1: Path, device: str, progress: bool) -> bool:
+    """The stage-1 run the rows equal outside stage 2 fork from (``stage1.done`` once trained; resumed).
+    Whether this call trained it."""
+    from train.engine import Trainer
+    if (stage1 / "stage1.done").exists():
+        return False
+    s = cfg["schedule"]
+    print(f"[train] {stage1.parent.parent.name}/{stage1.parent.name}/{stage1.name} (stage 1, "
+          f"{s['warmup_epochs']} epochs, shared)", flush=True)
+    parent = stage1 / "checkpoints" / "last.pth"
+    Trainer(copy.deepcopy(cfg), [train_store], stage1, eval_paths=[val_store], device=device,
+            resume=parent.exists(), progress=progress).train(stop_after_epochs=int(s["warmup_epochs"]))
+    (stage1 / "stage1.done").write_text("")
+    return True
+
+
 def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, device: str,
               no_train: bool = False, progress: bool = True) -> dict | None:
     """Train one row (forked from its shared stage-1 run) and evaluate it on the val store; cached in
@@ -232,15 +262,12 @@ def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, devi
     s = cfg["schedule"]
     stage1 = run_dir.parent / f"stage1-{stage1_key(cfg)}"
     parent = stage1 / "checkpoints" / "last.pth"
-    t0 = time.perf_counter()
+    stage1_seconds = 0.0
     if int(s["warmup_epochs"]) > 0 and not cfg["labels"]["oracle"]:
-        if not (stage1 / "stage1.done").exists():
-            print(f"[train] {run_dir.parent.parent.name}/{run_dir.parent.name}/{stage1.name} (stage 1, "
-                  f"{s['warmup_epochs']} epochs, shared)", flush=True)
-            trunk_cfg = copy.deepcopy(cfg)
-            Trainer(trunk_cfg, [train_store], stage1, eval_paths=[val_store], device=device,
-                    resume=parent.exists(), progress=progress).train(stop_after_epochs=int(s["warmup_epochs"]))
-            (stage1 / "stage1.done").write_text("")
+        with stage1_lock(stage1):  # another --jobs task forking the same stage-1 run waits for it here
+            t0 = time.perf_counter()
+            if train_stage1(cfg, train_store, val_store, stage1, device, progress):
+                stage1_seconds = time.perf_counter() - t0
         init_from = parent
     else:
         init_from = None
@@ -260,7 +287,7 @@ def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, devi
         raise RuntimeError(f"{run_dir}: the run ended without its final evaluation")
     res = {"config_sha": config_sha(cfg), "rows": evals[-1]["rows"], "class_names": evals[-1]["class_names"],
            "stage1": stage1.name if init_from else None,
-           "seconds_stage1": round(t1 - t0, 1), "seconds": round(time.perf_counter() - t1, 1)}
+           "seconds_stage1": round(stage1_seconds, 1), "seconds": round(time.perf_counter() - t1, 1)}
     done.write_text(json.dumps(res, indent=1))
     return res
 
@@ -432,11 +459,11 @@ def dataset_stores(kind: str, a: argparse.Namespace) -> tuple[DatasetSpec, Path,
     return spec, root, train_store, val_store
 
 
-def train_seed(kind: str, stores: tuple, a: argparse.Namespace, rows: list, seed: int, threads: int) -> None:
-    """A worker of ``--jobs``: train one dataset's ``rows`` for one seed; ``stores``: ``dataset_stores``'s
+def train_rows(kind: str, stores: tuple, a: argparse.Namespace, rows: list, seed: int, threads: int) -> None:
+    """A task of ``--jobs``: train one dataset's ``rows`` for one seed; ``stores``: ``dataset_stores``'s
     answer. A seed's runs (its stage-1 runs included) live in ``seed<k>/`` and share nothing with another
-    seed's, and the stores are written before the workers start, so (dataset, seed) pairs train side by side
-    without touching each other's files."""
+    seed's; two tasks of one seed whose rows share a stage-1 run train it once (``train_row`` holds a lock on
+    it); the stores are written before the workers start."""
     _use_threads(threads)
     spec, root, train_store, val_store = stores
     for row in rows:
@@ -454,7 +481,7 @@ def reaches_gate(oracle_values: list[dict], gate: float) -> bool:
 
 
 def oracle_passes(kind: str, a: argparse.Namespace, seeds: list) -> bool:
-    """Whether the oracle's runs of every seed are there and reach the gate."""
+    """Whether the oracle's runs of every seed in ``seeds`` are there and reach the gate."""
     root = dataset_root(a.work, kind, a.full)
     values = []
     for seed in seeds:
@@ -465,24 +492,38 @@ def oracle_passes(kind: str, a: argparse.Namespace, seeds: list) -> bool:
     return reaches_gate(values, a.oracle_gate)
 
 
+def parallel_tasks(kinds: list, rows: list, seeds: list) -> tuple[list, list]:
+    """``--jobs``' two phases as (dataset, rows, seed) tasks. First the oracle of each dataset's first seed;
+    then, for the datasets whose first oracle passed, the other seeds' oracles and one task per (trained row,
+    seed), row by row in the table's order, so that the rows complete one after the other over the seeds
+    (a study's late rows last) and the cores stay busy to the end: a task is a run, not a seed's list of runs."""
+    oracle = [r for r in rows if r.ablation == "oracle"]
+    first = [(k, oracle, seeds[0]) for k in kinds]
+    rest = {k: [(k, oracle, s) for s in seeds[1:]] for k in kinds}
+    for row in rows:
+        if row.ablation != "oracle" and not row.baseline:
+            for k in kinds:
+                if DATASETS[k].kind in row.kinds:
+                    rest[k] += [(k, [row], s) for s in seeds]
+    return first, rest
+
+
 def train_in_parallel(kinds: list, a: argparse.Namespace, rows: list, seeds: list) -> None:
-    """``--jobs N``: the trained rows in N processes of an equal share of the cores, one (dataset, seed) pair
-    at a time each. The oracle of every pair first; then the other rows of each dataset whose oracle passed
-    its gate (or all, ``--ignore-gate``), the pairs with more rows first so that no core idles at the end."""
+    """``--jobs N``: the trained rows in N processes of an equal share of the cores (``parallel_tasks``). The
+    noisy rows of a dataset train only when its first seed's oracle passed the gate (or always,
+    ``--ignore-gate``); the table's gate is the mean over all seeds' oracles, as without ``--jobs``."""
     import multiprocessing as mp
     import os
     stores = {kind: dataset_stores(kind, a) for kind in kinds}  # written before any worker reads them
-    pairs = [(k, s) for k in kinds for s in seeds]
-    jobs = min(a.jobs, len(pairs))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    oracle = [r for r in rows if r.ablation == "oracle"]
-    rest = [r for r in rows if r.ablation != "oracle"]
-    with mp.get_context("spawn").Pool(jobs) as pool:
+    first, rest = parallel_tasks(kinds, rows, seeds)
+    cores = os.cpu_count() or 1
+    with mp.get_context("spawn").Pool(min(a.jobs, max(len(first), sum(map(len, rest.values()))))) as pool:
         try:
-            pool.starmap(train_seed, [(k, stores[k], a, oracle, s, threads) for k, s in pairs], chunksize=1)
-            todo = [(k, s) for k, s in pairs if a.ignore_gate or oracle_passes(k, a, seeds)]
-            todo.sort(key=lambda p: -sum(DATASETS[p[0]].kind in r.kinds and not r.baseline for r in rest))
-            pool.starmap(train_seed, [(k, stores[k], a, rest, s, threads) for k, s in todo], chunksize=1)
+            threads = max(1, cores // min(a.jobs, len(first)))  # a lone first oracle takes every core
+            pool.starmap(train_rows, [(k, stores[k], a, r, s, threads) for k, r, s in first], chunksize=1)
+            todo = [t for k in kinds if a.ignore_gate or oracle_passes(k, a, seeds[:1]) for t in rest[k]]
+            threads = max(1, cores // max(1, min(a.jobs, len(todo))))
+            pool.starmap(train_rows, [(k, stores[k], a, r, s, threads) for k, r, s in todo], chunksize=1)
         except RowRefused as e:
             raise SystemExit(str(e)) from None
 
