@@ -36,7 +36,7 @@ EVAL_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 
-.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam bench-cns bench-rooms16 bench-teachers gpu-check clean
+.PHONY: help install demo test test-all labels train eval weights bench bench-stages bench-scale bench-sam bench-cns bench-rooms16 bench-gates bench-teachers gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -131,6 +131,11 @@ ROOMS16_ROWS ?= Baseline,w/o CNS,Ours,w/o SCT,Ours, first pair
 bench-rooms16: $(VENV)/.installed  ## rooms at the paper's 16 images a step: Ours, w/o SCT, w/o CNS, Ours with first-pair targets; 3 seeds (hours on CPU; docs/benchmark.md)
 	$(BIN)/python bench/bench_cns.py --device $(DEVICE) --jobs $(JOBS) --datasets rooms16 --seeds 3 \
 		--rows "$(ROOMS16_ROWS)" --tag cns_rooms16
+
+GATE_ROWS ?= Ours,w/o SCT,Ours, gate confidence,Ours, gate agree SAM
+bench-gates: $(VENV)/.installed  ## stage-2 gates (labels.switch_gate) against Ours and w/o SCT on streets and 16-image rooms; 3 seeds (hours on CPU; docs/benchmark.md)
+	$(BIN)/python bench/bench_cns.py --device $(DEVICE) --jobs $(JOBS) --datasets street,rooms16 --seeds 3 \
+		--rows "$(GATE_ROWS)" --tag cns_gates
 
 bench-sam:  ## SAM per-image cost, upstream vs batched generator, projected GPU-hours (bench/results/sam.json; ~30 min on CPU)
 	$(BIN)/python bench/bench_sam.py

@@ -308,7 +308,7 @@ def _switch_per_frame(sources: LabelSources, batch: dict, allowed2d: list[str], 
     num_frames = len(batch["point_offset"]) - 1
     draw2d = torch.randint(len(allowed2d), (num_frames,), generator=generator).tolist()
     draw3d = torch.randint(max(len(allowed3d), 1), (num_frames,), generator=generator).tolist()
-    p_off, i_off = batch["point_offset"].tolist(), batch["image_offset"].tolist()
+    i_off = batch["image_offset"].tolist()
     per_pair = point_targets == "pairs"
     # the elements of the 3D target: points, or pairs (a pair belongs to its point's frame)
     frame_of_3d = torch.bucketize(batch["pair_point"] if per_pair else torch.arange(len(batch["coord"]),
