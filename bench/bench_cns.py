@@ -495,8 +495,9 @@ def oracle_passes(kind: str, a: argparse.Namespace, seeds: list) -> bool:
 def parallel_tasks(kinds: list, rows: list, seeds: list) -> tuple[list, list]:
     """``--jobs``' two phases as (dataset, rows, seed) tasks. First the oracle of each dataset's first seed;
     then, for the datasets whose first oracle passed, the other seeds' oracles and one task per (trained row,
-    seed), row by row in the table's order, so that the rows complete one after the other over the seeds
-    (a study's late rows last) and the cores stay busy to the end: a task is a run, not a seed's list of runs."""
+    seed), row by row in the table's order (``train_in_parallel`` then starts the tasks with the most epochs
+    left first, keeping that order among equals) so that the cores stay busy to the end: a task is a run, not
+    a seed's list of runs."""
     oracle = [r for r in rows if r.ablation == "oracle"]
     first = [(k, oracle, seeds[0]) for k in kinds]
     rest = {k: [(k, oracle, s) for s in seeds[1:]] for k in kinds}
@@ -506,6 +507,24 @@ def parallel_tasks(kinds: list, rows: list, seeds: list) -> tuple[list, list]:
                 if DATASETS[k].kind in row.kinds:
                     rest[k] += [(k, [row], s) for s in seeds]
     return first, rest
+
+
+def epochs_to_train(stores: tuple, rows: list, seed: int, a: argparse.Namespace) -> int:
+    """The epochs a task still has to train (a resumed run counted whole): its rows' runs without a
+    ``result.json``, each with its stage-1 epochs while the shared stage-1 run is not done. ``--jobs`` starts
+    the longest tasks first so that no core idles at the end while one long run trains alone."""
+    spec, root = stores[0], stores[1]
+    total = 0
+    for row in rows:
+        cfg, run_name = row_run(spec, row, seed, a.overrides)
+        run_dir = root / f"seed{seed}" / run_name
+        if (run_dir / "result.json").exists():
+            continue
+        s = cfg["schedule"]
+        forked = int(s["warmup_epochs"]) > 0 and not cfg["labels"]["oracle"]
+        stage1_done = (run_dir.parent / f"stage1-{stage1_key(cfg)}" / "stage1.done").exists()
+        total += int(s["epochs"]) - (int(s["warmup_epochs"]) if forked and stage1_done else 0)
+    return total
 
 
 def train_in_parallel(kinds: list, a: argparse.Namespace, rows: list, seeds: list) -> None:
@@ -522,6 +541,7 @@ def train_in_parallel(kinds: list, a: argparse.Namespace, rows: list, seeds: lis
             threads = max(1, cores // min(a.jobs, len(first)))  # a lone first oracle takes every core
             pool.starmap(train_rows, [(k, stores[k], a, r, s, threads) for k, r, s in first], chunksize=1)
             todo = [t for k in kinds if a.ignore_gate or oracle_passes(k, a, seeds[:1]) for t in rest[k]]
+            todo.sort(key=lambda t: -epochs_to_train(stores[t[0]], t[1], t[2], a))  # longest first, stable
             threads = max(1, cores // max(1, min(a.jobs, len(todo))))
             pool.starmap(train_rows, [(k, stores[k], a, r, s, threads) for k, r, s in todo], chunksize=1)
         except RowRefused as e:

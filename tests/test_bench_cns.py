@@ -255,3 +255,23 @@ def test_parallel_tasks_are_one_run_each_first_oracle_first():
         ("Ours, first pair", 2)]
     first, rest = bench_cns.parallel_tasks(["street"], rows, [0])
     assert [r[0].name for _, r, _ in rest["street"]] == ["w/o SCT", "Ours"]  # first pair is a rooms row
+
+
+def test_jobs_start_the_tasks_with_most_epochs_left(tmp_path):
+    """--jobs orders its tasks by the epochs they still train: a run whose stage-1 run is still to train counts
+    it, a fork of a done stage-1 run counts stage 2 only, a run with its result counts nothing."""
+    import argparse
+    a = argparse.Namespace(work=tmp_path, full=False, overrides=[])
+    spec, root = bench_cns.DATASETS["rooms16"], tmp_path / "rooms16"
+    ours, first_pair = bench_cns.parse_rows("Ours,Ours, first pair")
+    assert bench_cns.epochs_to_train((spec, root), [ours], 0, a) == 60
+    cfg, run_name = bench_cns.row_run(spec, ours, 0, [])
+    stage1 = root / "seed0" / f"stage1-{bench_cns.stage1_key(cfg)}"
+    stage1.mkdir(parents=True)
+    (stage1 / "stage1.done").write_text("")
+    s = cfg["schedule"]
+    assert bench_cns.epochs_to_train((spec, root), [ours], 0, a) == s["epochs"] - s["warmup_epochs"] == 40
+    assert bench_cns.epochs_to_train((spec, root), [first_pair], 0, a) == 60  # its own stage 1 (other targets)
+    (root / "seed0" / run_name).mkdir()
+    (root / "seed0" / run_name / "result.json").write_text("{}")
+    assert bench_cns.epochs_to_train((spec, root), [ours, first_pair], 0, a) == 60
