@@ -133,9 +133,11 @@ bench-rooms16: $(VENV)/.installed  ## rooms at the paper's 16 images a step: Our
 		--rows "$(ROOMS16_ROWS)" --tag cns_rooms16
 
 GATE_ROWS ?= Ours,w/o SCT,Ours, gate confidence,Ours, gate agree SAM
+GATE_DATASETS ?= street,rooms16
+GATE_TAG ?= cns_gates
 bench-gates: $(VENV)/.installed  ## stage-2 gates (labels.switch_gate) against Ours and w/o SCT on streets and 16-image rooms; 3 seeds (hours on CPU; docs/benchmark.md)
-	$(BIN)/python bench/bench_cns.py --device $(DEVICE) --jobs $(JOBS) --datasets street,rooms16 --seeds 3 \
-		--rows "$(GATE_ROWS)" --tag cns_gates
+	$(BIN)/python bench/bench_cns.py --device $(DEVICE) --jobs $(JOBS) --datasets $(GATE_DATASETS) --seeds 3 \
+		--oracle-seeds 1 --rows "$(GATE_ROWS)" --tag $(GATE_TAG)
 
 bench-sam:  ## SAM per-image cost, upstream vs batched generator, projected GPU-hours (bench/results/sam.json; ~30 min on CPU)
 	$(BIN)/python bench/bench_sam.py

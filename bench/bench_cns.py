@@ -216,6 +216,14 @@ def row_run(spec: DatasetSpec, row: Row, seed: int, overrides: list[str]) -> tup
     return cfg, row.ablation
 
 
+def stage1_dir(cfg: dict, seed_dir: Path) -> Path | None:
+    """The shared stage-1 run a row forks from (``seed<k>/stage1-<key>``); ``None`` for a row trained straight
+    through (no stage 1, or the oracle)."""
+    if int(cfg["schedule"]["warmup_epochs"]) > 0 and not cfg["labels"]["oracle"]:
+        return seed_dir / f"stage1-{stage1_key(cfg)}"
+    return None
+
+
 @contextlib.contextmanager
 def stage1_lock(stage1: Path):
     """An exclusive lock on a shared stage-1 run (``seed<k>/.stage1-<key>.lock``), held while it trains."""
@@ -260,15 +268,14 @@ def train_row(cfg: dict, train_store: Path, val_store: Path, run_dir: Path, devi
     if no_train:
         return None
     s = cfg["schedule"]
-    stage1 = run_dir.parent / f"stage1-{stage1_key(cfg)}"
-    parent = stage1 / "checkpoints" / "last.pth"
+    stage1 = stage1_dir(cfg, run_dir.parent)
     stage1_seconds = 0.0
-    if int(s["warmup_epochs"]) > 0 and not cfg["labels"]["oracle"]:
+    if stage1 is not None:
         with stage1_lock(stage1):  # another --jobs task forking the same stage-1 run waits for it here
             t0 = time.perf_counter()
             if train_stage1(cfg, train_store, val_store, stage1, device, progress):
                 stage1_seconds = time.perf_counter() - t0
-        init_from = parent
+        init_from = stage1 / "checkpoints" / "last.pth"
     else:
         init_from = None
     t1 = time.perf_counter()
@@ -492,15 +499,16 @@ def oracle_passes(kind: str, a: argparse.Namespace, seeds: list) -> bool:
     return reaches_gate(values, a.oracle_gate)
 
 
-def parallel_tasks(kinds: list, rows: list, seeds: list) -> tuple[list, list]:
+def parallel_tasks(kinds: list, rows: list, seeds: list, oracle_seeds: int | None = None) -> tuple[list, list]:
     """``--jobs``' two phases as (dataset, rows, seed) tasks. First the oracle of each dataset's first seed;
-    then, for the datasets whose first oracle passed, the other seeds' oracles and one task per (trained row,
+    then, for the datasets whose first oracle passed, the oracles of the other seeds among the first
+    ``oracle_seeds`` (``--oracle-seeds``; default every seed) and one task per (trained row,
     seed), row by row in the table's order (``train_in_parallel`` then starts the tasks with the most epochs
     left first, keeping that order among equals) so that the cores stay busy to the end: a task is a run, not
     a seed's list of runs."""
     oracle = [r for r in rows if r.ablation == "oracle"]
     first = [(k, oracle, seeds[0]) for k in kinds]
-    rest = {k: [(k, oracle, s) for s in seeds[1:]] for k in kinds}
+    rest = {k: [(k, oracle, s) for s in seeds[1:oracle_seeds]] for k in kinds}
     for row in rows:
         if row.ablation != "oracle" and not row.baseline:
             for k in kinds:
@@ -520,10 +528,9 @@ def epochs_to_train(stores: tuple, rows: list, seed: int, a: argparse.Namespace)
         run_dir = root / f"seed{seed}" / run_name
         if (run_dir / "result.json").exists():
             continue
-        s = cfg["schedule"]
-        forked = int(s["warmup_epochs"]) > 0 and not cfg["labels"]["oracle"]
-        stage1_done = (run_dir.parent / f"stage1-{stage1_key(cfg)}" / "stage1.done").exists()
-        total += int(s["epochs"]) - (int(s["warmup_epochs"]) if forked and stage1_done else 0)
+        s, stage1 = cfg["schedule"], stage1_dir(cfg, run_dir.parent)
+        stage1_done = stage1 is not None and (stage1 / "stage1.done").exists()
+        total += int(s["epochs"]) - (int(s["warmup_epochs"]) if stage1_done else 0)
     return total
 
 
@@ -534,7 +541,7 @@ def train_in_parallel(kinds: list, a: argparse.Namespace, rows: list, seeds: lis
     import multiprocessing as mp
     import os
     stores = {kind: dataset_stores(kind, a) for kind in kinds}  # written before any worker reads them
-    first, rest = parallel_tasks(kinds, rows, seeds)
+    first, rest = parallel_tasks(kinds, rows, seeds, a.oracle_seeds)
     cores = os.cpu_count() or 1
     with mp.get_context("spawn").Pool(min(a.jobs, max(len(first), sum(map(len, rest.values()))))) as pool:
         try:
@@ -562,7 +569,8 @@ def run_dataset(kind: str, a: argparse.Namespace, rows: list, seeds: list) -> di
     for row in kind_rows:
         values = []
         # the label rows score the stores themselves, which every seed shares: one value, no spread to report
-        for seed in (seeds[:1] if row.baseline else seeds):
+        # the oracle, a check of the setting rather than a row compared, on --oracle-seeds of them (default all)
+        for seed in (seeds[:1] if row.baseline else seeds[:a.oracle_seeds] if row.ablation == "oracle" else seeds):
             run_root = root / f"seed{seed}"
             if row.baseline:
                 cfg = row_config(spec, "none", seed, a.overrides)
@@ -620,6 +628,9 @@ def main(argv=None) -> int:
                          "'w 2D,Ours, switch per frame' or 'pred2d_only,switch_frame'")
     ap.add_argument("--simulate", default="default", help="simulator config (pipeline/simulate/configs/<name>.yaml)")
     ap.add_argument("--oracle-gate", type=float, default=50.0)
+    ap.add_argument("--oracle-seeds", type=int, default=None,
+                    help="train the oracle on the first N seeds only (default: every seed); the gate is their "
+                         "mean. For a study of rows whose setting's oracle is already on record (make bench-gates)")
     ap.add_argument("--ignore-gate", action="store_true", help="train the noisy rows even when the oracle misses")
     ap.add_argument("--no-train", action="store_true",
                     help="tables from the rows already run in --work only (the others are listed as not run)")

@@ -184,6 +184,11 @@ def test_jobs_train_dataset_seed_pairs_side_by_side(tmp_path, capfd):
     md = (out / "cns_ablation_quick.md").read_text()
     assert "| w/o CLIP (1 of 2 seeds) |" in md and "| Ours |" in md
     done.with_suffix(".away").rename(done)
+    # --oracle-seeds 1: the oracle scored (and trained) on the first seed only, and the table says so
+    assert bench_cns.main([*args, "--oracle-gate", "0", "--no-train", "--oracle-seeds", "1"]) == 0
+    assert len(json.loads((out / "cns_ablation_quick.json").read_text())["datasets"]["street"]["per_seed"][
+        "Oracle (ground truth)"]) == 1
+    assert "| Oracle (ground truth) (1 of 2 seeds) |" in (out / "cns_ablation_quick.md").read_text()
     with pytest.raises(SystemExit, match="another configuration"):
         bench_cns.main([*args, "--oracle-gate", "0", "schedule.lr=0.001"])
 
@@ -255,6 +260,10 @@ def test_parallel_tasks_are_one_run_each_first_oracle_first():
         ("Ours, first pair", 2)]
     first, rest = bench_cns.parallel_tasks(["street"], rows, [0])
     assert [r[0].name for _, r, _ in rest["street"]] == ["w/o SCT", "Ours"]  # first pair is a rooms row
+    first, rest = bench_cns.parallel_tasks(["rooms16"], rows, [0, 1, 2], oracle_seeds=1)  # --oracle-seeds 1
+    assert [s for _, _, s in first] == [0]
+    assert [(r[0].name, s) for _, r, s in rest["rooms16"]][:2] == [("w/o SCT", 0), ("w/o SCT", 1)]
+    assert "Oracle (ground truth)" not in {r[0].name for _, r, _ in rest["rooms16"]}
 
 
 def test_jobs_start_the_tasks_with_most_epochs_left(tmp_path):
