@@ -167,13 +167,16 @@ def run_labels(spec: DatasetSpec, split: str, scenes: int, cache: Path, simulate
 def _digest(cfg: dict, length: int) -> str:
     """A digest of a resolved configuration. A key added after runs were cached is left out at the value those
     runs computed with (``train.config.ADDED_KEYS``), so a cached run made before the key existed keeps its
-    identity."""
+    identity; ``labels.gate_confidence`` is left out where it does nothing (``labels.switch_gate`` other than
+    ``confidence``), so that a change of its default does not disown the other rows' runs."""
     from train.config import ADDED_KEYS
     cfg = copy.deepcopy(cfg)
     for dotted, before in ADDED_KEYS.items():
         section, key = dotted.split(".")
         if cfg.get(section, {}).get(key, before) == before:
             cfg.get(section, {}).pop(key, None)
+    if cfg.get("labels", {}).get("switch_gate", "none") != "confidence":
+        cfg.get("labels", {}).pop("gate_confidence", None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 

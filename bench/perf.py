@@ -118,7 +118,6 @@ def part_stages(mode: str) -> list[dict]:
     tiny = mode == "tiny"
     points = {"tiny": 4, "default": 8, "full": 32}[mode]
     model_opts = {"tiny": True} if tiny else {"random_init": True}
-    arch = "the tiny test models" if tiny else "ViT-B/16 and SAM vit_b with random weights"
     out = []
     tmp = Path(tempfile.mkdtemp(prefix="cns-perf-"))
     try:

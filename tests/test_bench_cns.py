@@ -68,7 +68,14 @@ def test_tiny_benchmark_gate_forks_and_tables(tmp_path, capsys):
     assert set(rec) == {"clip2d", "net2d", "clip3d", "net3d"} and len(rec["net2d"]) == len(names)
     assert (~rec["clip2d"].isnan()).any()
     assert all((((r >= 0) & (r <= 100)) | r.isnan()).all() for r in rec.values())
-    assert stage1_recall.main([str(seed0), "--rows", "none,no_clip_stage2"]) == 0
+    assert stage1_recall.main([str(seed0), "--rows", "none,no_clip_stage2", "--confidence", "0.5"]) == 0
+    # what a confidence gate lets through: everything at 0, nothing above 1, never more at a higher threshold
+    table = stage1_recall.confidence_coverage(stage1[0], work / "street" / "cache" / "synthetic-train.zarr",
+                                              [0.0, 0.3, 0.6, 1.01])
+    for rows_ in table.values():
+        cover = [r["coverage"] for r in rows_]
+        assert cover[0] == 100.0 and cover[-1] == 0.0 and cover == sorted(cover, reverse=True)
+        assert 0 <= rows_[0]["acc_above"] <= 100 and rows_[0]["acc_below"] != rows_[0]["acc_below"]  # NaN: none
     # --no-train: the tables from what is there; a row never run is listed, not trained
     assert bench_cns.main([*args, "--oracle-gate", "0", "--no-train", "--rows", "Ours,w/o Refine"]) == 0
     res = json.loads((out / "cns_ablation_quick.json").read_text())
@@ -86,6 +93,14 @@ def test_stage1_key_ignores_stage2_keys_only():
     assert key("no_refine") == key("base_clip_lsc")
     assert len({key("none"), key("no_refine"), key("base_clip"), key("latent_none"), key("oracle")}) == 5
     assert bench_cns.stage1_key(bench_cns.row_config(spec, "none", 1, [])) != key("none")  # the seed
+
+
+def test_gate_confidence_is_part_of_a_runs_identity_only_where_it_acts():
+    spec = bench_cns.DATASETS["rooms16"]
+    sha = lambda ablation, *o: bench_cns.config_sha(bench_cns.row_config(spec, ablation, 0, list(o)))  # noqa: E731
+    assert sha("none") == sha("none", "labels.gate_confidence=0.9")  # switch_gate none: the key does nothing
+    assert sha("gate_agree_sam") == sha("gate_agree_sam", "labels.gate_confidence=0.9")
+    assert sha("gate_confidence") != sha("gate_confidence", "labels.gate_confidence=0.9")
 
 
 def test_rows_of_one_configuration_are_one_run():
