@@ -53,7 +53,7 @@ import torch
 from data_cache.schema import IGNORE_INDEX as IGNORE
 from pipeline.refine import apply_majority, mask_majority, per_image_groups, sam_max_vote
 
-from .config import POINT_TARGETS
+from .config import DEFAULTS, POINT_TARGETS
 
 
 def point_target_mode(cfg: dict) -> str:
@@ -130,7 +130,8 @@ class LabelSources:
     prediction, ``(conf2d [I, H, W], conf3d [P])``, needed for ``gate="confidence"`` with ``threshold``."""
 
     def __init__(self, batch: dict, pred2d: torch.Tensor | None, pred3d: torch.Tensor | None, num_classes: int,
-                 refine: bool, gate: str = "none", confidence: tuple | None = None, threshold: float = 0.5):
+                 refine: bool, gate: str = "none", confidence: tuple | None = None,
+                 threshold: float = DEFAULTS["labels"]["gate_confidence"]):
         self.b, self.pred2d, self.pred3d, self.L, self.refine = batch, pred2d, pred3d, num_classes, refine
         self.num_points = len(batch["coord"])
         self.gate, self.threshold = gate, float(threshold)
